@@ -1,0 +1,171 @@
+//! `skein-bench`: start Skein clusters of release `skeind` processes on this
+//! machine with a real DNS server and a receiving MTA, drive load at every
+//! node, and print accepted messages/s, acceptance latency, end-to-end
+//! throughput and memory per node.
+//!
+//! ```sh
+//! cargo build --release -p skein-node -p skein-bench
+//! target/release/skein-bench --nodes 1 --nodes 3 --sessions 50 --messages 5000 --size 10240
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use skein_bench::load::{ms, run, LoadSpec};
+use skein_testkit::{DnsServer, SinkMta};
+use skein_tests::{wait_for_leader, ProcessNode, TestConfig};
+
+#[derive(Parser)]
+#[command(name = "skein-bench", about = "Measure Skein clusters on this machine")]
+struct Args {
+    /// Cluster sizes to measure (repeat).
+    #[arg(long = "nodes", default_values_t = vec![1, 3])]
+    nodes: Vec<u64>,
+    #[arg(long, default_value_t = 50)]
+    sessions: usize,
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    #[arg(long, default_value_t = 10_240)]
+    size: usize,
+    /// The skeind binary (default: next to this one).
+    #[arg(long)]
+    skeind: Option<PathBuf>,
+    /// Print one JSON object per cluster size.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let skeind = match &a.skeind {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("skeind"),
+    };
+    anyhow::ensure!(
+        skeind.exists(),
+        "{} not found: cargo build --release -p skein-node",
+        skeind.display()
+    );
+    if !a.json {
+        println!(
+            "{} sessions, {} messages of {} bytes, every message replicated to a majority before its 250\n",
+            a.sessions, a.messages, a.size
+        );
+        println!(
+            "{:>5} | {:>12} | {:>8} | {:>8} | {:>8} | {:>14} | {:>12}",
+            "nodes", "accepted/s", "p50 ms", "p99 ms", "max ms", "end-to-end/s", "max RSS MiB"
+        );
+    }
+    for n in &a.nodes {
+        measure(&a, &skeind, *n).await?;
+    }
+    Ok(())
+}
+
+async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dns = DnsServer::builder()
+        .mx("example.org", 10, "mx.example.org")
+        .a("mx.example.org", Ipv4Addr::LOCALHOST)
+        .start()
+        .await?;
+    let sink = SinkMta::builder().start().await?;
+    let mut configs: Vec<TestConfig> = (1..=n)
+        .map(|id| {
+            let mut c = TestConfig::new(
+                id,
+                dir.path().join(format!("node{id}")),
+                dns.addr(),
+                sink.port(),
+            )
+            .with_fixed_ports();
+            c.lease = "30s".into();
+            c
+        })
+        .collect();
+    if n > 1 {
+        let peers: Vec<(u64, SocketAddr)> =
+            configs.iter().map(|c| (c.node_id, c.cluster)).collect();
+        for c in &mut configs {
+            c.peers = peers.clone();
+        }
+    }
+    let bin = skeind.to_str().expect("utf-8 path");
+    let mut nodes = Vec::new();
+    for c in &configs {
+        nodes.push(ProcessNode::start(bin, c.clone())?);
+    }
+    for node in &nodes {
+        node.wait_ready(Duration::from_secs(30)).await?;
+    }
+    let admins: Vec<SocketAddr> = configs.iter().map(|c| c.cluster).collect();
+    wait_for_leader(&admins, Duration::from_secs(30)).await?;
+
+    let started = Instant::now();
+    let report = run(LoadSpec {
+        targets: configs.iter().map(|c| c.smtp).collect(),
+        sessions: a.sessions,
+        messages: a.messages,
+        size: a.size,
+        from: "load@bench.test".into(),
+        rcpt: "sink@example.org".into(),
+    })
+    .await;
+    // End to end: first byte sent to the last accepted message at the sink.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while sink.messages().len() < report.accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = sink.messages().len();
+    let e2e = delivered as f64 / started.elapsed().as_secs_f64();
+    let rss = nodes
+        .iter()
+        .filter_map(|p| p.pid())
+        .filter_map(max_rss_mib)
+        .fold(0.0, f64::max);
+    for mut node in nodes {
+        let _ = node.terminate();
+    }
+    if a.json {
+        let mut j = report.json();
+        j["nodes"] = n.into();
+        j["delivered"] = delivered.into();
+        j["end_to_end_per_second"] = e2e.into();
+        j["max_rss_mib"] = rss.into();
+        println!("{j}");
+    } else {
+        println!(
+            "{:>5} | {:>12.0} | {:>8} | {:>8} | {:>8} | {:>14.0} | {:>12.1}",
+            n,
+            report.rate(),
+            ms(report.percentile(50.0)),
+            ms(report.percentile(99.0)),
+            ms(report.percentile(100.0)),
+            e2e,
+            rss
+        );
+        if report.refused + report.errors > 0 || delivered < report.accepted {
+            println!(
+                "      ({} refused, {} session errors, {} of {} accepted delivered)",
+                report.refused, report.errors, delivered, report.accepted
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Peak resident memory of a process, from /proc.
+fn max_rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}

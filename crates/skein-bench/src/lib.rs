@@ -1,0 +1,10 @@
+//! Skein's benchmarks. Not tests: they measure and print numbers.
+//!
+//! - [`load`]: the load generator behind `skein-load` — concurrent SMTP
+//!   sessions, each sending messages over one connection, timing every
+//!   acceptance (end of DATA to the reply).
+//! - `skein-bench` (a binary): starts 1- and 3-node clusters of release
+//!   `skeind` processes with a DNS server and a receiving MTA, drives the
+//!   load and prints a table.
+
+pub mod load;

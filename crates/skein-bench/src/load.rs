@@ -1,0 +1,220 @@
+//! The load generator: `sessions` connections, each sending messages one
+//! after another (MAIL, RCPT, DATA, reply, next) until `messages` are sent.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use skein_smtp::{dot_stuff, parse_reply, Reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// SMTP addresses; sessions are spread over them in turn.
+    pub targets: Vec<SocketAddr>,
+    pub sessions: usize,
+    pub messages: usize,
+    /// Body size in bytes (headers included).
+    pub size: usize,
+    pub from: String,
+    pub rcpt: String,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub accepted: usize,
+    pub refused: usize,
+    pub errors: usize,
+    pub elapsed: Duration,
+    /// End of DATA to the 250, for every accepted message.
+    pub latencies: Vec<Duration>,
+}
+
+impl LoadReport {
+    pub fn rate(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The `p`th percentile (0–100) of acceptance latency.
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut v = self.latencies.clone();
+        v.sort_unstable();
+        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[i.min(v.len() - 1)]
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "errors": self.errors,
+            "seconds": self.elapsed.as_secs_f64(),
+            "accepted_per_second": self.rate(),
+            "latency_ms": {
+                "p50": ms(self.percentile(50.0)),
+                "p90": ms(self.percentile(90.0)),
+                "p99": ms(self.percentile(99.0)),
+                "max": ms(self.percentile(100.0)),
+            }
+        })
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// A message of about `size` bytes with a unique Message-ID.
+pub fn message(n: usize, size: usize, from: &str, rcpt: &str) -> Vec<u8> {
+    let mut m = format!(
+        "From: <{from}>\r\nTo: <{rcpt}>\r\nSubject: skein-load {n}\r\nMessage-ID: <{n}.{}@skein-load>\r\n\r\n",
+        std::process::id()
+    )
+    .into_bytes();
+    let line =
+        b"The quick brown fox jumps over the lazy dog; 0123456789 abcdefghijklmnopqrstuvwxyz.\r\n";
+    while m.len() + line.len() <= size.max(m.len()) {
+        m.extend_from_slice(line);
+    }
+    m
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut c = Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        };
+        expect(c.reply().await?, 220)?;
+        c.stream.write_all(b"EHLO skein-load\r\n").await?;
+        expect(c.reply().await?, 250)?;
+        Ok(c)
+    }
+
+    async fn reply(&mut self) -> anyhow::Result<Reply> {
+        loop {
+            if let Some((r, n)) = parse_reply(&self.buf)? {
+                self.buf.drain(..n);
+                return Ok(r);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(60), self.stream.read(&mut chunk))
+                .await
+                .context("reply timed out")??;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Send one message; the final reply and the acceptance latency.
+    async fn send(
+        &mut self,
+        from: &str,
+        rcpt: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(Reply, Duration)> {
+        // Envelope pipelined, as a PIPELINING client does.
+        self.stream
+            .write_all(format!("MAIL FROM:<{from}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n").as_bytes())
+            .await?;
+        for (i, want) in [250, 250, 354].into_iter().enumerate() {
+            let r = self.reply().await?;
+            if r.code != want {
+                // Read the replies to the rest of the pipelined commands.
+                for _ in i + 1..3 {
+                    self.reply().await?;
+                }
+                self.stream.write_all(b"RSET\r\n").await?;
+                self.reply().await?;
+                return Ok((r, Duration::ZERO));
+            }
+        }
+        let mut data = Vec::with_capacity(body.len() + 16);
+        dot_stuff(body, &mut data);
+        self.stream.write_all(&data).await?;
+        let t = Instant::now();
+        let r = self.reply().await?;
+        Ok((r, t.elapsed()))
+    }
+}
+
+fn expect(r: Reply, code: u16) -> anyhow::Result<()> {
+    if r.code != code {
+        bail!("expected {code}, got {r}");
+    }
+    Ok(())
+}
+
+pub async fn run(spec: LoadSpec) -> LoadReport {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..spec.sessions {
+        let (spec, next) = (spec.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let addr = spec.targets[s % spec.targets.len()];
+            let mut report = LoadReport::default();
+            let mut conn: Option<Conn> = None;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= spec.messages {
+                    break;
+                }
+                if conn.is_none() {
+                    match Conn::open(addr).await {
+                        Ok(c) => conn = Some(c),
+                        Err(_) => {
+                            report.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    }
+                }
+                let body = message(n, spec.size, &spec.from, &spec.rcpt);
+                match conn
+                    .as_mut()
+                    .expect("connected")
+                    .send(&spec.from, &spec.rcpt, &body)
+                    .await
+                {
+                    Ok((r, lat)) if r.code == 250 => {
+                        report.accepted += 1;
+                        report.latencies.push(lat);
+                    }
+                    Ok(_) => report.refused += 1,
+                    Err(_) => {
+                        report.errors += 1;
+                        conn = None;
+                    }
+                }
+            }
+            report
+        }));
+    }
+    let mut total = LoadReport::default();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            total.accepted += r.accepted;
+            total.refused += r.refused;
+            total.errors += r.errors;
+            total.latencies.extend(r.latencies);
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}

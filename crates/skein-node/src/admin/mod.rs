@@ -1,0 +1,265 @@
+//! The admin API on the cluster port (`proto/skein/v1/admin.proto`), what
+//! `skeinctl` talks to. Calls carry the admin token. Any node answers any
+//! call: queue changes are proposals (forwarded to the leader like any
+//! other), membership changes are forwarded to the leader, reads come from
+//! the local replica.
+
+mod backup;
+mod view;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use skein_proto::v1::admin_server::{Admin, AdminServer};
+use skein_proto::v1::*;
+use skein_queue::{AdminCommand, Command, MessageId, Response as QResponse};
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cluster::{secret_eq, Change, Cluster, ProposeError};
+use crate::delivery::DeliveryControl;
+
+/// How long a drain waits for running deliveries before handing their
+/// leases back anyway, and for leadership to move.
+const DRAIN_DELIVERY_GRACE: Duration = Duration::from_secs(5);
+const DRAIN_HANDOVER: Duration = Duration::from_secs(15);
+
+/// Refuses calls without `authorization: Bearer <token>`.
+#[derive(Clone)]
+pub struct RequireToken(Arc<str>);
+
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let got = req
+            .metadata()
+            .get(skein_proto::AUTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if secret_eq(got.as_bytes(), self.0.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("admin token missing or wrong"))
+        }
+    }
+}
+
+/// What the admin API may do to the node it runs on.
+#[derive(Clone)]
+pub struct NodeControl {
+    pub smtp_stop: Arc<watch::Sender<bool>>,
+    pub delivery: DeliveryControl,
+}
+
+pub struct AdminService {
+    cluster: Cluster,
+    control: NodeControl,
+    data_dir: std::path::PathBuf,
+}
+
+pub type Server = InterceptedService<AdminServer<AdminService>, RequireToken>;
+
+impl AdminService {
+    pub fn server(
+        cluster: Cluster,
+        control: NodeControl,
+        token: &str,
+        data_dir: std::path::PathBuf,
+        max_message: usize,
+    ) -> Server {
+        let svc = AdminService {
+            cluster,
+            control,
+            data_dir,
+        };
+        let server = AdminServer::new(svc)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        InterceptedService::new(server, RequireToken(Arc::from(token)))
+    }
+
+    async fn admin(&self, cmd: AdminCommand) -> Result<u64, Status> {
+        match self.cluster.propose(Command::Admin(cmd)).await {
+            Ok(QResponse::Changed(n)) => Ok(n),
+            Ok(QResponse::NotFound) => Err(Status::not_found("no such message in the queue")),
+            Ok(other) => Err(Status::internal(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(propose_status(e)),
+        }
+    }
+}
+
+fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Timeout => {
+            Status::unavailable("not committed in time: the cluster has no leader or no majority")
+        }
+        ProposeError::Refused(m) => Status::failed_precondition(m),
+        ProposeError::Fatal(m) => Status::internal(m),
+    }
+}
+
+fn parse_id(s: &str) -> Result<MessageId, Status> {
+    s.parse()
+        .map_err(|_| Status::invalid_argument(format!("{s:?} is not a queue id")))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(view::status(&self.cluster).await))
+    }
+
+    async fn list_queue(
+        &self,
+        req: Request<ListQueueRequest>,
+    ) -> Result<Response<ListQueueReply>, Status> {
+        let r = req.into_inner();
+        let state = match r.state.as_str() {
+            "" | "all" => None,
+            s @ ("ready" | "leased" | "deferred" | "held") => Some(s.to_string()),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "{other:?} is not ready, leased, deferred, held or all"
+                )))
+            }
+        };
+        Ok(Response::new(ListQueueReply {
+            messages: view::list(&self.cluster, state.as_deref(), &r.domain, r.limit),
+        }))
+    }
+
+    async fn show_message(
+        &self,
+        req: Request<MessageRequest>,
+    ) -> Result<Response<QueuedMessage>, Status> {
+        let id = parse_id(&req.into_inner().id)?;
+        view::show(&self.cluster, &id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no message {id} in the queue")))
+    }
+
+    async fn retry_messages(
+        &self,
+        req: Request<RetryRequest>,
+    ) -> Result<Response<ChangedReply>, Status> {
+        let id = req.into_inner().id;
+        let target = if id.is_empty() {
+            None
+        } else {
+            Some(parse_id(&id)?)
+        };
+        let changed = self.admin(AdminCommand::RetryNow(target)).await?;
+        Ok(Response::new(ChangedReply { changed }))
+    }
+
+    async fn hold_message(
+        &self,
+        req: Request<MessageRequest>,
+    ) -> Result<Response<ChangedReply>, Status> {
+        let id = parse_id(&req.into_inner().id)?;
+        let changed = self.admin(AdminCommand::Hold(id)).await?;
+        Ok(Response::new(ChangedReply { changed }))
+    }
+
+    async fn release_message(
+        &self,
+        req: Request<MessageRequest>,
+    ) -> Result<Response<ChangedReply>, Status> {
+        let id = parse_id(&req.into_inner().id)?;
+        let changed = self.admin(AdminCommand::Unhold(id)).await?;
+        Ok(Response::new(ChangedReply { changed }))
+    }
+
+    async fn delete_message(
+        &self,
+        req: Request<MessageRequest>,
+    ) -> Result<Response<ChangedReply>, Status> {
+        let id = parse_id(&req.into_inner().id)?;
+        let changed = self.admin(AdminCommand::Delete(id)).await?;
+        tracing::info!(queue_id = %id, "deleted by an operator");
+        Ok(Response::new(ChangedReply { changed }))
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<AddNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument(
+                "node ids are whole numbers from 1",
+            ));
+        }
+        if !r
+            .addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not host:port",
+                r.addr
+            )));
+        }
+        let (voters, log_index) = self
+            .cluster
+            .change_membership(Change::Add {
+                id: r.id,
+                addr: r.addr,
+            })
+            .await
+            .map_err(crate::cluster::control_status)?;
+        Ok(Response::new(MembershipReply { voters, log_index }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let id = req.into_inner().id;
+        let (voters, log_index) = self
+            .cluster
+            .change_membership(Change::Remove { id })
+            .await
+            .map_err(crate::cluster::control_status)?;
+        Ok(Response::new(MembershipReply { voters, log_index }))
+    }
+
+    async fn drain(&self, _req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+        let c = &self.cluster;
+        tracing::info!("draining: refusing SMTP, handing back leases, giving up leadership");
+        c.set_draining();
+        self.control.smtp_stop.send_replace(true);
+        let released = self.control.delivery.drain(DRAIN_DELIVERY_GRACE).await;
+        let leader = c
+            .give_up_leadership(DRAIN_HANDOVER)
+            .await
+            .map_err(crate::cluster::control_status)?;
+        tracing::info!(leader, released, "drained: ready to be stopped");
+        Ok(Response::new(DrainReply {
+            node_id: c.id(),
+            leader,
+            leases_released: released as u64,
+        }))
+    }
+
+    type BackupStream = backup::ChunkStream;
+
+    async fn backup(
+        &self,
+        _req: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        backup::backup(&self.cluster, &self.data_dir)
+            .await
+            .map(Response::new)
+    }
+
+    async fn restore(
+        &self,
+        req: Request<Streaming<BackupChunk>>,
+    ) -> Result<Response<RestoreReply>, Status> {
+        backup::restore(&self.cluster, &self.data_dir, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+}

@@ -1,0 +1,165 @@
+//! The `skeind` command line: run one Skein node, or check a config
+//! without starting anything. The binary's `main` is only a call to [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::node::TokenSource;
+use crate::Node;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "skeind",
+    version,
+    about = "Skein: an active-active clustered mail transfer agent"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, a single-node cluster on loopback.
+    #[arg(long, env = "SKEIN_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate the config and print every problem with its key; start nothing.
+    CheckConfig,
+    /// Read a password on stdin and print its argon2 hash for [smtp.users].
+    HashPassword,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::HashPassword) = cli.command {
+        return hash_password();
+    }
+    let config = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(ConfigError::Invalid(problems)) => {
+                eprintln!("{}: {} problem(s):", path.display(), problems.len());
+                for p in problems {
+                    eprintln!("  {p}");
+                }
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::defaults(),
+    };
+    if let Some(Cmd::CheckConfig) = cli.command {
+        match &cli.config {
+            Some(p) => println!("{}: valid", p.display()),
+            None => println!("no config given: the embedded defaults are valid"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skeind: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skeind: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    // Listen for signals before anything starts, so that a SIGTERM at any
+    // moment after the banner is a graceful stop.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let node = Node::start(config.clone()).await?;
+    let list = |v: &[std::net::SocketAddr]| {
+        v.iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "skeind: node {} of a {}-node cluster",
+        config.node_id,
+        config.cluster.peers.len()
+    );
+    println!("  smtp       {}", list(&node.smtp_addrs));
+    if !node.submission_addrs.is_empty() {
+        println!("  submission {}", list(&node.submission_addrs));
+    }
+    println!("  cluster    {} (Raft and admin gRPC)", node.cluster_addr);
+    println!(
+        "  metrics    http://{}/metrics  /healthz  /readyz",
+        node.metrics_addr
+    );
+    println!("  data       {}", config.data_dir.display());
+    match &node.token_source {
+        TokenSource::Config => {
+            println!("  skeinctl authenticates with admin.token from the config")
+        }
+        TokenSource::File(p) => println!(
+            "  skeinctl authenticates with the token in {p}: export SKEIN_TOKEN=$(cat {p})",
+            p = p.display()
+        ),
+    }
+
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    node.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("SKEIN_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .or_else(|| config.log_level.clone())
+        .unwrap_or_else(|| "info,openraft=warn".to_string());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("skeind: cannot read the password from stdin");
+        return ExitCode::from(2);
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("skeind: empty password");
+        return ExitCode::from(2);
+    }
+    match crate::smtp::hash_password(password) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("skeind: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

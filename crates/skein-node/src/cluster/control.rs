@@ -1,0 +1,276 @@
+//! Operations on the cluster itself: membership changes (made on the leader,
+//! forwarded there from any node), a node's view of itself for status
+//! reports, and handing leadership over for a drain.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use skein_proto::v1::{
+    change_membership_request, ChangeMembershipRequest, ElectRequest, NodeInfoReply,
+    NodeInfoRequest,
+};
+use skein_queue::NodeId;
+
+use super::Cluster;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no leader: the cluster has no majority")]
+    NoLeader,
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot reach node {0}: {1}")]
+    Unreachable(NodeId, String),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// A membership change.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Add { id: NodeId, addr: String },
+    Remove { id: NodeId },
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ControlError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            ControlError::Refused("leadership changed; try again".into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ControlError::Refused(e.to_string())
+        }
+        RaftError::Fatal(f) => ControlError::Fatal(f.to_string()),
+    }
+}
+
+pub fn role_name(state: ServerState, is_leader: bool) -> &'static str {
+    if is_leader {
+        return "leader";
+    }
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Follower | ServerState::Shutdown => "follower",
+    }
+}
+
+impl Cluster {
+    /// Make `change` on the leader, from whichever node is asked; returns
+    /// the voters after it and the log index of the change.
+    pub async fn change_membership(
+        &self,
+        change: Change,
+    ) -> Result<(Vec<NodeId>, u64), ControlError> {
+        let leader = self
+            .wait_for_leader_id()
+            .await
+            .ok_or(ControlError::NoLeader)?;
+        if leader == self.id() {
+            return self.change_membership_here(change).await;
+        }
+        let ch = self
+            .peers()
+            .channel_for(leader, self.raft())
+            .await
+            .ok_or_else(|| ControlError::Unreachable(leader, "no known address".into()))?;
+        let (node_id, change) = match change {
+            Change::Add { id, addr } => (id, change_membership_request::Change::AddAddr(addr)),
+            Change::Remove { id } => (id, change_membership_request::Change::Remove(true)),
+        };
+        let reply = self
+            .peers()
+            .raft_client(ch)
+            .change_membership(ChangeMembershipRequest {
+                node_id,
+                change: Some(change),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable => {
+                    ControlError::Unreachable(leader, s.message().to_string())
+                }
+                _ => ControlError::Refused(s.message().to_string()),
+            })?
+            .into_inner();
+        Ok((reply.voters, reply.log_index))
+    }
+
+    /// The change itself; this node must be the leader.
+    pub(crate) async fn change_membership_here(
+        &self,
+        change: Change,
+    ) -> Result<(Vec<NodeId>, u64), ControlError> {
+        let raft = self.raft();
+        let resp = match change {
+            Change::Add { id, addr } => {
+                tracing::info!(node = id, addr = %addr, "adding a node: learner until caught up");
+                raft.add_learner(id, BasicNode { addr }, true)
+                    .await
+                    .map_err(write_error)?;
+                tracing::info!(node = id, "node caught up; making it a voter");
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(write_error)?
+            }
+            Change::Remove { id } => {
+                let voters: BTreeSet<NodeId> = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                if !voters.contains(&id) {
+                    return Err(ControlError::Refused(format!("node {id} is not a voter")));
+                }
+                if voters.len() == 1 {
+                    return Err(ControlError::Refused("cannot remove the last voter".into()));
+                }
+                tracing::info!(node = id, "removing a node from the voters");
+                raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(write_error)?
+            }
+        };
+        let voters = resp
+            .membership
+            .as_ref()
+            .map(|m| m.voter_ids().collect())
+            .unwrap_or_default();
+        Ok((voters, resp.log_id.index))
+    }
+
+    /// This node's view of itself.
+    pub fn node_info(&self) -> NodeInfoReply {
+        let m = self.raft().metrics().borrow().clone();
+        let is_leader = m.current_leader == Some(m.id);
+        let matched: HashMap<NodeId, u64> = match (&m.replication, is_leader) {
+            (Some(r), true) => r
+                .iter()
+                .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                .collect(),
+            _ => HashMap::new(),
+        };
+        NodeInfoReply {
+            id: m.id,
+            role: role_name(m.state, is_leader).into(),
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            draining: self.is_draining(),
+            matched,
+        }
+    }
+
+    /// Every member's view of itself, asked in parallel; `None` for a member
+    /// that did not answer in time.
+    pub async fn gather_node_info(&self) -> Vec<(NodeId, String, bool, Option<NodeInfoReply>)> {
+        let members: Vec<(NodeId, String, bool)> = {
+            let m = self.raft().metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            membership
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+                .collect()
+        };
+        let asks = members.into_iter().map(|(id, addr, voter)| async move {
+            if id == self.id() {
+                return (id, addr, voter, Some(self.node_info()));
+            }
+            let target = addr.clone();
+            let info = async move {
+                let ch = self.peers().channel(&target).ok()?;
+                let r = self
+                    .peers()
+                    .raft_client(ch)
+                    .node_info(NodeInfoRequest {})
+                    .await
+                    .ok()?;
+                Some(r.into_inner())
+            };
+            (
+                id,
+                addr,
+                voter,
+                tokio::time::timeout(Duration::from_secs(2), info)
+                    .await
+                    .ok()
+                    .flatten(),
+            )
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Stop standing for election here and, if this node leads, hand the
+    /// leadership over. openraft 0.9 has no leader transfer, and followers
+    /// refuse to vote while they hear from a leader (its lease). So the
+    /// leader stops: it takes no new proposals (forwarders wait and retry,
+    /// so clients see a pause, not a refusal) and sends no heartbeats; once
+    /// its lease has run out the most up-to-date voter, asked to, wins an
+    /// election with a higher term, and this node, no longer standing,
+    /// follows it.
+    pub async fn give_up_leadership(&self, within: Duration) -> Result<NodeId, ControlError> {
+        self.raft().runtime_config().elect(false);
+        let deadline = tokio::time::Instant::now() + within;
+        let mut stopped = false;
+        let result = loop {
+            let info = self.node_info();
+            if info.leader != 0 && info.leader != self.id() {
+                break Ok(info.leader);
+            }
+            if info.leader == self.id() {
+                if !stopped {
+                    self.set_leader_paused(true);
+                    self.raft().runtime_config().heartbeat(false);
+                    stopped = true;
+                }
+                let voters: BTreeSet<NodeId> = self
+                    .raft()
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                let mut peers: Vec<(NodeId, u64)> = info
+                    .matched
+                    .iter()
+                    .filter(|(id, _)| **id != self.id() && voters.contains(id))
+                    .map(|(id, m)| (*id, *m))
+                    .collect();
+                peers.sort_by_key(|(_, m)| std::cmp::Reverse(*m));
+                let Some((target, _)) = peers.first().copied() else {
+                    break Err(ControlError::Refused(
+                        "no other voter to hand leadership to".into(),
+                    ));
+                };
+                if let Some(ch) = self.peers().channel_for(target, self.raft()).await {
+                    if let Err(e) = self.peers().raft_client(ch).elect(ElectRequest {}).await {
+                        tracing::debug!(target, error = %e, "peer could not start an election");
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break Err(ControlError::Refused(
+                    "leadership did not move in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        };
+        if stopped {
+            self.set_leader_paused(false);
+            self.raft().runtime_config().heartbeat(true);
+        }
+        if let Ok(leader) = &result {
+            tracing::info!(leader, "leadership handed over");
+        }
+        result
+    }
+}

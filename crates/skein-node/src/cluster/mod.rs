@@ -1,0 +1,327 @@
+//! The node's seat in the cluster: the openraft instance, proposals with
+//! forwarding to the leader, and the Raft transport over gRPC.
+//!
+//! Every change to the queue goes through [`Cluster::propose`]. On the leader
+//! it is stamped with the leader's clock and written through openraft; on a
+//! follower it is forwarded to the leader's `Propose` RPC, which does the
+//! same. The call returns once the entry is committed and applied, or fails
+//! when that does not happen within the commit timeout.
+
+mod control;
+mod network;
+mod service;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use skein_proto::v1::{propose_reply, ProposeRequest};
+use skein_queue::{Command, NodeId, QueueReader, Raft, Response, Stores};
+use tokio::time::Instant;
+
+pub use control::{role_name, Change, ControlError};
+pub use network::{Network, PeerChannels};
+pub use service::{control_status, RaftService, RequireSecret};
+
+use crate::clock::now_ms;
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// No commit within the commit timeout: no leader, or no majority.
+    #[error("not committed in time")]
+    Timeout,
+    /// The Raft core stopped (storage failure or shutdown).
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+    #[error("leader refused the proposal: {0}")]
+    Refused(String),
+}
+
+/// One node's handle on the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    reader: QueueReader,
+    peers: PeerChannels,
+    commit_timeout: Duration,
+    /// Drained: no SMTP, no deliveries, no standing for election.
+    draining: AtomicBool,
+    /// A draining leader takes no new proposals while it hands over.
+    leader_paused: AtomicBool,
+    /// When the leader was last heard from (ms since the epoch; 0: never).
+    leader_contact: AtomicU64,
+}
+
+impl Cluster {
+    /// Start openraft on the node's storage and, on a pristine node, form the
+    /// cluster from `[cluster.peers]`.
+    pub async fn start(
+        config: &Config,
+        stores: Stores,
+        peers: PeerChannels,
+    ) -> anyhow::Result<Cluster> {
+        let c = &config.cluster;
+        let raft_config = openraft::Config {
+            cluster_name: "skein".into(),
+            heartbeat_interval: c.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: c.election_timeout.as_millis() as u64,
+            election_timeout_max: c.election_timeout.as_millis() as u64 * 2,
+            // Big snapshots travel in chunks; each chunk may take a while on a
+            // slow link, the whole transfer much longer.
+            install_snapshot_timeout: 60_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+            snapshot_max_chunk_size: 4 << 20,
+            // Entries kept behind a snapshot, so a briefly lagging follower
+            // catches up from the log rather than a whole snapshot.
+            max_in_snapshot_log_to_keep: (c.snapshot_every / 2).min(1000),
+            max_payload_entries: 256,
+            ..Default::default()
+        }
+        .validate()?;
+        let network = Network::new(peers.clone());
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            stores.log,
+            stores.state_machine,
+        )
+        .await?;
+        if !raft.is_initialized().await? && c.peers.contains_key(&config.node_id) {
+            let members: BTreeMap<NodeId, BasicNode> = c
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            tracing::info!(?members, "forming the cluster from cluster.peers");
+            // Several nodes doing this with the same peers is safe; a node that
+            // finds the cluster already formed is told so and carries on.
+            if let Err(e) = raft.initialize(members).await {
+                tracing::info!(error = %e, "cluster already formed");
+            }
+        }
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                id: config.node_id,
+                raft,
+                reader: stores.reader,
+                peers,
+                commit_timeout: c.commit_timeout,
+                draining: AtomicBool::new(false),
+                leader_paused: AtomicBool::new(false),
+                leader_contact: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn reader(&self) -> &QueueReader {
+        &self.inner.reader
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn set_leader_paused(&self, paused: bool) {
+        self.inner.leader_paused.store(paused, Ordering::Release);
+    }
+
+    /// A message from the leader arrived (an append or a heartbeat).
+    pub(crate) fn note_leader_contact(&self) {
+        self.inner.leader_contact.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Seconds since this node last heard from a leader: zero on the leader
+    /// itself, `None` if never.
+    pub fn since_leader_contact(&self) -> Option<f64> {
+        if self.current_leader() == Some(self.id()) {
+            return Some(0.0);
+        }
+        match self.inner.leader_contact.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(now_ms().saturating_sub(t) as f64 / 1000.0),
+        }
+    }
+
+    pub fn peers(&self) -> &PeerChannels {
+        &self.inner.peers
+    }
+
+    /// The leader's id, waiting up to the commit timeout for an election.
+    pub async fn wait_for_leader_id(&self) -> Option<NodeId> {
+        let r = self
+            .inner
+            .raft
+            .wait(Some(self.inner.commit_timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await;
+        r.ok().and_then(|m| m.current_leader)
+    }
+
+    pub fn commit_timeout(&self) -> Duration {
+        self.inner.commit_timeout
+    }
+
+    /// Commit `cmd` and return the state machine's answer, within the commit timeout.
+    pub async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+        let deadline = Instant::now() + self.inner.commit_timeout;
+        tokio::time::timeout_at(deadline, self.propose_until(cmd, deadline))
+            .await
+            .unwrap_or(Err(ProposeError::Timeout))
+    }
+
+    async fn propose_until(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<Response, ProposeError> {
+        let mut hint: Option<NodeId> = None;
+        loop {
+            let target = match hint.take() {
+                Some(id) if id != self.inner.id => Some(id),
+                _ => None,
+            };
+            let result = match target {
+                None => self.propose_local(cmd.clone()).await,
+                Some(leader) => self.forward(leader, &cmd).await,
+            };
+            match result {
+                Ok(r) => return Ok(r),
+                Err(Step::Forward(Some(leader))) => hint = Some(leader),
+                Err(Step::Forward(None)) | Err(Step::Retry) => {
+                    // No leader known (an election is running) or the leader
+                    // could not be reached: wait a little and ask again.
+                    self.wait_for_leader(deadline).await;
+                    hint = self.current_leader();
+                }
+                Err(Step::Fail(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Propose on this node: it must be the leader, or the answer says who is.
+    pub(crate) async fn propose_local(&self, cmd: Command) -> Result<Response, Step> {
+        if self.inner.leader_paused.load(Ordering::Acquire) {
+            // Handing leadership over: the proposer waits for the next leader.
+            return Err(Step::Forward(None));
+        }
+        let req = skein_queue::Request { now: now_ms(), cmd };
+        match self.inner.raft.client_write(req).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Step::Forward(f.leader_id))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Step::Fail(ProposeError::Refused(e.to_string())))
+            }
+            Err(RaftError::Fatal(f)) => Err(Step::Fail(ProposeError::Fatal(f.to_string()))),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Response, Step> {
+        let Some(channel) = self.inner.peers.channel_for(leader, &self.inner.raft).await else {
+            return Err(Step::Retry);
+        };
+        let command = postcard::to_stdvec(cmd)
+            .map_err(|e| Step::Fail(ProposeError::Refused(e.to_string())))?;
+        let mut client = self.inner.peers.raft_client(channel);
+        let reply = match client
+            .propose(ProposeRequest {
+                command: command.into(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                tracing::debug!(leader, %status, "forwarding a proposal failed");
+                return Err(Step::Retry);
+            }
+        };
+        match reply.result {
+            Some(propose_reply::Result::Response(b)) => postcard::from_bytes(&b)
+                .map_err(|e| Step::Fail(ProposeError::Refused(e.to_string()))),
+            Some(propose_reply::Result::ForwardTo(0)) | None => Err(Step::Forward(None)),
+            Some(propose_reply::Result::ForwardTo(id)) => Err(Step::Forward(Some(id))),
+            Some(propose_reply::Result::Error(e)) => {
+                tracing::debug!(leader, error = %e, "leader could not commit");
+                Err(Step::Retry)
+            }
+        }
+    }
+
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    async fn wait_for_leader(&self, deadline: Instant) {
+        let pause = Instant::now() + Duration::from_millis(50);
+        let mut m = self.inner.raft.metrics();
+        // Wake on the first change of metrics (e.g. a leader elected), but
+        // never spin: at least the pause, at most until the deadline.
+        let _ = tokio::time::timeout_at(
+            deadline.min(pause + Duration::from_millis(200)),
+            m.changed(),
+        )
+        .await;
+        tokio::time::sleep_until(pause.min(deadline)).await;
+    }
+
+    /// Whether this node can commit now: it knows a leader, and if it is the
+    /// leader, a majority acknowledged it recently.
+    pub fn can_commit(&self) -> bool {
+        if self.is_draining() {
+            return false;
+        }
+        let m = self.inner.raft.metrics().borrow().clone();
+        match m.current_leader {
+            None => false,
+            Some(l) if l == self.inner.id => m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms < self.inner.commit_timeout.as_millis() as u64),
+            Some(_) => true,
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// What to do after one try of a proposal.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Forward(Option<NodeId>),
+    Retry,
+    Fail(ProposeError),
+}
+
+/// Constant-time comparison for secrets and tokens.
+pub(crate) fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

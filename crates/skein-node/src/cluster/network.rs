@@ -1,0 +1,270 @@
+//! openraft's network over tonic: one lazily connected gRPC channel per peer
+//! address, the cluster secret on every call, batches kept under the gRPC
+//! message limit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use skein_proto::v1::raft_client::RaftClient;
+use skein_proto::v1::{RaftPayload, SnapshotChunk};
+use skein_queue::{NodeId, Raft, TypeConfig};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Append batches are split (by asking openraft for fewer entries) above
+/// this size; a single entry may be as large as a message allows.
+const SOFT_BATCH_BYTES: usize = 16 << 20;
+
+pub type PeerClient = RaftClient<InterceptedService<Channel, AddSecret>>;
+
+/// gRPC channels to peers, shared by the Raft network and proposal forwarding.
+#[derive(Clone)]
+pub struct PeerChannels {
+    inner: Arc<PeerInner>,
+}
+
+struct PeerInner {
+    secret: Option<MetadataValue<Ascii>>,
+    max_message: usize,
+    /// Dial peers from this address (the cluster listener's), so traffic
+    /// between nodes leaves on the cluster network of a multi-homed host.
+    local: Option<std::net::IpAddr>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerChannels {
+    /// `max_message`: the largest gRPC message sent or accepted, sized from
+    /// `smtp.max_message_size` so that one whole mail fits in one entry.
+    pub fn new(
+        secret: Option<&str>,
+        max_message: usize,
+        local: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<Self> {
+        let secret = match secret {
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| anyhow::anyhow!("cluster.secret must be printable ASCII"))?,
+            ),
+            None => None,
+        };
+        Ok(PeerChannels {
+            inner: Arc::new(PeerInner {
+                secret,
+                max_message,
+                local: local.filter(|ip| !ip.is_unspecified()),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn max_message(&self) -> usize {
+        self.inner.max_message
+    }
+
+    /// A channel to `addr` (`host:port`), connected on first use and
+    /// reconnected by tonic when it breaks.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .local_address(self.inner.local)
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// The channel to a member of the cluster, by id, from the membership.
+    pub async fn channel_for(&self, id: NodeId, raft: &Raft) -> Option<Channel> {
+        let addr = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        }?;
+        self.channel(&addr).ok()
+    }
+
+    pub fn raft_client(&self, ch: Channel) -> PeerClient {
+        RaftClient::with_interceptor(ch, AddSecret(self.inner.secret.clone()))
+            .max_decoding_message_size(self.inner.max_message)
+            .max_encoding_message_size(self.inner.max_message)
+    }
+}
+
+/// Puts the cluster secret on every outgoing call.
+#[derive(Clone)]
+pub struct AddSecret(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for AddSecret {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(s) = &self.0 {
+            req.metadata_mut()
+                .insert(skein_proto::SECRET_HEADER, s.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Makes a [`PeerConn`] per replication target.
+pub struct Network {
+    peers: PeerChannels,
+}
+
+impl Network {
+    pub fn new(peers: PeerChannels) -> Self {
+        Network { peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConn;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConn {
+        PeerConn {
+            target,
+            node: node.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+pub struct PeerConn {
+    target: NodeId,
+    node: BasicNode,
+    peers: PeerChannels,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl PeerConn {
+    fn client(&self) -> Result<PeerClient, Unreachable> {
+        let ch = self
+            .peers
+            .channel(&self.node.addr)
+            .map_err(|e| Unreachable::new(&e))?;
+        Ok(self.peers.raft_client(ch))
+    }
+
+    /// Decode a peer's `Result<T, RaftError<E>>`.
+    fn decode<T, E>(&self, data: &[u8]) -> Result<T, RpcErr<E>>
+    where
+        T: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let r: Result<T, RaftError<NodeId, E>> =
+            postcard::from_bytes(data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+/// Transport failures: a peer that cannot be reached is backed off from;
+/// anything else is retried at once.
+fn transport_err<E: std::error::Error>(status: tonic::Status) -> RpcErr<E> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+fn timed_out<E: std::error::Error>() -> RpcErr<E> {
+    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "rpc timed out");
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for PeerConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let data =
+            postcard::to_stdvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if data.len() > SOFT_BATCH_BYTES && rpc.entries.len() > 1 {
+            let fit = (rpc.entries.len() * SOFT_BATCH_BYTES / data.len()).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
+        let mut client = self.client()?;
+        let reply = tokio::time::timeout(
+            option.hard_ttl(),
+            client.append_entries(RaftPayload { data: data.into() }),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(transport_err)?;
+        self.decode(&reply.into_inner().data)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        let enc = |e: postcard::Error| RPCError::Network(NetworkError::new(&e));
+        let chunk = SnapshotChunk {
+            vote: postcard::to_stdvec(&rpc.vote).map_err(enc)?.into(),
+            meta: postcard::to_stdvec(&rpc.meta).map_err(enc)?.into(),
+            offset: rpc.offset,
+            data: rpc.data.into(),
+            done: rpc.done,
+        };
+        let mut client = self.client()?;
+        let reply = tokio::time::timeout(option.hard_ttl(), client.install_snapshot(chunk))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(transport_err)?;
+        self.decode(&reply.into_inner().data)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        let data =
+            postcard::to_stdvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client()?;
+        let reply = tokio::time::timeout(
+            option.hard_ttl(),
+            client.vote(RaftPayload { data: data.into() }),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(transport_err)?;
+        self.decode(&reply.into_inner().data)
+    }
+}

@@ -1,0 +1,168 @@
+//! Configuration: the TOML file of `shared/CONTRACT.md`, parsed into a
+//! checked [`Config`]. Every problem is reported at once, each with its key,
+//! and a missing file means the embedded single-node defaults.
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use validate::Problem;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log_level: Option<String>,
+    pub smtp: SmtpConfig,
+    pub cluster: ClusterConfig,
+    pub admin: AdminConfig,
+    pub delivery: DeliveryConfig,
+    pub routes: Vec<Route>,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    pub submission_listen: Vec<SocketAddr>,
+    pub hostname: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub relay_networks: Vec<IpNet>,
+    /// Lowercase domain names anyone may send to.
+    pub accept_domains: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Wait this long before the greeting; a client that talks first is
+    /// refused (pipelining before the greeting). Zero disables the check.
+    pub greet_pause: Duration,
+    /// A command or a block of data must arrive within this (RFC 5321
+    /// §4.5.3.2.7: 5 minutes).
+    pub timeout: Duration,
+    /// Message data slower than this (bytes/s, after a few seconds' grace)
+    /// ends the session: one-byte trickling cannot hold a slot for long.
+    pub min_data_rate: u64,
+    pub tls_reload_interval: Duration,
+    /// Submission users: name → argon2 PHC hash.
+    pub users: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub listen: SocketAddr,
+    /// What peers dial to reach this node (`host:port`).
+    pub advertise: String,
+    pub secret: Option<String>,
+    pub tls: Option<TlsFiles>,
+    /// Initial voters, identical on every node; this node included.
+    pub peers: BTreeMap<u64, String>,
+    /// How long an SMTP session waits for its message to commit before 451.
+    pub commit_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// Elections start after a random time in [t, 2t] without a leader.
+    pub election_timeout: Duration,
+    /// Build a snapshot (and purge the log) after this many entries.
+    pub snapshot_every: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `None`: a token is made at first start and kept in the data directory.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub nameservers: Option<Vec<SocketAddr>>,
+    pub port: u16,
+    pub retry_schedule: Vec<Duration>,
+    pub max_queue_time: Duration,
+    /// Tell the sender once when a message has waited this long (None: never).
+    pub delay_warning: Option<Duration>,
+    pub lease: Duration,
+    /// How often an idle node looks for due mail to claim.
+    pub claim_interval: Duration,
+    pub concurrency_per_domain: usize,
+    /// Deliveries one node runs at once.
+    pub max_concurrency: usize,
+    pub connect_timeout: Duration,
+    /// Overrides every per-command timeout of RFC 5321 §4.5.3.2 when set.
+    pub command_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// A lowercase domain, or `*` for every domain.
+    pub domain: String,
+    pub relay: Relay,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relay {
+    Smtp { host: String, port: u16 },
+    Lmtp { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl Config {
+    /// The embedded defaults: a single-node cluster on loopback.
+    pub fn defaults() -> Config {
+        Self::parse("").expect("the embedded defaults are valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(ConfigError::Invalid)
+    }
+
+    /// Parse and check a config text; on failure, every problem found.
+    pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        validate::parse(text)
+    }
+
+    pub fn is_single_node(&self) -> bool {
+        self.cluster.peers.keys().all(|id| *id == self.node_id)
+    }
+}

@@ -1,0 +1,159 @@
+use super::*;
+
+#[test]
+fn empty_config_gives_the_contract_defaults() {
+    let c = Config::defaults();
+    assert_eq!(c.node_id, 1);
+    assert_eq!(
+        c.smtp.listen,
+        vec!["127.0.0.1:2525".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(
+        c.cluster.listen,
+        "127.0.0.1:7100".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        c.metrics.listen,
+        "127.0.0.1:9100".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(c.data_dir, PathBuf::from("./skein-data"));
+    assert!(c.delivery.nameservers.is_none());
+    assert_eq!(c.delivery.port, 25);
+    assert_eq!(c.delivery.lease, Duration::from_secs(30));
+    assert_eq!(c.delivery.retry_schedule.len(), 5);
+    assert_eq!(c.cluster.peers.len(), 1);
+    assert_eq!(c.cluster.peers[&1], "127.0.0.1:7100");
+    assert!(c.is_single_node());
+}
+
+#[test]
+fn the_contract_example_parses() {
+    let text = r#"
+node_id = 1
+data_dir = "/var/lib/skein"
+
+[smtp]
+listen = ["0.0.0.0:25"]
+submission_listen = ["0.0.0.0:587"]
+hostname = "mx1.example.com"
+max_message_size = 26214400
+max_recipients = 1000
+relay_networks = ["127.0.0.0/8"]
+accept_domains = ["example.org"]
+tls_cert = "/etc/skein/cert.pem"
+tls_key = "/etc/skein/key.pem"
+
+[cluster]
+listen = "0.0.0.0:7100"
+advertise = "10.0.0.1:7100"
+secret = "change-me"
+tls_cert = "/etc/skein/node.pem"
+tls_key = "/etc/skein/node.key"
+tls_ca = "/etc/skein/ca.pem"
+[cluster.peers]
+1 = "10.0.0.1:7100"
+2 = "10.0.0.2:7100"
+3 = "10.0.0.3:7100"
+
+[admin]
+token = "change-me-too"
+
+[delivery]
+nameservers = ["127.0.0.1:53"]
+port = 25
+retry_schedule = ["1m", "5m", "15m", "1h", "4h"]
+max_queue_time = "5d"
+lease = "30s"
+concurrency_per_domain = 20
+
+[[route]]
+domain = "corp.example"
+relay = "smtp://10.0.0.5:25"
+
+[[route]]
+domain = "*"
+relay = "lmtp://10.0.0.6:24"
+
+[metrics]
+listen = "127.0.0.1:9100"
+"#;
+    let c = Config::parse(text).unwrap();
+    assert_eq!(c.cluster.peers.len(), 3);
+    assert!(!c.is_single_node());
+    assert_eq!(c.smtp.accept_domains, vec!["example.org"]);
+    assert_eq!(c.delivery.max_queue_time, Duration::from_secs(5 * 86400));
+    assert_eq!(
+        c.routes[1],
+        Route {
+            domain: "*".into(),
+            relay: Relay::Lmtp {
+                host: "10.0.0.6".into(),
+                port: 24
+            }
+        }
+    );
+    assert_eq!(c.admin.token.as_deref(), Some("change-me-too"));
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key() {
+    let text = r#"
+node_id = 0
+colour = "blue"
+[smtp]
+listen = ["nowhere"]
+relay_networks = ["10.0.0.0/99"]
+tls_cert = "/x"
+[cluster.peers]
+2 = "10.0.0.2:7100"
+[delivery]
+lease = "soon"
+retry_schedule = []
+[[route]]
+domain = "x.example"
+relay = "ftp://host"
+"#;
+    let problems = Config::parse(text).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "colour",
+        "node_id",
+        "smtp.listen[0]",
+        "smtp.relay_networks[0]",
+        "smtp.tls_cert",
+        "cluster.advertise",
+        "delivery.lease",
+        "delivery.retry_schedule",
+        "route[0].relay",
+    ] {
+        assert!(keys.contains(&k), "{k} missing from {keys:?}");
+    }
+}
+
+#[test]
+fn a_multi_node_cluster_needs_a_secret() {
+    let text = r#"
+[cluster.peers]
+1 = "127.0.0.1:7100"
+2 = "127.0.0.2:7100"
+"#;
+    let problems = Config::parse(text).unwrap_err();
+    assert_eq!(problems[0].key, "cluster.secret");
+}
+
+#[test]
+fn toml_syntax_errors_are_reported() {
+    let problems = Config::parse("node_id = = 1").unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].message.contains("line 1"),
+        "{}",
+        problems[0].message
+    );
+    let problems = Config::parse("node_id = \"one\"").unwrap_err();
+    assert!(
+        problems[0].message.contains("node_id"),
+        "{}",
+        problems[0].message
+    );
+}

@@ -1,0 +1,655 @@
+//! From [`RawConfig`] to [`Config`], collecting every problem with its key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::raw::*;
+use super::*;
+
+/// One thing wrong with a config, and the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, v: Option<&String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.problem(
+                        key,
+                        format!("{s:?} is not a duration such as \"30s\" or \"5m\" ({e})"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{s:?} is not an IP address with a port, such as \"0.0.0.0:25\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn socket_addrs(
+        &mut self,
+        key: &str,
+        v: Option<&Vec<String>>,
+        default: &[&str],
+    ) -> Vec<SocketAddr> {
+        match v {
+            None => default.iter().filter_map(|s| s.parse().ok()).collect(),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| self.socket_addr(&format!("{key}[{i}]"), s))
+                .collect(),
+        }
+    }
+
+    /// A `host:port` that peers or clients dial; the host may be a name.
+    fn host_port(&mut self, key: &str, s: &str) {
+        let ok = match s.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        };
+        if !ok {
+            self.problem(key, format!("{s:?} is not host:port"));
+        }
+    }
+
+    fn path(&mut self, key: &str, v: Option<&String>) -> Option<PathBuf> {
+        let s = v?;
+        if s.is_empty() {
+            self.problem(key, "must not be empty");
+            return None;
+        }
+        Some(PathBuf::from(s))
+    }
+
+    fn secret(
+        &mut self,
+        key: &str,
+        inline: Option<&String>,
+        file_key: &str,
+        file: Option<&String>,
+    ) -> Option<String> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(key, format!("set either {key} or {file_key}, not both"));
+                None
+            }
+            (Some(s), None) if s.is_empty() => {
+                self.problem(key, "must not be empty");
+                None
+            }
+            (Some(s), None) => Some(s.clone()),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                Ok(_) => {
+                    self.problem(file_key, format!("{path} is empty"));
+                    None
+                }
+                Err(e) => {
+                    self.problem(file_key, format!("cannot read {path}: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+}
+
+pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+    let raw = match toml::Deserializer::parse(text) {
+        Err(e) => {
+            c.problem("(file)", e.to_string().trim().to_string());
+            return Err(c.problems);
+        }
+        Ok(de) => {
+            let mut unknown = Vec::new();
+            let raw: Result<RawConfig, _> =
+                serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+            for key in unknown {
+                c.problem(key, "unknown key");
+            }
+            match raw {
+                Ok(r) => r,
+                Err(e) => {
+                    c.problem("(file)", e.to_string().trim().to_string());
+                    return Err(c.problems);
+                }
+            }
+        }
+    };
+    let config = check(&mut c, raw);
+    if c.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(c.problems)
+    }
+}
+
+fn check(c: &mut Checker, raw: RawConfig) -> Config {
+    let node_id = raw.node_id.unwrap_or(1);
+    if node_id == 0 {
+        c.problem("node_id", "must be 1 or more");
+    }
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            c.problem(
+                "log_format",
+                format!("{other:?} is neither \"text\" nor \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    if let Some(l) = &raw.log_level {
+        if tracing_subscriber::EnvFilter::try_new(l).is_err() {
+            c.problem("log_level", format!("{l:?} is not a RUST_LOG style filter"));
+        }
+    }
+    let smtp = check_smtp(c, &raw.smtp);
+    let cluster = check_cluster(c, node_id, &raw.cluster);
+    let admin = AdminConfig {
+        token: c.secret(
+            "admin.token",
+            raw.admin.token.as_ref(),
+            "admin.token_file",
+            raw.admin.token_file.as_ref(),
+        ),
+    };
+    let delivery = check_delivery(c, &raw.delivery);
+    let routes = raw
+        .route
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| check_route(c, i, r))
+        .collect();
+    let metrics = MetricsConfig {
+        listen: raw
+            .metrics
+            .listen
+            .as_deref()
+            .and_then(|s| c.socket_addr("metrics.listen", s))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9100))),
+    };
+    Config {
+        node_id,
+        data_dir: PathBuf::from(raw.data_dir.as_deref().unwrap_or("./skein-data")),
+        log_format,
+        log_level: raw.log_level,
+        smtp,
+        cluster,
+        admin,
+        delivery,
+        routes,
+        metrics,
+    }
+}
+
+fn check_smtp(c: &mut Checker, r: &RawSmtp) -> SmtpConfig {
+    let listen = c.socket_addrs("smtp.listen", r.listen.as_ref(), &["127.0.0.1:2525"]);
+    let submission_listen =
+        c.socket_addrs("smtp.submission_listen", r.submission_listen.as_ref(), &[]);
+    let hostname = match &r.hostname {
+        Some(h) if is_domain(h) => h.to_ascii_lowercase(),
+        Some(h) => {
+            c.problem("smtp.hostname", format!("{h:?} is not a domain name"));
+            h.clone()
+        }
+        None => system_hostname(),
+    };
+    let max_message_size = r.max_message_size.unwrap_or(26_214_400);
+    if max_message_size < 1024 {
+        c.problem("smtp.max_message_size", "must be at least 1024 bytes");
+    }
+    let max_recipients = r.max_recipients.unwrap_or(1000);
+    if max_recipients == 0 {
+        c.problem("smtp.max_recipients", "must be 1 or more");
+    }
+    let relay_networks = match &r.relay_networks {
+        None => vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match parse_net(s) {
+                Some(n) => Some(n),
+                None => {
+                    c.problem(
+                        format!("smtp.relay_networks[{i}]"),
+                        format!("{s:?} is not a network such as \"10.0.0.0/8\""),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+    let accept_domains = r
+        .accept_domains
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            if is_domain(d) {
+                Some(d.to_ascii_lowercase())
+            } else {
+                c.problem(
+                    format!("smtp.accept_domains[{i}]"),
+                    format!("{d:?} is not a domain name"),
+                );
+                None
+            }
+        })
+        .collect();
+    let tls_cert = c.path("smtp.tls_cert", r.tls_cert.as_ref());
+    let tls_key = c.path("smtp.tls_key", r.tls_key.as_ref());
+    if tls_cert.is_some() != tls_key.is_some() {
+        c.problem(
+            "smtp.tls_cert",
+            "tls_cert and tls_key go together: set both or neither",
+        );
+    }
+    let max_connections = r.max_connections.unwrap_or(1000);
+    if max_connections == 0 {
+        c.problem("smtp.max_connections", "must be 1 or more");
+    }
+    let max_connections_per_ip = r.max_connections_per_ip.unwrap_or(50);
+    if max_connections_per_ip == 0 {
+        c.problem("smtp.max_connections_per_ip", "must be 1 or more");
+    }
+    let greet_pause = c.duration(
+        "smtp.greet_pause",
+        r.greet_pause.as_ref(),
+        Duration::from_millis(300),
+    );
+    let timeout = c.duration("smtp.timeout", r.timeout.as_ref(), Duration::from_secs(300));
+    if timeout < Duration::from_secs(1) {
+        c.problem("smtp.timeout", "must be at least 1s");
+    }
+    let min_data_rate = r.min_data_rate.unwrap_or(500);
+    let tls_reload_interval = c.duration(
+        "smtp.tls_reload_interval",
+        r.tls_reload_interval.as_ref(),
+        Duration::from_secs(10),
+    );
+    let mut users = BTreeMap::new();
+    for (name, hash) in r.users.iter().flatten() {
+        if argon2::PasswordHash::new(hash).is_err() {
+            c.problem(
+                format!("smtp.users.{name}"),
+                "is not a password hash; make one with `skeind hash-password`",
+            );
+        } else {
+            users.insert(name.clone(), hash.clone());
+        }
+    }
+    if !submission_listen.is_empty() && tls_cert.is_none() {
+        c.problem(
+            "smtp.submission_listen",
+            "needs smtp.tls_cert and smtp.tls_key: AUTH is offered only under TLS",
+        );
+    }
+    SmtpConfig {
+        listen,
+        submission_listen,
+        hostname,
+        max_message_size: max_message_size as usize,
+        max_recipients: max_recipients as usize,
+        relay_networks,
+        accept_domains,
+        tls_cert,
+        tls_key,
+        max_connections: max_connections as usize,
+        max_connections_per_ip: max_connections_per_ip as usize,
+        greet_pause,
+        timeout,
+        min_data_rate,
+        tls_reload_interval,
+        users,
+    }
+}
+
+fn check_cluster(c: &mut Checker, node_id: u64, r: &RawCluster) -> ClusterConfig {
+    let listen = r
+        .listen
+        .as_deref()
+        .and_then(|s| c.socket_addr("cluster.listen", s))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7100)));
+    let mut peers = BTreeMap::new();
+    for (k, addr) in r.peers.iter().flatten() {
+        let key = format!("cluster.peers.{k}");
+        match k.parse::<u64>() {
+            Ok(id) if id > 0 => {
+                c.host_port(&key, addr);
+                peers.insert(id, addr.clone());
+            }
+            _ => c.problem(&key, "node ids are whole numbers from 1"),
+        }
+    }
+    let advertise = match (&r.advertise, peers.get(&node_id)) {
+        (Some(a), _) => {
+            c.host_port("cluster.advertise", a);
+            a.clone()
+        }
+        (None, Some(p)) => p.clone(),
+        (None, None) => listen.to_string(),
+    };
+    if peers.is_empty() {
+        peers.insert(node_id, advertise.clone());
+    } else {
+        match peers.get(&node_id) {
+            // A node joining an existing cluster (`skeinctl cluster add-node`)
+            // is not among the initial voters; it must say where it is.
+            None if r.advertise.is_none() => c.problem(
+                "cluster.advertise",
+                format!("required for a node that is not in cluster.peers (node_id = {node_id} joins with cluster add-node)"),
+            ),
+            None => {}
+            Some(p) if *p != advertise => c.problem(
+                "cluster.advertise",
+                format!("{advertise:?} differs from cluster.peers.{node_id} = {p:?}; peers must dial what this node advertises"),
+            ),
+            Some(_) => {}
+        }
+    }
+    let secret = c.secret(
+        "cluster.secret",
+        r.secret.as_ref(),
+        "cluster.secret_file",
+        r.secret_file.as_ref(),
+    );
+    if secret.is_none() && peers.len() > 1 {
+        c.problem(
+            "cluster.secret",
+            "required when cluster.peers names other nodes",
+        );
+    }
+    let tls = match (&r.tls_cert, &r.tls_key, &r.tls_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+        }),
+        _ => {
+            c.problem(
+                "cluster.tls_cert",
+                "tls_cert, tls_key and tls_ca go together: set all three or none",
+            );
+            None
+        }
+    };
+    let commit_timeout = c.duration(
+        "cluster.commit_timeout",
+        r.commit_timeout.as_ref(),
+        Duration::from_secs(10),
+    );
+    let heartbeat_interval = c.duration(
+        "cluster.heartbeat_interval",
+        r.heartbeat_interval.as_ref(),
+        Duration::from_millis(100),
+    );
+    let election_timeout = c.duration(
+        "cluster.election_timeout",
+        r.election_timeout.as_ref(),
+        Duration::from_millis(500),
+    );
+    if election_timeout <= heartbeat_interval * 2 {
+        c.problem(
+            "cluster.election_timeout",
+            "must be more than twice cluster.heartbeat_interval",
+        );
+    }
+    if commit_timeout < Duration::from_millis(100) {
+        c.problem("cluster.commit_timeout", "must be at least 100ms");
+    }
+    let snapshot_every = r.snapshot_every.unwrap_or(10_000);
+    if snapshot_every < 10 {
+        c.problem("cluster.snapshot_every", "must be at least 10 entries");
+    }
+    ClusterConfig {
+        listen,
+        advertise,
+        secret,
+        tls,
+        peers,
+        commit_timeout,
+        heartbeat_interval,
+        election_timeout,
+        snapshot_every,
+    }
+}
+
+fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
+    let nameservers = r.nameservers.as_ref().map(|list| {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                // A bare IP means port 53.
+                let with_port = if s.parse::<std::net::IpAddr>().is_ok() {
+                    SocketAddr::new(s.parse().ok()?, 53).to_string()
+                } else {
+                    s.clone()
+                };
+                c.socket_addr(&format!("delivery.nameservers[{i}]"), &with_port)
+            })
+            .collect::<Vec<_>>()
+    });
+    let port = match r.port {
+        None => 25,
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            c.problem("delivery.port", format!("{p} is not a TCP port"));
+            25
+        }
+    };
+    let default_schedule = ["1m", "5m", "15m", "1h", "4h"];
+    let retry_schedule: Vec<Duration> = match &r.retry_schedule {
+        None => default_schedule
+            .iter()
+            .map(|s| humantime::parse_duration(s).unwrap())
+            .collect(),
+        Some(list) if list.is_empty() => {
+            c.problem("delivery.retry_schedule", "needs at least one step");
+            vec![]
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                c.duration(
+                    &format!("delivery.retry_schedule[{i}]"),
+                    Some(s),
+                    Duration::from_secs(60),
+                )
+            })
+            .collect(),
+    };
+    let max_queue_time = c.duration(
+        "delivery.max_queue_time",
+        r.max_queue_time.as_ref(),
+        Duration::from_secs(5 * 86400),
+    );
+    let delay_warning = r
+        .delay_warning
+        .as_ref()
+        .map(|v| {
+            c.duration(
+                "delivery.delay_warning",
+                Some(v),
+                Duration::from_secs(4 * 3600),
+            )
+        })
+        .filter(|d| !d.is_zero());
+    let lease = c.duration("delivery.lease", r.lease.as_ref(), Duration::from_secs(30));
+    if lease < Duration::from_millis(500) {
+        c.problem("delivery.lease", "must be at least 500ms");
+    }
+    let claim_interval = c.duration(
+        "delivery.claim_interval",
+        r.claim_interval.as_ref(),
+        Duration::from_secs(1),
+    );
+    if claim_interval.is_zero() {
+        c.problem("delivery.claim_interval", "must be more than zero");
+    }
+    let concurrency_per_domain = r.concurrency_per_domain.unwrap_or(20);
+    if concurrency_per_domain == 0 {
+        c.problem("delivery.concurrency_per_domain", "must be 1 or more");
+    }
+    let max_concurrency = r.max_concurrency.unwrap_or(200);
+    if max_concurrency == 0 {
+        c.problem("delivery.max_concurrency", "must be 1 or more");
+    }
+    let connect_timeout = c.duration(
+        "delivery.connect_timeout",
+        r.connect_timeout.as_ref(),
+        Duration::from_secs(30),
+    );
+    let command_timeout = r.command_timeout.as_ref().map(|s| {
+        c.duration(
+            "delivery.command_timeout",
+            Some(s),
+            Duration::from_secs(300),
+        )
+    });
+    DeliveryConfig {
+        nameservers,
+        port,
+        retry_schedule,
+        max_queue_time,
+        delay_warning,
+        lease,
+        claim_interval,
+        concurrency_per_domain: concurrency_per_domain as usize,
+        max_concurrency: max_concurrency as usize,
+        connect_timeout,
+        command_timeout,
+    }
+}
+
+fn check_route(c: &mut Checker, i: usize, r: &RawRoute) -> Option<Route> {
+    let key = |k: &str| format!("route[{i}].{k}");
+    let domain = match &r.domain {
+        Some(d) if d == "*" || is_domain(d) => d.to_ascii_lowercase(),
+        Some(d) => {
+            c.problem(
+                key("domain"),
+                format!("{d:?} is neither a domain name nor \"*\""),
+            );
+            return None;
+        }
+        None => {
+            c.problem(key("domain"), "missing");
+            return None;
+        }
+    };
+    let Some(relay) = &r.relay else {
+        c.problem(key("relay"), "missing");
+        return None;
+    };
+    let parsed = relay.split_once("://").and_then(|(scheme, rest)| {
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().ok()?),
+            None => (rest, if scheme == "lmtp" { 24 } else { 25 }),
+        };
+        if !is_domain(host.trim_matches(['[', ']'])) {
+            return None;
+        }
+        let host = host.to_string();
+        match scheme {
+            "smtp" => Some(Relay::Smtp { host, port }),
+            "lmtp" => Some(Relay::Lmtp { host, port }),
+            _ => None,
+        }
+    });
+    match parsed {
+        Some(relay) => Some(Route { domain, relay }),
+        None => {
+            c.problem(
+                key("relay"),
+                format!("{relay:?} is not smtp://host[:port] or lmtp://host[:port]"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// A DNS name of letters, digits and hyphens (or an IP address, for hostnames
+/// given as literals in tests).
+pub(crate) fn is_domain(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
+            if is_domain(s) {
+                return s.to_ascii_lowercase();
+            }
+        }
+    }
+    "localhost".into()
+}

@@ -1,0 +1,237 @@
+//! One delivery attempt of one message: every pending recipient, grouped by
+//! domain, delivered concurrently; the outcome goes to the reporter.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use skein_delivery::{Job, RcptResult};
+use skein_queue::{Message, MessageId, NewMessage, Outcome, RcptOutcome, RcptState};
+use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::Worker;
+use crate::clock::now_ms;
+
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Work {
+    /// Accepted here: lease held since the Enqueue, body in memory.
+    Fresh(NewMessage),
+    /// Leased by a Claim entry; read from the local replica.
+    Claimed(MessageId),
+}
+
+/// What an attempt needs to know of a message.
+struct Target {
+    id: MessageId,
+    sender: ReversePath,
+    params: MailParams,
+    /// Pending recipients with their index in the message.
+    pending: Vec<(u32, Mailbox, RcptParams)>,
+    attempts: u32,
+    received_at: u64,
+    body: Bytes,
+}
+
+/// How long a claimed message may take to show up in the local replica.
+const REPLICA_WAIT: Duration = Duration::from_secs(5);
+
+pub(crate) async fn run(w: Arc<Worker>, work: Work) {
+    let id = match &work {
+        Work::Fresh(m) => m.id,
+        Work::Claimed(id) => *id,
+    };
+    let span = tracing::info_span!("attempt", queue_id = %id);
+    async move {
+        let Ok(_slot) = w.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let target = match work {
+            Work::Fresh(m) => Some(fresh_target(m)),
+            Work::Claimed(id) => claimed_target(&w, id).await,
+        };
+        let Some(target) = target else {
+            w.finish([id]);
+            return;
+        };
+        let started = Instant::now();
+        let outcome = attempt(&w, &target).await;
+        w.metrics
+            .delivery_latency
+            .observe(started.elapsed().as_secs_f64());
+        let _ = w.reports.send(outcome);
+    }
+    .instrument(span)
+    .await
+}
+
+fn fresh_target(m: NewMessage) -> Target {
+    Target {
+        id: m.id,
+        pending: m
+            .recipients
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r.address, r.params))
+            .collect(),
+        sender: m.sender,
+        params: m.params,
+        attempts: 0,
+        received_at: m.id.millis(),
+        body: m.body,
+    }
+}
+
+/// Wait for the claimed message in the local replica (it may lag the
+/// leader a little), and check it is still ours to deliver.
+async fn claimed_target(w: &Worker, id: MessageId) -> Option<Target> {
+    let me = w.cluster.id();
+    let mut applied = w.cluster.reader().subscribe();
+    let deadline = Instant::now() + REPLICA_WAIT;
+    let msg: Message = loop {
+        {
+            let state = w.cluster.reader().read();
+            match state.get(&id) {
+                Some(m) if m.lease.is_some_and(|l| l.node == me) => break m.clone(),
+                Some(_) | None => {}
+            }
+        }
+        if tokio::time::timeout_at(deadline, applied.changed())
+            .await
+            .is_err()
+        {
+            tracing::debug!("claimed message not visible locally; leaving it to lapse");
+            return None;
+        }
+    };
+    if msg.held {
+        return None;
+    }
+    // Never start an attempt on a lease about to run out: another node may
+    // take the message over at any moment after.
+    let margin = w.lease_ms() / 4;
+    if msg.lease.is_some_and(|l| l.until < now_ms() + margin) {
+        tracing::info!("lease nearly expired; not starting an attempt");
+        return None;
+    }
+    let body = match w.cluster.reader().body(&id) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            tracing::error!("message body missing from the local replica");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading the message body failed");
+            return None;
+        }
+    };
+    Some(Target {
+        id,
+        pending: msg
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RcptState::Pending)
+            .map(|(i, r)| (i as u32, r.address.clone(), r.params.clone()))
+            .collect(),
+        sender: msg.sender,
+        params: msg.params,
+        attempts: msg.attempts,
+        received_at: msg.received_at,
+        body,
+    })
+}
+
+async fn attempt(w: &Worker, t: &Target) -> Outcome {
+    let retry_after_ms = w.retry.delay_for(t.attempts).as_millis() as u64;
+    let age = Duration::from_millis(now_ms().saturating_sub(t.received_at));
+    if age > w.cfg.max_queue_time {
+        // Bounces (DSNs) for expired mail come with the delivery engine;
+        // until then the failure is recorded and logged.
+        let reply = format!(
+            "message expired after {} in the queue",
+            humantime::format_duration(w.cfg.max_queue_time)
+        );
+        let recipients = t
+            .pending
+            .iter()
+            .map(|(i, rcpt, _)| {
+                tracing::warn!(to = %rcpt, status = "expired", reply = %reply, "delivery");
+                (
+                    *i,
+                    RcptOutcome::Failed {
+                        reply: reply.clone(),
+                    },
+                )
+            })
+            .collect();
+        return Outcome {
+            id: t.id,
+            recipients,
+            retry_after_ms,
+        };
+    }
+
+    let mut groups: BTreeMap<String, Vec<&(u32, Mailbox, RcptParams)>> = BTreeMap::new();
+    for r in &t.pending {
+        groups
+            .entry(r.1.domain_str().to_ascii_lowercase())
+            .or_default()
+            .push(r);
+    }
+    let deliveries = groups.into_iter().map(|(domain, rcpts)| async move {
+        let slot = w.domain_slot(&domain);
+        let _permit = slot.acquire_owned().await;
+        let job = Job {
+            id: t.id.to_string(),
+            domain: domain.clone(),
+            sender: t.sender.clone(),
+            params: t.params.clone(),
+            recipients: rcpts
+                .iter()
+                .map(|(_, m, p)| (m.clone(), p.clone()))
+                .collect(),
+            body: t.body.clone(),
+        };
+        let results = w.deliverer.deliver(&job).await;
+        rcpts.into_iter().zip(results).collect::<Vec<_>>()
+    });
+    let mut recipients = Vec::new();
+    for group in futures::future::join_all(deliveries).await {
+        for ((idx, rcpt, _), result) in group {
+            recipients.push((*idx, record(w, t, rcpt, result)));
+        }
+    }
+    Outcome {
+        id: t.id,
+        recipients,
+        retry_after_ms,
+    }
+}
+
+/// Log one recipient's result, Postfix style, and count it.
+fn record(w: &Worker, t: &Target, rcpt: &Mailbox, result: RcptResult) -> RcptOutcome {
+    let delay = Duration::from_millis(now_ms().saturating_sub(t.received_at)).as_secs_f64();
+    match result {
+        RcptResult::Delivered { reply, host } => {
+            tracing::info!(to = %rcpt, relay = %host, delay, status = "sent", reply = %reply, "delivery");
+            w.metrics.attempt("delivered");
+            RcptOutcome::Delivered { reply }
+        }
+        RcptResult::Deferred { reply } => {
+            tracing::info!(to = %rcpt, delay, status = "deferred", reply = %reply, "delivery");
+            w.metrics.attempt("deferred");
+            RcptOutcome::Deferred { reply }
+        }
+        RcptResult::Failed { reply } => {
+            // Bounces (DSNs) come with the delivery engine; for now the
+            // permanent failure is logged loudly and the recipient dropped.
+            tracing::warn!(to = %rcpt, delay, status = "bounced", reply = %reply, "delivery failed permanently; no bounce sent yet");
+            w.metrics.attempt("failed");
+            w.metrics.recipients_failed.inc();
+            RcptOutcome::Failed { reply }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Commits delivery outcomes in batches: one `Report` entry for everything
+//! that finished while the previous one was being committed, with the
+//! notices (bounces) those outcomes call for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use skein_queue::{Command, Notice, Outcome, RcptOutcome, Response};
+use tokio::sync::mpsc;
+
+use super::{notices, Worker};
+
+/// Most outcomes in one entry.
+const MAX_BATCH: usize = 256;
+
+pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+    let mut batch: Vec<Outcome> = Vec::new();
+    let mut pending_notices: Vec<Notice> = Vec::new();
+    // Outcomes of the batch whose notices are already built: notices are
+    // built once per outcome and travel with it on every retry.
+    let mut built = 0;
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(o) => batch.push(o),
+                None => return,
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        for o in &batch[built..] {
+            pending_notices.extend(notices::for_outcome(&w, o).await);
+        }
+        built = batch.len();
+        let cmd = Command::Report {
+            node: w.cluster.id(),
+            outcomes: batch.clone(),
+            notices: pending_notices.clone(),
+        };
+        match w.cluster.propose(cmd).await {
+            Ok(resp) => {
+                if let Response::Reported(queued) = resp {
+                    for n in pending_notices
+                        .drain(..)
+                        .filter(|n| queued.contains(&n.message.id))
+                    {
+                        w.metrics.messages_bounced.inc();
+                        let _ = w.fresh.send(n.message);
+                    }
+                }
+                pending_notices.clear();
+                for o in &batch {
+                    let finished = o
+                        .recipients
+                        .iter()
+                        .all(|(_, r)| !matches!(r, RcptOutcome::Deferred { .. }));
+                    if finished {
+                        w.metrics.messages_delivered.inc();
+                    }
+                }
+                w.finish(batch.drain(..).map(|o| o.id));
+                built = 0;
+            }
+            Err(e) => {
+                // Outcomes are facts: keep them and try again. If this node
+                // is cut off, the lease lapses and a peer redelivers; the
+                // remote side sees a duplicate, never a loss.
+                w.metrics.commit_failures.inc();
+                tracing::warn!(count = batch.len(), error = %e, "delivery outcomes not committed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

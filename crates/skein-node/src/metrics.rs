@@ -1,0 +1,264 @@
+//! Prometheus metrics and the health endpoints, on `metrics.listen`:
+//! `GET /metrics`, `/healthz` (200 while the process serves) and `/readyz`
+//! (200 only while this node can commit: it knows a leader and is in the
+//! majority), so a load balancer takes a cut-off node out of rotation.
+//!
+//! Each node owns its registry: several nodes can run in one process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::clock::now_ms;
+use crate::cluster::Cluster;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_accepted: Counter,
+    pub messages_delivered: Counter,
+    pub delivery_attempts: Family<ResultLabel, Counter>,
+    pub messages_bounced: Counter,
+    pub recipients_failed: Counter,
+    pub queue_messages: Family<StateLabel, Gauge>,
+    pub raft_term: Gauge,
+    pub raft_is_leader: Gauge,
+    pub raft_replication_lag: Family<PeerLabel, Gauge>,
+    pub raft_last_applied: Gauge,
+    pub smtp_sessions_active: Gauge,
+    pub accept_latency: Histogram,
+    pub delivery_latency: Histogram,
+    pub data_dir_bytes: Gauge,
+    pub commit_failures: Counter,
+    pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub draining: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            messages_accepted: Counter::default(),
+            messages_delivered: Counter::default(),
+            delivery_attempts: Family::default(),
+            messages_bounced: Counter::default(),
+            recipients_failed: Counter::default(),
+            queue_messages: Family::default(),
+            raft_term: Gauge::default(),
+            raft_is_leader: Gauge::default(),
+            raft_replication_lag: Family::default(),
+            raft_last_applied: Gauge::default(),
+            smtp_sessions_active: Gauge::default(),
+            accept_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            delivery_latency: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            data_dir_bytes: Gauge::default(),
+            commit_failures: Counter::default(),
+            leader_contact: Gauge::default(),
+            draining: Gauge::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "skein_messages_accepted",
+            "Messages answered 250 after a majority commit",
+            m.messages_accepted.clone(),
+        );
+        r.register(
+            "skein_messages_delivered",
+            "Messages whose every recipient was delivered or failed",
+            m.messages_delivered.clone(),
+        );
+        r.register(
+            "skein_delivery_attempts",
+            "Delivery attempts per recipient domain, by result",
+            m.delivery_attempts.clone(),
+        );
+        r.register(
+            "skein_messages_bounced",
+            "Delivery status notifications generated",
+            m.messages_bounced.clone(),
+        );
+        r.register(
+            "skein_recipients_failed",
+            "Recipients that failed permanently",
+            m.recipients_failed.clone(),
+        );
+        r.register(
+            "skein_queue_messages",
+            "Messages in the queue, by state",
+            m.queue_messages.clone(),
+        );
+        r.register("skein_raft_term", "Current Raft term", m.raft_term.clone());
+        r.register(
+            "skein_raft_is_leader",
+            "1 when this node is the Raft leader",
+            m.raft_is_leader.clone(),
+        );
+        r.register(
+            "skein_raft_replication_lag",
+            "Entries a follower is behind the leader (on the leader)",
+            m.raft_replication_lag.clone(),
+        );
+        r.register(
+            "skein_raft_last_applied",
+            "Index of the last entry applied on this node",
+            m.raft_last_applied.clone(),
+        );
+        r.register(
+            "skein_smtp_sessions_active",
+            "Open SMTP sessions",
+            m.smtp_sessions_active.clone(),
+        );
+        r.register(
+            "skein_accept_latency_seconds",
+            "End of DATA to the 250 reply",
+            m.accept_latency.clone(),
+        );
+        r.register(
+            "skein_delivery_latency_seconds",
+            "One delivery attempt of one message",
+            m.delivery_latency.clone(),
+        );
+        r.register(
+            "skein_data_dir_bytes",
+            "Bytes the node's database occupies on disk",
+            m.data_dir_bytes.clone(),
+        );
+        r.register(
+            "skein_commit_failures",
+            "Proposals that did not commit in time",
+            m.commit_failures.clone(),
+        );
+        r.register(
+            "skein_raft_leader_contact_seconds",
+            "Seconds since this node last heard from a leader (0 on the leader, -1 never)",
+            m.leader_contact.clone(),
+        );
+        r.register(
+            "skein_node_draining",
+            "1 while this node is drained",
+            m.draining.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn accepted(&self, latency: Duration) {
+        self.messages_accepted.inc();
+        self.accept_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn attempt(&self, result: &'static str) {
+        self.delivery_attempts
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Refresh the gauges that are read off the cluster, then encode.
+    pub fn render(&self, cluster: &Cluster) -> String {
+        let m = cluster.raft().metrics().borrow().clone();
+        self.raft_term.set(m.current_term as i64);
+        self.raft_is_leader
+            .set(i64::from(m.current_leader == Some(cluster.id())));
+        self.raft_last_applied
+            .set(m.last_applied.map(|l| l.index as i64).unwrap_or(0));
+        if let Some(repl) = &m.replication {
+            let last = m.last_log_index.unwrap_or(0);
+            for (peer, matched) in repl.iter() {
+                let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                self.raft_replication_lag
+                    .get_or_create(&PeerLabel {
+                        peer: peer.to_string(),
+                    })
+                    .set(lag as i64);
+            }
+        }
+        let counts = cluster.reader().read().counts(now_ms());
+        for (state, n) in [
+            ("ready", counts.ready),
+            ("leased", counts.leased),
+            ("deferred", counts.deferred),
+            ("held", counts.held),
+        ] {
+            self.queue_messages
+                .get_or_create(&StateLabel { state })
+                .set(n as i64);
+        }
+        self.data_dir_bytes.set(cluster.reader().disk_size() as i64);
+        self.leader_contact
+            .set(cluster.since_leader_contact().unwrap_or(-1.0));
+        self.draining.set(i64::from(cluster.is_draining()));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    cluster: Cluster,
+}
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cluster: Cluster) {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(HttpState { metrics, cluster });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}
+
+async fn render(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(&s.cluster),
+    )
+}
+
+async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.cluster.can_commit() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no leader or not in the majority\n",
+        )
+    }
+}

@@ -1,0 +1,315 @@
+//! One running node: every listener bound, Raft started, workers spawned.
+//! [`Node::start`] returns once the node serves; [`Node::shutdown`] is the
+//! graceful stop of SIGTERM. Nothing here is process-global, so tests run
+//! several nodes in one process.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use skein_delivery::{Deliverer, Timeouts};
+use skein_queue::IdGenerator;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{AdminService, NodeControl};
+use crate::cluster::{Cluster, PeerChannels, RaftService, RequireSecret};
+use crate::config::Config;
+use crate::delivery::{self, DeliveryHandle};
+use crate::metrics::{self, Metrics};
+use crate::smtp::{self, Acceptor, PerClient, SmtpContext};
+use crate::tls::ReloadingCert;
+
+/// How the admin CLI authenticates to this node.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Config,
+    File(std::path::PathBuf),
+}
+
+pub struct Node {
+    cluster: Cluster,
+    metrics: Arc<Metrics>,
+    delivery: DeliveryHandle,
+    shutdown: watch::Sender<bool>,
+    smtp_stop: Arc<watch::Sender<bool>>,
+    smtp_limit: Arc<Semaphore>,
+    max_connections: usize,
+    tasks: JoinSet<()>,
+    pub smtp_addrs: Vec<SocketAddr>,
+    pub submission_addrs: Vec<SocketAddr>,
+    pub cluster_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub admin_token: String,
+    pub token_source: TokenSource,
+}
+
+async fn bind_all(addrs: &[SocketAddr], what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for {what} on {a}"))?,
+        );
+    }
+    Ok(out)
+}
+
+impl Node {
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        // Bind everything first: a port in use fails the start before any
+        // state is touched.
+        let smtp_listeners = bind_all(&config.smtp.listen, "SMTP").await?;
+        let submission_listeners = bind_all(&config.smtp.submission_listen, "submission").await?;
+        let cluster_listener = TcpListener::bind(config.cluster.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen for the cluster on {}", config.cluster.listen)
+            })?;
+        let metrics_listener = TcpListener::bind(config.metrics.listen)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {}", config.metrics.listen))?;
+
+        create_private_dir(&config.data_dir)?;
+        let (admin_token, token_source) = admin_token(&config)?;
+        let stores = skein_queue::open(&config.data_dir)
+            .with_context(|| format!("cannot open the queue in {}", config.data_dir.display()))?;
+
+        // One gRPC message must hold a whole mail (plus envelope) in an entry.
+        let max_grpc = (config.smtp.max_message_size * 2).max(64 << 20);
+        let peers = PeerChannels::new(
+            config.cluster.secret.as_deref(),
+            max_grpc,
+            Some(config.cluster.listen.ip()),
+        )?;
+        let cluster = Cluster::start(&config, stores, peers).await?;
+        let metrics = Arc::new(Metrics::new());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        // SMTP stops on shutdown and on a drain; the rest only on shutdown.
+        let (smtp_stop, smtp_stop_rx) = watch::channel(false);
+        let smtp_stop = Arc::new(smtp_stop);
+        let mut tasks = JoinSet::new();
+
+        let metrics_addr = metrics_listener.local_addr()?;
+        tasks.spawn(metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            cluster.clone(),
+        ));
+
+        let d = &config.delivery;
+        let timeouts = Timeouts {
+            connect: d.connect_timeout,
+            ..d.command_timeout.map(Timeouts::uniform).unwrap_or_default()
+        };
+        let deliverer = Deliverer::new(skein_delivery::DeliveryConfig {
+            helo_name: config.smtp.hostname.clone(),
+            port: d.port,
+            nameservers: d.nameservers.clone(),
+            timeouts,
+        })
+        .context("cannot set up the DNS resolver for delivery")?;
+        let ids = Arc::new(IdGenerator::new(config.node_id));
+        let (dispatcher, delivery) = delivery::start(
+            cluster.clone(),
+            deliverer,
+            d.clone(),
+            metrics.clone(),
+            ids.clone(),
+            config.smtp.hostname.clone(),
+        );
+
+        let cluster_addr = cluster_listener.local_addr()?;
+        let raft_svc = RaftService::server(
+            cluster.clone(),
+            RequireSecret(config.cluster.secret.as_deref().map(Arc::from)),
+            max_grpc,
+        );
+        let control = NodeControl {
+            smtp_stop: smtp_stop.clone(),
+            delivery: delivery.control(),
+        };
+        let admin_svc = AdminService::server(
+            cluster.clone(),
+            control,
+            &admin_token,
+            config.data_dir.clone(),
+            max_grpc,
+        );
+        let mut grpc_shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(raft_svc)
+                .add_service(admin_svc)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(cluster_listener),
+                    async move {
+                        let _ = grpc_shutdown.wait_for(|s| *s).await;
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "cluster gRPC server stopped");
+            }
+        });
+
+        let acceptor = Acceptor::new(
+            cluster.clone(),
+            ids,
+            d.lease.as_millis() as u64,
+            dispatcher,
+            metrics.clone(),
+        );
+        let smtp_config = Arc::new(config.smtp.clone());
+        let smtp_limit = Arc::new(Semaphore::new(config.smtp.max_connections));
+        let clients = Arc::new(PerClient::default());
+        let users = Arc::new(config.smtp.users.clone());
+        let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
+            (Some(cert), Some(key)) => {
+                let cert =
+                    ReloadingCert::load(cert, key).context("smtp.tls_cert / smtp.tls_key")?;
+                let watcher = cert.watch(config.smtp.tls_reload_interval, "SMTP");
+                tasks.spawn(async move {
+                    let _ = watcher.await;
+                });
+                Some(crate::tls::server_acceptor(cert)?)
+            }
+            _ => None,
+        };
+        if !config.smtp.submission_listen.is_empty() && users.is_empty() {
+            tracing::warn!(
+                "submission listeners are on but [smtp.users] is empty: nobody can authenticate"
+            );
+        }
+        let mut smtp_addrs = Vec::new();
+        let mut submission_addrs = Vec::new();
+        for (listeners, require_auth, addrs) in [
+            (smtp_listeners, false, &mut smtp_addrs),
+            (submission_listeners, true, &mut submission_addrs),
+        ] {
+            let ctx = Arc::new(SmtpContext {
+                config: smtp_config.clone(),
+                acceptor: acceptor.clone(),
+                require_auth,
+                tls: tls.clone(),
+                users: users.clone(),
+                shutdown: smtp_stop_rx.clone(),
+                metrics: metrics.clone(),
+                data_dir: config.data_dir.clone(),
+            });
+            for l in listeners {
+                addrs.push(l.local_addr()?);
+                tasks.spawn(smtp::serve(
+                    l,
+                    ctx.clone(),
+                    smtp_limit.clone(),
+                    clients.clone(),
+                ));
+            }
+        }
+
+        Ok(Node {
+            cluster,
+            metrics,
+            delivery,
+            shutdown,
+            smtp_stop,
+            smtp_limit,
+            max_connections: config.smtp.max_connections,
+            tasks,
+            smtp_addrs,
+            submission_addrs,
+            cluster_addr,
+            metrics_addr,
+            admin_token,
+            token_source,
+        })
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The graceful stop: new SMTP sessions get 421, open ones finish their
+    /// transaction, leases are handed back so peers deliver at once, Raft
+    /// stops last.
+    pub async fn shutdown(mut self, grace: Duration) {
+        tracing::info!("shutting down");
+        self.smtp_stop.send_replace(true);
+        self.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        // Deliveries get a short grace: an attempt about to finish saves a
+        // duplicate, but peers must not wait long for the rest.
+        let sessions = async {
+            while self.smtp_limit.available_permits() < self.max_connections
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::join!(self.delivery.drain(grace.min(DELIVERY_GRACE)), sessions);
+        self.delivery.shutdown();
+        self.cluster.shutdown().await;
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("stopped");
+    }
+}
+
+/// How long running delivery attempts may finish at shutdown before their
+/// leases are handed back anyway.
+const DELIVERY_GRACE: Duration = Duration::from_secs(2);
+
+/// The data directory is the queue: readable by this user alone.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The admin token from the config, or one made at first start and kept in
+/// `<data_dir>/admin.token` (mode 0600).
+fn admin_token(config: &Config) -> anyhow::Result<(String, TokenSource)> {
+    if let Some(t) = &config.admin.token {
+        return Ok((t.clone(), TokenSource::Config));
+    }
+    let path = config.data_dir.join("admin.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok((t.trim().to_string(), TokenSource::File(path)));
+        }
+    }
+    use rand::Rng;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok((token, TokenSource::File(path)))
+}

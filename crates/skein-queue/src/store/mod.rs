@@ -1,0 +1,224 @@
+//! sled storage for the Raft log, the vote and the state machine.
+//!
+//! One sled database per node, in `<data_dir>/db`:
+//! - tree `raft_log`: entry index (big endian) → postcard(Entry)
+//!   (large values are stored in 8 KiB chunks, see [`chunked`])
+//! - tree `raft_meta`: `vote`, `last_purged`, `sm_tree` (which state tree is live)
+//! - tree `sm.<gen>`: the state machine. `s` → [`SmHeader`]; `m<id>` → a
+//!   [`crate::Message`]; `b<id>` → the message body. Installing a snapshot
+//!   fills a fresh generation and switches `sm_tree` to it in one write, so a
+//!   crash mid-install leaves the old state whole.
+//!
+//! Snapshots are files in `<data_dir>/snapshots` (see [`snapshot`]).
+
+mod chunked;
+mod log;
+mod sm;
+pub mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use self::log::LogStore;
+pub use self::sm::StateMachineStore;
+use crate::{LogId, Membership, MessageId, QueueState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<postcard::Error> for StoreError {
+    fn from(e: postcard::Error) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+pub(crate) const LOG_TREE: &str = "raft_log";
+pub(crate) const META_TREE: &str = "raft_meta";
+pub(crate) const KEY_VOTE: &[u8] = b"vote";
+pub(crate) const KEY_LAST_PURGED: &[u8] = b"last_purged";
+pub(crate) const KEY_SM_TREE: &[u8] = b"sm_tree";
+pub(crate) const KEY_HEADER: &[u8] = b"s";
+
+/// The state machine's own record of where it is, written with every apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SmHeader {
+    pub applied: Option<LogId>,
+    pub membership: Membership,
+    pub cluster_time: u64,
+}
+
+pub(crate) fn message_key(id: &MessageId) -> [u8; 17] {
+    prefixed(b'm', id)
+}
+
+pub(crate) fn body_key(id: &MessageId) -> [u8; 17] {
+    prefixed(b'b', id)
+}
+
+fn prefixed(p: u8, id: &MessageId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = p;
+    k[1..].copy_from_slice(&id.to_bytes());
+    k
+}
+
+pub(crate) fn id_from_key(k: &[u8]) -> Option<MessageId> {
+    let b: [u8; 16] = k.get(1..17)?.try_into().ok()?;
+    Some(MessageId::from_bytes(b))
+}
+
+/// What the state machine shares with the rest of the node: the queue in
+/// memory, the live state tree (for bodies), and a signal on every apply.
+pub(crate) struct Shared {
+    pub state: RwLock<QueueState>,
+    pub tree: RwLock<sled::Tree>,
+    pub applied: watch::Sender<Option<LogId>>,
+    /// Readers of a consistent view (snapshot builders, backups). While any
+    /// runs, bodies of removed messages stay on disk.
+    pub pins: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A read-only view of the local replica of the queue. Cheap to clone.
+#[derive(Clone)]
+pub struct QueueReader {
+    shared: Arc<Shared>,
+    db: sled::Db,
+}
+
+impl QueueReader {
+    /// Read the queue in memory. Keep the closure short: apply waits for it.
+    pub fn read(&self) -> RwLockReadGuard<'_, QueueState> {
+        self.shared.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A message body from the local replica.
+    pub fn body(&self, id: &MessageId) -> Result<Option<Bytes>, StoreError> {
+        let tree = self
+            .shared
+            .tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(chunked::get(&tree, &body_key(id))?.map(Bytes::from))
+    }
+
+    /// Write a consistent copy of the whole queue to `path`, in the snapshot
+    /// format (see [`snapshot`]), synced to disk. Returns the message count.
+    pub fn backup(&self, path: &Path) -> Result<u64, StoreError> {
+        self.shared
+            .pins
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _pin = sm::Pin(self.shared.pins.clone());
+        let state = self.read().clone();
+        let tree = self
+            .shared
+            .tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let header = snapshot::SnapshotHeader {
+            meta: crate::SnapshotMeta {
+                last_log_id: self.applied(),
+                snapshot_id: "backup".into(),
+                ..Default::default()
+            },
+            cluster_time: state.cluster_time(),
+            messages: state.len() as u64,
+        };
+        let file = std::fs::File::create(path)?;
+        let file = sm::write_queue(std::io::BufWriter::new(file), &header, &state, &tree)?
+            .into_inner()
+            .map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(header.messages)
+    }
+
+    /// Changes whenever entries are applied; carries the last applied log id.
+    pub fn subscribe(&self) -> watch::Receiver<Option<LogId>> {
+        self.shared.applied.subscribe()
+    }
+
+    pub fn applied(&self) -> Option<LogId> {
+        *self.shared.applied.borrow()
+    }
+
+    /// Write everything applied so far to disk (the log store does this for
+    /// every batch of appends; tools that apply directly call it).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn disk_size(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Everything `open` gives a node: the two openraft stores and a reader.
+pub struct Stores {
+    pub log: LogStore,
+    pub state_machine: StateMachineStore,
+    pub reader: QueueReader,
+}
+
+/// Open (or create) the storage of one node under `dir`. Must be called
+/// inside a Tokio runtime: the log store runs its group-commit flusher there.
+pub fn open(dir: &Path) -> Result<Stores, StoreError> {
+    std::fs::create_dir_all(dir)?;
+    let db = open_db(&dir.join("db"))?;
+    let snapshot_dir: PathBuf = dir.join("snapshots");
+    std::fs::create_dir_all(&snapshot_dir)?;
+    let log = LogStore::open(db.clone())?;
+    let (state_machine, shared) = StateMachineStore::open(db.clone(), snapshot_dir)?;
+    let reader = QueueReader { shared, db };
+    Ok(Stores {
+        log,
+        state_machine,
+        reader,
+    })
+}
+
+const CACHE_BYTES: u64 = 64 << 20;
+
+/// Open sled, waiting a little for a previous holder of the same database in
+/// this process (a node restarting in place) to let go of its file lock.
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = sled::Config::new()
+            .path(path)
+            // Flushes are ours: one per batch of appends (group commit), and
+            // before every vote is reported saved.
+            .flush_every_ms(None)
+            // sled caches 1 GiB by default; message bodies are written once
+            // and read once, so a small cache keeps memory bounded whatever
+            // the queue size.
+            .cache_capacity(CACHE_BYTES)
+            .open();
+        match r {
+            // sled reports a held lock only as an I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,442 @@
+//! Storage tests: openraft's conformance suite, restarts, snapshots, and a
+//! model test that mixes random commands with reopening the store.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder, StorageError};
+use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
+use tempfile::TempDir;
+
+use super::*;
+use crate::*;
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(dir.path()).expect("open store");
+        Ok((dir, s.log, s.state_machine))
+    }
+}
+
+#[test]
+fn openraft_storage_conformance_suite() {
+    Suite::test_all(Builder).expect("suite");
+}
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(1, 1), index)
+}
+
+fn entry(index: u64, req: Request) -> Entry {
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(req),
+    }
+}
+
+fn enqueue(id: u128, body: &'static [u8]) -> Request {
+    Request {
+        now: 1000 + id as u64,
+        cmd: Command::Enqueue(NewMessage {
+            id: MessageId(id),
+            sender: ReversePath::Null,
+            recipients: vec![NewRecipient {
+                address: Mailbox::parse("rcpt@example.org").unwrap(),
+                params: RcptParams::default(),
+            }],
+            params: MailParams::default(),
+            body: Bytes::from_static(body),
+            owner: 1,
+            lease_ms: 30_000,
+        }),
+    }
+}
+
+fn deliver(id: u128) -> Request {
+    Request {
+        now: 5000,
+        cmd: Command::Report {
+            notices: vec![],
+            node: 1,
+            outcomes: vec![Outcome {
+                id: MessageId(id),
+                recipients: vec![(
+                    0,
+                    RcptOutcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                )],
+                retry_after_ms: 0,
+            }],
+        },
+    }
+}
+
+/// Appends through the real callback path and waits for the flusher to
+/// report the entries durable.
+async fn append(log: &mut LogStore, entries: Vec<Entry>) {
+    log.blocking_append(entries).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn applied_state_and_bodies_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = open(dir.path()).unwrap();
+        s.state_machine
+            .apply(vec![
+                entry(1, enqueue(1, b"one")),
+                entry(2, enqueue(2, b"two")),
+                entry(3, deliver(1)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(s.reader.read().len(), 1);
+        append(&mut s.log, vec![entry(1, enqueue(1, b"one"))]).await;
+    }
+    let mut s = open(dir.path()).unwrap();
+    let (applied, _) = s.state_machine.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(3)));
+    assert_eq!(s.reader.read().len(), 1);
+    assert_eq!(
+        s.reader.body(&MessageId(2)).unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        s.reader.body(&MessageId(1)).unwrap(),
+        None,
+        "delivered body is gone"
+    );
+    let entries = s.log.try_get_log_entries(1..2).await.unwrap();
+    assert_eq!(entries.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_carries_messages_and_bodies_to_another_store() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = open(a_dir.path()).unwrap();
+    let mut b = open(b_dir.path()).unwrap();
+    a.state_machine
+        .apply(vec![
+            entry(1, enqueue(1, b"first body")),
+            entry(2, enqueue(2, b"second body")),
+        ])
+        .await
+        .unwrap();
+    let mut builder = a.state_machine.get_snapshot_builder().await;
+    // Deleting a message while the builder runs must not take its body away.
+    a.state_machine
+        .apply(vec![entry(3, deliver(1))])
+        .await
+        .unwrap();
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(log_id(2)));
+    // Once no builder runs, the deferred body goes too.
+    a.state_machine
+        .apply(vec![entry(4, deliver(99))])
+        .await
+        .unwrap();
+    assert_eq!(a.reader.body(&MessageId(1)).unwrap(), None);
+
+    let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
+    let mut src = a
+        .state_machine
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::io::copy(&mut src.snapshot, &mut *recv)
+        .await
+        .unwrap();
+    b.state_machine
+        .install_snapshot(&src.meta, recv)
+        .await
+        .unwrap();
+
+    let (applied, _) = b.state_machine.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(2)));
+    assert_eq!(b.reader.read().len(), 2);
+    assert_eq!(
+        b.reader.body(&MessageId(1)).unwrap().as_deref(),
+        Some(&b"first body"[..])
+    );
+    assert_eq!(b.reader.applied(), Some(log_id(2)));
+    // The installed snapshot became b's own current one, and survives reopen.
+    drop(b);
+    let mut b = open(b_dir.path()).unwrap();
+    assert_eq!(b.reader.read().len(), 2);
+    let cur = b
+        .state_machine
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cur.meta.last_log_id, Some(log_id(2)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_snapshot_is_refused_and_the_old_state_kept() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = open(a_dir.path()).unwrap();
+    let mut b = open(b_dir.path()).unwrap();
+    a.state_machine
+        .apply(vec![entry(1, enqueue(1, b"body"))])
+        .await
+        .unwrap();
+    b.state_machine
+        .apply(vec![entry(1, enqueue(7, b"mine"))])
+        .await
+        .unwrap();
+    let snap = a
+        .state_machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let path = a_dir.path().join("snapshots").join("current.snap");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 6] ^= 0xFF;
+    let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *recv, &bytes)
+        .await
+        .unwrap();
+    assert!(b
+        .state_machine
+        .install_snapshot(&snap.meta, recv)
+        .await
+        .is_err());
+    assert!(b.reader.read().get(&MessageId(7)).is_some());
+    drop(b);
+    let b = open(b_dir.path()).unwrap();
+    assert!(b.reader.read().get(&MessageId(7)).is_some());
+}
+
+/// sled-style model test: random commands applied to the store and to a
+/// plain `QueueState`, with reopens mixed in; after each reopen the stored
+/// queue equals the model and every live message has its body.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_commands_with_reopens_match_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores = Some(open(dir.path()).unwrap());
+    let mut model = QueueState::new();
+    let mut bodies: BTreeMap<MessageId, Vec<u8>> = BTreeMap::new();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut index = 0;
+    for step in 0..600 {
+        let r = next();
+        let now = 1000 + step * 250;
+        let req = match r % 6 {
+            0 | 1 => {
+                let id = (next() % 64) as u128;
+                let body = format!("body {id} {step}").into_bytes();
+                if model.get(&MessageId(id)).is_none() {
+                    bodies.insert(MessageId(id), body.clone());
+                }
+                let mut e = enqueue(id, b"");
+                if let Command::Enqueue(m) = &mut e.cmd {
+                    m.body = Bytes::from(body);
+                }
+                Request { now, cmd: e.cmd }
+            }
+            2 => Request {
+                now,
+                cmd: Command::Claim {
+                    node: 1 + next() % 3,
+                    max: 4,
+                    lease_ms: 2000,
+                },
+            },
+            3 => {
+                let ids: Vec<MessageId> = model.messages().map(|m| m.id).take(3).collect();
+                Request {
+                    now,
+                    cmd: Command::Report {
+                        notices: vec![],
+                        node: 1 + next() % 3,
+                        outcomes: ids
+                            .iter()
+                            .map(|id| Outcome {
+                                id: *id,
+                                recipients: vec![(
+                                    0,
+                                    if next() % 2 == 0 {
+                                        RcptOutcome::Delivered {
+                                            reply: "250".into(),
+                                        }
+                                    } else {
+                                        RcptOutcome::Deferred {
+                                            reply: "451".into(),
+                                        }
+                                    },
+                                )],
+                                retry_after_ms: 1000,
+                            })
+                            .collect(),
+                    },
+                }
+            }
+            4 => Request {
+                now,
+                cmd: Command::Admin(AdminCommand::Hold(MessageId((next() % 64) as u128))),
+            },
+            _ => Request {
+                now,
+                cmd: Command::Admin(AdminCommand::RetryNow(None)),
+            },
+        };
+        index += 1;
+        model.apply(&req, &mut crate::state::Touched::default());
+        let s = stores.as_mut().unwrap();
+        s.state_machine
+            .apply(vec![entry(index, req)])
+            .await
+            .unwrap();
+        if next() % 50 == 0 {
+            // Close the database before opening it again.
+            drop(stores.take());
+            stores = Some(open(dir.path()).unwrap());
+            let s = stores.as_ref().unwrap();
+            assert_eq!(*s.reader.read(), model, "after reopen at step {step}");
+            for m in model.messages() {
+                assert_eq!(
+                    s.reader.body(&m.id).unwrap().as_deref(),
+                    Some(&bodies[&m.id][..])
+                );
+            }
+        }
+        for id in bodies.keys().copied().collect::<Vec<_>>() {
+            if model.get(&id).is_none() {
+                bodies.remove(&id);
+            }
+        }
+    }
+}
+
+/// Bodies and log entries larger than a chunk come back whole, in order,
+/// and truncation and purging remove every chunk of an entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_values_are_chunked_and_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut entries = Vec::new();
+    for i in 1..=4u64 {
+        let mut req = enqueue(i as u128, b"");
+        if let Command::Enqueue(m) = &mut req.cmd {
+            m.body = Bytes::from(big[..big.len() - i as usize * 1000].to_vec());
+        }
+        entries.push(entry(i, req));
+    }
+    s.log.blocking_append(entries.clone()).await.unwrap();
+    s.state_machine.apply(entries.clone()).await.unwrap();
+
+    let back = s.log.try_get_log_entries(1..=4).await.unwrap();
+    assert_eq!(back, entries);
+    assert_eq!(
+        s.log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(4))
+    );
+    assert_eq!(
+        s.reader.body(&MessageId(2)).unwrap().unwrap().len(),
+        big.len() - 2000
+    );
+
+    s.log.truncate(log_id(3)).await.unwrap();
+    assert_eq!(
+        s.log.try_get_log_entries(1..10).await.unwrap(),
+        entries[..2]
+    );
+    s.log.purge(log_id(1)).await.unwrap();
+    assert_eq!(
+        s.log.try_get_log_entries(0..10).await.unwrap(),
+        entries[1..2]
+    );
+    assert_eq!(
+        s.log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(2))
+    );
+
+    s.state_machine
+        .apply(vec![entry(5, deliver(2))])
+        .await
+        .unwrap();
+    assert_eq!(s.reader.body(&MessageId(2)).unwrap(), None);
+    assert!(s.reader.body(&MessageId(3)).unwrap().is_some());
+}
+
+/// A backup holds every queued message and body; importing it into a fresh
+/// store queues them again as they were, without their leases.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_and_import_carry_the_queue_over() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = open(a_dir.path()).unwrap();
+    a.state_machine
+        .apply(vec![
+            entry(1, enqueue(1, b"one")),
+            entry(2, enqueue(2, b"two")),
+            entry(3, enqueue(3, b"three")),
+            entry(4, deliver(2)),
+        ])
+        .await
+        .unwrap();
+    let path = a_dir.path().join("backup.snap");
+    assert_eq!(a.reader.backup(&path).unwrap(), 2);
+
+    let mut b = open(b_dir.path()).unwrap();
+    let (_, mut r) = snapshot::SnapshotReader::open(std::io::BufReader::new(
+        std::fs::File::open(&path).unwrap(),
+    ))
+    .unwrap();
+    let mut index = 0;
+    while let Some((m, body)) = r.next_message().unwrap() {
+        index += 1;
+        let cmd = Command::Admin(AdminCommand::Import {
+            message: Box::new(m),
+            body: body.into(),
+        });
+        let out = b
+            .state_machine
+            .apply(vec![entry(
+                index,
+                Request {
+                    now: 9000,
+                    cmd: cmd.clone(),
+                },
+            )])
+            .await
+            .unwrap();
+        assert_eq!(out, vec![Response::Changed(1)]);
+        // Importing twice changes nothing.
+        index += 1;
+        let out = b
+            .state_machine
+            .apply(vec![entry(index, Request { now: 9000, cmd })])
+            .await
+            .unwrap();
+        assert_eq!(out, vec![Response::Changed(0)]);
+    }
+    let (sa, sb) = (a.reader.read().clone(), b.reader.read().clone());
+    assert_eq!(sb.len(), 2);
+    for m in sa.messages() {
+        let n = sb.get(&m.id).unwrap();
+        assert_eq!(n.lease, None);
+        assert_eq!(
+            (&n.recipients, n.attempts, n.next_attempt),
+            (&m.recipients, m.attempts, m.next_attempt)
+        );
+        assert_eq!(b.reader.body(&m.id).unwrap(), a.reader.body(&m.id).unwrap());
+    }
+}

@@ -1,0 +1,242 @@
+//! What the replicated log carries (requests) and what the queue holds (messages).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
+
+use crate::MessageId;
+
+pub type NodeId = u64;
+
+/// Milliseconds since the Unix epoch. Inside the state machine this is always
+/// cluster time: a value that arrived in an entry, never the local clock.
+pub type Millis = u64;
+
+/// One entry of application data in the Raft log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Stamped by the leader when it proposes the entry. The state machine keeps
+    /// `cluster_time = max(cluster_time, now)`, so time only moves forward.
+    pub now: Millis,
+    pub cmd: Command,
+}
+
+// Enqueue carries the message; the other commands are small and rarer.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A message accepted over SMTP, leased to the accepting node in the same entry.
+    Enqueue(NewMessage),
+    /// Lease up to `max` due messages to `node`; apply picks them deterministically.
+    Claim {
+        node: NodeId,
+        max: u32,
+        lease_ms: u64,
+    },
+    /// Extend `node`'s leases on `ids` (the ones it still holds).
+    Renew {
+        node: NodeId,
+        ids: Vec<MessageId>,
+        lease_ms: u64,
+    },
+    /// Hand leases back without an attempt: the mail is due at once for anyone.
+    Release { node: NodeId, ids: Vec<MessageId> },
+    /// Outcomes of delivery attempts, committed in batches, with the
+    /// delivery status notifications they call for: a failure and its
+    /// bounce land in one entry, so a crash never leaves two bounces or none.
+    Report {
+        node: NodeId,
+        outcomes: Vec<Outcome>,
+        notices: Vec<Notice>,
+    },
+    /// Operator actions.
+    Admin(AdminCommand),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    Hold(MessageId),
+    Unhold(MessageId),
+    Delete(MessageId),
+    /// Make deferred mail due now: one message, or all when `None`.
+    RetryNow(Option<MessageId>),
+    /// Queue a message from a backup as it was (without its lease); a
+    /// message already queued is left alone.
+    Import {
+        message: Box<Message>,
+        body: Bytes,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    pub id: MessageId,
+    pub sender: ReversePath,
+    pub recipients: Vec<NewRecipient>,
+    pub params: MailParams,
+    /// The message as it will be sent: Received header prepended, dot-unstuffed.
+    pub body: Bytes,
+    /// The accepting node; it holds the first lease.
+    pub owner: NodeId,
+    pub lease_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewRecipient {
+    pub address: Mailbox,
+    pub params: RcptParams,
+}
+
+/// The result of one delivery attempt of one message by the lease holder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub id: MessageId,
+    /// Per recipient, by index into the message's recipient list.
+    pub recipients: Vec<(u32, RcptOutcome)>,
+    /// When recipients remain pending: how long until the next attempt.
+    pub retry_after_ms: u64,
+}
+
+/// A delivery status notification (RFC 3464) to enqueue, if the report
+/// that carries it really changes what it reports on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The message the notice is about.
+    pub about: MessageId,
+    pub kind: NoticeKind,
+    /// The notice itself, from the null sender to the original sender.
+    pub message: NewMessage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeKind {
+    /// Enqueued only if this report fails a recipient that was pending.
+    Failure,
+    /// Enqueued only once per message (the message remembers).
+    Delay,
+    /// Enqueued only if this report delivers a recipient that was pending
+    /// (NOTIFY=SUCCESS to a server that could not take the DSN on).
+    Relayed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RcptOutcome {
+    Delivered { reply: String },
+    Deferred { reply: String },
+    Failed { reply: String },
+}
+
+/// The answer of the state machine to one entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank or membership entries, and commands with nothing to say.
+    Done,
+    /// `duplicate` when the id was already queued (a retried proposal).
+    Enqueued { duplicate: bool },
+    /// The ids leased (Claim) or still held (Renew).
+    Leased(Vec<MessageId>),
+    /// An admin command named a message that is not queued.
+    NotFound,
+    /// How many messages an admin command changed.
+    Changed(u64),
+    /// The notices a report enqueued (the rest were not called for).
+    Reported(Vec<MessageId>),
+}
+
+/// A queued message as every node's state machine holds it. The body is stored
+/// apart, by id, so that this stays small and can live in memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: MessageId,
+    pub sender: ReversePath,
+    pub recipients: Vec<Recipient>,
+    pub params: MailParams,
+    pub size: u64,
+    /// Cluster time of the Enqueue entry.
+    pub received_at: Millis,
+    pub accepted_by: NodeId,
+    pub attempts: u32,
+    pub next_attempt: Millis,
+    pub last_error: Option<String>,
+    pub lease: Option<Lease>,
+    pub held: bool,
+    /// A delay notice was sent.
+    pub warned: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub node: NodeId,
+    pub until: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub address: Mailbox,
+    pub params: RcptParams,
+    pub state: RcptState,
+    pub last_reply: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RcptState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// How `skeinctl` sorts messages; computed from the message and cluster time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageState {
+    Ready,
+    Leased,
+    Deferred,
+    Held,
+}
+
+impl MessageState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MessageState::Ready => "ready",
+            MessageState::Leased => "leased",
+            MessageState::Deferred => "deferred",
+            MessageState::Held => "held",
+        }
+    }
+}
+
+impl Message {
+    pub fn state(&self, now: Millis) -> MessageState {
+        if self.held {
+            MessageState::Held
+        } else if self.lease.is_some_and(|l| l.until > now) {
+            MessageState::Leased
+        } else if self.next_attempt > now {
+            MessageState::Deferred
+        } else {
+            MessageState::Ready
+        }
+    }
+
+    /// When the message can next be claimed: after its retry time and after any
+    /// lease on it runs out.
+    pub fn due_at(&self) -> Millis {
+        match self.lease {
+            Some(l) => self.next_attempt.max(l.until),
+            None => self.next_attempt,
+        }
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = (usize, &Recipient)> {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RcptState::Pending)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|r| r.state != RcptState::Pending)
+    }
+}

@@ -1,0 +1,247 @@
+//! One sink connection: read bytes, answer every complete command, flush
+//! the answers once the input runs dry (which is what lets a pipelining
+//! client's batch come back as one batch).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use skein_smtp::{
+    discard_line, next_line, parse_command_utf8, Command, DataReader, Line, MailParams, Reply,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{new_reply, Hang, Received, Shared};
+
+/// Longer than RFC 5321's 512 so MAIL with many parameters never trips it;
+/// the sink tests clients, not line limits.
+const MAX_LINE: usize = 4096;
+
+struct Tx {
+    from: String,
+    params: MailParams,
+    rcpts: Vec<String>,
+}
+
+/// What to do after handling some input.
+enum Next {
+    Continue,
+    Close,
+    Hang,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    helo: Option<String>,
+    tx: Option<Tx>,
+    /// Set while a body is being read.
+    data: Option<(DataReader, Vec<u8>)>,
+}
+
+pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let hang = shared.script.hang;
+    if hang == Some(Hang::BeforeGreeting) {
+        return hold(stream).await;
+    }
+    if stream
+        .write_all(&shared.script.greeting.to_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if hang == Some(Hang::AfterGreeting) {
+        return hold(stream).await;
+    }
+    let mut session = Session {
+        shared,
+        helo: None,
+        tx: None,
+        data: None,
+    };
+    let mut input = Vec::with_capacity(8192);
+    let mut output = Vec::new();
+    loop {
+        match stream.read_buf(&mut input).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let next = session.handle(&mut input, &mut output);
+        if !output.is_empty() && stream.write_all(&output).await.is_err() {
+            return;
+        }
+        output.clear();
+        match next {
+            Next::Continue => {}
+            Next::Close => return,
+            Next::Hang => return hold(stream).await,
+        }
+    }
+}
+
+/// Keeps the connection open, saying nothing, until the sink is dropped.
+async fn hold<S>(stream: S) {
+    let _keep = stream;
+    std::future::pending::<()>().await
+}
+
+impl Session {
+    /// Handles everything complete in `input`, leaving a partial line in it.
+    fn handle(&mut self, input: &mut Vec<u8>, output: &mut Vec<u8>) -> Next {
+        let mut pos = 0;
+        let next = loop {
+            if let Some((reader, body)) = &mut self.data {
+                let progress = reader.feed(&input[pos..], body);
+                pos += progress.consumed;
+                if !progress.done {
+                    break Next::Continue;
+                }
+                match self.end_of_data(output) {
+                    Next::Continue => continue,
+                    other => break other,
+                }
+            }
+            match next_line(&input[pos..], MAX_LINE) {
+                Line::Incomplete => break Next::Continue,
+                Line::TooLong => {
+                    let Some(skip) = discard_line(&input[pos..]) else {
+                        // Drop what we have; the rest of the line follows.
+                        pos = input.len();
+                        break Next::Continue;
+                    };
+                    pos += skip;
+                    new_reply(500, (5, 5, 2), "Line too long").encode(output);
+                }
+                Line::Complete { len, consumed, .. } => {
+                    let line = input[pos..pos + len].to_vec();
+                    pos += consumed;
+                    let code = self.command(&line, output);
+                    if code == 221 || code == 421 {
+                        break Next::Close;
+                    }
+                }
+            }
+        };
+        input.drain(..pos);
+        next
+    }
+
+    /// Answers one command line; returns the reply code sent.
+    fn command(&mut self, line: &[u8], output: &mut Vec<u8>) -> u16 {
+        let text = String::from_utf8_lossy(line).into_owned();
+        tracing::debug!(command = %text, "sink received");
+        self.shared.record().commands.push(text);
+        let script = &self.shared.script;
+        // UTF-8 addresses are allowed in a transaction opened with SMTPUTF8.
+        let utf8 = self.tx.as_ref().is_some_and(|t| t.params.smtputf8);
+        let answer = match parse_command_utf8(line, utf8) {
+            Err(e) => e.reply(),
+            Ok(Command::Ehlo(domain)) => {
+                self.tx = None;
+                let answer = script.ehlo_reply.clone().unwrap_or_else(|| {
+                    let mut lines = vec![format!("sink.test greets {domain}")];
+                    lines.extend(script.ehlo_extensions.iter().cloned());
+                    Reply::with_lines(250, None, lines)
+                });
+                if answer.is_success() {
+                    self.helo = Some(domain);
+                }
+                answer
+            }
+            Ok(Command::Helo(domain)) => {
+                self.tx = None;
+                self.helo = Some(domain);
+                Reply::new(250, None, "sink.test")
+            }
+            Ok(Command::Mail { from, params }) => {
+                if self.helo.is_none() {
+                    new_reply(503, (5, 5, 1), "Send EHLO first")
+                } else if self.tx.is_some() {
+                    new_reply(503, (5, 5, 1), "Nested MAIL command")
+                } else {
+                    let from = from.to_string();
+                    let answer = (script.on_mail)(&from);
+                    if answer.is_success() {
+                        self.tx = Some(Tx {
+                            from,
+                            params,
+                            rcpts: Vec::new(),
+                        });
+                    }
+                    answer
+                }
+            }
+            Ok(Command::Rcpt { to, .. }) => match &mut self.tx {
+                None => new_reply(503, (5, 5, 1), "Need MAIL first"),
+                Some(tx) => {
+                    let to = to.to_string();
+                    let answer = (script.on_rcpt)(&to);
+                    if answer.is_success() {
+                        tx.rcpts.push(to);
+                    }
+                    answer
+                }
+            },
+            Ok(Command::Data) => match &self.tx {
+                None => new_reply(503, (5, 5, 1), "Need MAIL first"),
+                Some(tx) if tx.rcpts.is_empty() => new_reply(554, (5, 5, 1), "No valid recipients"),
+                Some(_) => {
+                    let count = self.shared.bodies.load(Ordering::SeqCst);
+                    let answer = (script.on_data_command)(count);
+                    if answer.code == 354 {
+                        self.data = Some((DataReader::new(script.max_message_size), Vec::new()));
+                    } else {
+                        self.tx = None;
+                    }
+                    answer
+                }
+            },
+            Ok(Command::Rset) => {
+                self.tx = None;
+                new_reply(250, (2, 0, 0), "Ok")
+            }
+            Ok(Command::Noop) => new_reply(250, (2, 0, 0), "Ok"),
+            Ok(Command::Quit) => new_reply(221, (2, 0, 0), "Bye"),
+            Ok(Command::Vrfy(_)) => new_reply(252, (2, 5, 2), "Cannot VRFY"),
+            Ok(_) => new_reply(502, (5, 5, 1), "Command not implemented"),
+        };
+        answer.encode(output);
+        answer.code
+    }
+
+    /// The body is complete: pick the final reply and record on 2xx.
+    fn end_of_data(&mut self, output: &mut Vec<u8>) -> Next {
+        let Some((reader, body)) = self.data.take() else {
+            return Next::Continue;
+        };
+        let Some(tx) = self.tx.take() else {
+            return Next::Continue;
+        };
+        let count = self.shared.bodies.fetch_add(1, Ordering::SeqCst);
+        if self.shared.script.hang == Some(Hang::AfterData) {
+            return Next::Hang;
+        }
+        let answer = if reader.exceeded() {
+            new_reply(552, (5, 3, 4), "Message too big")
+        } else {
+            (self.shared.script.on_data)(count)
+        };
+        if answer.is_success() {
+            self.shared.record().messages.push(Received {
+                helo: self.helo.clone().unwrap_or_default(),
+                mail_from: tx.from,
+                mail_params: tx.params,
+                rcpt_to: tx.rcpts,
+                data: body,
+            });
+        }
+        answer.encode(output);
+        if answer.code == 421 {
+            Next::Close
+        } else {
+            Next::Continue
+        }
+    }
+}

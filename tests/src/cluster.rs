@@ -1,0 +1,195 @@
+//! Several nodes on distinct addresses behind a [`Fabric`]: node `i` has
+//! its SMTP port and advertised cluster address (a fabric proxy) on
+//! 127.P.0.i, its real cluster listener on 127.P.1.i, where P is the
+//! plan's own number.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use skein_proto::v1::admin_client::AdminClient;
+use skein_proto::v1::{
+    AddNodeRequest, DrainReply, DrainRequest, RemoveNodeRequest, StatusReply, StatusRequest,
+};
+
+use crate::config::{free_addr, TestConfig, TOKEN};
+use crate::fabric::Fabric;
+
+pub struct ClusterPlan {
+    pub dir: tempfile::TempDir,
+    pub fabric: Fabric,
+    pub configs: Vec<TestConfig>,
+    octet: u8,
+    dns: SocketAddr,
+    mx_port: u16,
+}
+
+/// Each plan in a test process gets addresses of its own (127.P.a.b), so
+/// tests running side by side never race for the same address and port.
+fn ip(plan: u8, a: u8, b: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, plan, a, b))
+}
+
+fn next_plan() -> u8 {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    10 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 200
+}
+
+impl ClusterPlan {
+    /// Plan `n` voters; `tweak` adjusts every node's config (timings).
+    pub async fn new(
+        n: u64,
+        dns: SocketAddr,
+        mx_port: u16,
+        tweak: impl Fn(&mut TestConfig),
+    ) -> anyhow::Result<Self> {
+        let mut plan = ClusterPlan {
+            dir: tempfile::tempdir()?,
+            fabric: Fabric::new(),
+            configs: Vec::new(),
+            octet: next_plan(),
+            dns,
+            mx_port,
+        };
+        for id in 1..=n {
+            let c = plan.node_config(id, &tweak).await?;
+            plan.configs.push(c);
+        }
+        let peers: Vec<(u64, SocketAddr)> = plan
+            .configs
+            .iter()
+            .map(|c| (c.node_id, c.admin_addr()))
+            .collect();
+        for c in &mut plan.configs {
+            c.peers = peers.clone();
+        }
+        Ok(plan)
+    }
+
+    async fn node_config(
+        &self,
+        id: u64,
+        tweak: &impl Fn(&mut TestConfig),
+    ) -> anyhow::Result<TestConfig> {
+        let (pub_ip, real_ip) = (ip(self.octet, 0, id as u8), ip(self.octet, 1, id as u8));
+        let mut c = TestConfig::new(
+            id,
+            self.dir.path().join(format!("node{id}")),
+            self.dns,
+            self.mx_port,
+        );
+        c.smtp = free_addr(pub_ip);
+        c.metrics = free_addr(pub_ip);
+        c.cluster = free_addr(real_ip);
+        c.advertise = Some(free_addr(pub_ip));
+        tweak(&mut c);
+        self.fabric
+            .add_node(id, real_ip, c.advertise.unwrap(), c.cluster)
+            .await
+            .context("fabric proxy")?;
+        Ok(c)
+    }
+
+    /// A node that is not among the initial voters; it joins with AddNode.
+    pub async fn joining_node(
+        &mut self,
+        id: u64,
+        tweak: impl Fn(&mut TestConfig),
+    ) -> anyhow::Result<TestConfig> {
+        let mut c = self.node_config(id, &tweak).await?;
+        c.peers = self.configs[0].peers.clone();
+        self.configs.push(c.clone());
+        Ok(c)
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.configs.iter().map(|c| c.node_id).collect()
+    }
+
+    pub fn config(&self, id: u64) -> &TestConfig {
+        self.configs
+            .iter()
+            .find(|c| c.node_id == id)
+            .expect("node in plan")
+    }
+}
+
+async fn admin(addr: SocketAddr) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await?;
+    Ok(AdminClient::new(ch))
+}
+
+fn authed<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        skein_proto::AUTH_HEADER,
+        format!("Bearer {TOKEN}").parse().unwrap(),
+    );
+    r
+}
+
+/// A node's status through its admin API.
+pub async fn status(addr: SocketAddr) -> anyhow::Result<StatusReply> {
+    Ok(admin(addr)
+        .await?
+        .status(authed(StatusRequest {}))
+        .await?
+        .into_inner())
+}
+
+/// Ask the node at `via` to add node `id` at `addr`.
+pub async fn add_node(via: SocketAddr, id: u64, addr: SocketAddr) -> anyhow::Result<Vec<u64>> {
+    let r = admin(via)
+        .await?
+        .add_node(authed(AddNodeRequest {
+            id,
+            addr: addr.to_string(),
+        }))
+        .await?;
+    Ok(r.into_inner().voters)
+}
+
+/// Ask the node at `via` to remove node `id` from the voters.
+pub async fn remove_node(via: SocketAddr, id: u64) -> anyhow::Result<Vec<u64>> {
+    let r = admin(via)
+        .await?
+        .remove_node(authed(RemoveNodeRequest { id }))
+        .await?;
+    Ok(r.into_inner().voters)
+}
+
+/// Drain the node at `addr`.
+pub async fn drain(addr: SocketAddr) -> anyhow::Result<DrainReply> {
+    Ok(admin(addr)
+        .await?
+        .drain(authed(DrainRequest {}))
+        .await?
+        .into_inner())
+}
+
+/// The leader as the given nodes see it, once they agree on one.
+pub async fn wait_for_leader(admins: &[SocketAddr], timeout: Duration) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut seen = Vec::new();
+        for a in admins {
+            if let Ok(s) = status(*a).await {
+                seen.push(s.leader);
+            }
+        }
+        if let Some(&l) = seen.first() {
+            if l != 0 && seen.len() == admins.len() && seen.iter().all(|&x| x == l) {
+                return Ok(l);
+            }
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no agreed leader among {admins:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,129 @@
+//! A network between test nodes that the test can cut.
+//!
+//! Every node's advertised cluster address is a proxy in front of its real
+//! listener. Nodes dial peers from their own listener's IP, so a proxy knows
+//! which node is calling. A blocked direction drops bytes silently, like a
+//! firewall DROP rule: connections stay open and go quiet, and only Raft's
+//! own timeouts notice.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+#[derive(Clone, Default)]
+pub struct Fabric {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Source IP of each node's outgoing connections.
+    sources: Mutex<HashMap<IpAddr, u64>>,
+    /// (from, to): bytes from `from` to `to` are dropped.
+    blocked: Mutex<HashSet<(u64, u64)>>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Fabric {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Put a proxy for `node` at `public`, forwarding to `real`; connections
+    /// from `source` are that node's own.
+    pub async fn add_node(
+        &self,
+        node: u64,
+        source: IpAddr,
+        public: SocketAddr,
+        real: SocketAddr,
+    ) -> anyhow::Result<()> {
+        self.inner.sources.lock().unwrap().insert(source, node);
+        let listener = TcpListener::bind(public).await?;
+        let inner = self.inner.clone();
+        self.inner.tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((conn, peer)) = listener.accept().await else {
+                    return;
+                };
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    let from = inner.sources.lock().unwrap().get(&peer.ip()).copied();
+                    let Ok(upstream) = TcpStream::connect(real).await else {
+                        return;
+                    };
+                    let _ = conn.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    let (cr, cw) = conn.into_split();
+                    let (ur, uw) = upstream.into_split();
+                    // Requests flow from the caller to `node`, replies back.
+                    let a = pump(inner.clone(), from, Some(node), cr, uw);
+                    let b = pump(inner, Some(node), from, ur, cw);
+                    tokio::join!(a, b);
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn set(&self, pairs: impl IntoIterator<Item = (u64, u64)>, blocked: bool) {
+        let mut b = self.inner.blocked.lock().unwrap();
+        for p in pairs {
+            if blocked {
+                b.insert(p);
+            } else {
+                b.remove(&p);
+            }
+        }
+    }
+
+    /// Cut `node` off from every other node, both ways.
+    pub fn isolate(&self, node: u64, all: &[u64]) {
+        let pairs: Vec<_> = all
+            .iter()
+            .filter(|&&o| o != node)
+            .flat_map(|&o| [(node, o), (o, node)])
+            .collect();
+        self.set(pairs, true);
+    }
+
+    /// Drop what `from` sends to `to` (one direction only).
+    pub fn block(&self, from: u64, to: u64) {
+        self.set([(from, to)], true);
+    }
+
+    pub fn heal(&self) {
+        self.inner.blocked.lock().unwrap().clear();
+    }
+}
+
+async fn pump(
+    inner: Arc<Inner>,
+    from: Option<u64>,
+    to: Option<u64>,
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = w.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        let dropped = match (from, to) {
+            (Some(f), Some(t)) => inner.blocked.lock().unwrap().contains(&(f, t)),
+            // Callers that are not nodes (the test itself) are never cut.
+            _ => false,
+        };
+        if !dropped && w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

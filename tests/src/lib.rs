@@ -1,0 +1,18 @@
+//! The harness for whole-system tests: nodes in process and as real
+//! `skeind` processes, several nodes on distinct addresses behind a network
+//! the test can cut, a small SMTP client, and configs with test timings.
+//! The fake peers (DNS server, recording MTA) come from `skein-testkit`.
+
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod fabric;
+pub mod mail;
+pub mod process;
+pub mod tls;
+
+pub use client::{send, Submission};
+pub use cluster::{add_node, drain, status, wait_for_leader, ClusterPlan};
+pub use config::{free_addr, free_port, TestConfig, TOKEN};
+pub use fabric::Fabric;
+pub use process::ProcessNode;

@@ -1,0 +1,143 @@
+//! `skeind` as a real process: started from the built binary, killed with
+//! SIGKILL or stopped with SIGTERM, restarted on the same data.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::config::TestConfig;
+
+/// The path of the node binary, for integration tests of this package:
+/// `skeind-under-test`, this package's own build of skeind, so that
+/// `cargo test -p skein-tests` always runs the current code.
+#[macro_export]
+macro_rules! skeind {
+    () => {
+        env!("CARGO_BIN_EXE_skeind-under-test")
+    };
+}
+
+pub struct ProcessNode {
+    pub config: TestConfig,
+    binary: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl ProcessNode {
+    /// Write the config next to the data directory and start `binary` on it
+    /// (pass `skeind!()`).
+    pub fn start(binary: &str, config: TestConfig) -> anyhow::Result<ProcessNode> {
+        let base = config
+            .data_dir
+            .parent()
+            .context("data_dir has a parent")?
+            .to_path_buf();
+        let config_path = base.join(format!("node{}.toml", config.node_id));
+        let log_path = base.join(format!("node{}.log", config.node_id));
+        std::fs::write(&config_path, config.toml())?;
+        let mut n = ProcessNode {
+            config,
+            binary: binary.into(),
+            config_path,
+            log_path,
+            child: None,
+        };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(&self.binary)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("SKEIN_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn skeind")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Wait until the node answers SMTP with a 220.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let addr = self.config.smtp;
+        let ok = skein_testkit::wait_until(tokio::time::Instant::now() + timeout, || async move {
+            let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return false };
+            let mut buf = [0u8; 3];
+            use tokio::io::AsyncReadExt;
+            matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_)) if &buf == b"220")
+        })
+        .await;
+        if !ok {
+            bail!(
+                "node {} not ready in {timeout:?}; log:\n{}",
+                self.config.node_id,
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take().context("not running")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("node did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        self.spawn()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
