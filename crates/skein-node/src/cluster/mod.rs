@@ -299,7 +299,12 @@ impl Cluster {
             Some(l) if l == self.inner.id => m
                 .millis_since_quorum_ack
                 .is_some_and(|ms| ms < self.inner.commit_timeout.as_millis() as u64),
-            Some(_) => true,
+            // A follower forwards to the leader it names, but after a restart
+            // that name comes from the persisted vote alone: only recent
+            // contact shows the leader is really there.
+            Some(_) => self
+                .since_leader_contact()
+                .is_some_and(|s| s < self.inner.commit_timeout.as_secs_f64()),
         }
     }
 
