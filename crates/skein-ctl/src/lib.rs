@@ -1,5 +1,364 @@
 //! `skeinctl`, the admin CLI of a Skein cluster.
 //!
-//! The admin API it talks to (status, queue inspection and steering,
-//! membership, drain, backup over gRPC on the cluster port) arrives with the
-//! operations work; until then the binary says so and exits 1.
+//! It talks to any node's admin API (gRPC on the cluster port, see
+//! `proto/skein/v1/admin.proto`) with the admin token; the node forwards to
+//! the leader where a change must be made there. Output is a readable table
+//! by default and JSON with `--json`.
+//!
+//! Exit codes: 0 done; 1 the operation failed; 2 usage error; 3 the node is
+//! unreachable or refused the token.
+
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use skein_proto::v1::admin_client::AdminClient;
+use skein_proto::v1::{
+    AddNodeRequest, BackupChunk, BackupRequest, DrainRequest, ListQueueRequest, MessageRequest,
+    RemoveNodeRequest, RetryRequest, StatusRequest,
+};
+use tokio::io::AsyncWriteExt;
+use tonic::transport::Channel;
+
+/// Operate a Skein cluster: status, queue, membership, drain, backup.
+#[derive(Debug, Parser)]
+#[command(name = "skeinctl", version)]
+pub struct Cli {
+    /// The node to talk to (its cluster port). Any node answers any command.
+    #[arg(long, global = true, env = "SKEIN_NODE", default_value = "127.0.0.1:7100")]
+    pub node: String,
+    /// The cluster's admin token.
+    #[arg(long, global = true, env = "SKEIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// How long to wait for the node to answer a call.
+    #[arg(long, global = true, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Leader, term, every node and the queue at a glance.
+    Status,
+    /// Inspect and steer queued mail.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Change the cluster's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Act on the node this command talks to.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Write a consistent snapshot of the whole queue to FILE.
+    Backup { file: PathBuf },
+    /// Queue every message of a backup FILE into this cluster (ids are kept;
+    /// messages already present are left alone).
+    Restore { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Queued messages.
+    List {
+        /// ready, leased, deferred, held or all.
+        #[arg(long, default_value = "all")]
+        state: String,
+        /// Only messages with a pending recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// At most this many messages.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// One message: envelope, size, per-recipient state, attempts, last error.
+    Show { id: String },
+    /// Make deferred mail due now.
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every deferred message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop delivery of a message.
+    Hold { id: String },
+    /// Resume delivery of a held message.
+    Release { id: String },
+    /// Remove a message without bouncing it.
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Add a node: a learner first, a voter once it has caught up.
+    AddNode {
+        id: u64,
+        /// host:port where the cluster reaches the node.
+        addr: String,
+    },
+    /// Remove a node from the voters and the cluster.
+    RemoveNode { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Stop accepting, hand back leases and give up leadership.
+    Drain,
+}
+
+/// What went wrong, and so which exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// The node could not be reached or refused the token: exit 3.
+    Unreachable(String),
+    /// The operation failed: exit 1.
+    Failed(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Unreachable(_) => 3,
+            Failure::Failed(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unreachable(m) | Failure::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+fn from_status(node: &str, s: tonic::Status) -> Failure {
+    use tonic::Code;
+    match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied => Failure::Unreachable(format!(
+            "{node} refused the admin token ({}); pass --token or set SKEIN_TOKEN",
+            s.message()
+        )),
+        // A transport failure (the connection broke) carries its cause; an
+        // Unavailable the node itself sent (no quorum) does not.
+        Code::Unavailable if std::error::Error::source(&s).is_some() => {
+            Failure::Unreachable(format!("{node} is unreachable: {}", s.message()))
+        }
+        _ => Failure::Failed(s.message().to_string()),
+    }
+}
+
+/// Run `skeinctl` with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("skeinctl: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::stdout();
+    match rt.block_on(run(cli, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("skeinctl: {f}");
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+struct Admin {
+    client: AdminClient<Channel>,
+    node: String,
+    token: Option<String>,
+}
+
+impl Admin {
+    async fn connect(cli: &Cli) -> Result<Admin, Failure> {
+        let uri = format!("http://{}", cli.node);
+        let endpoint = Channel::from_shared(uri)
+            .map_err(|e| Failure::Failed(format!("--node {:?}: {e}", cli.node)))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(cli.timeout);
+        let channel = endpoint.connect().await.map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| e.to_string());
+            Failure::Unreachable(format!("{} is unreachable: {cause}", cli.node))
+        })?;
+        Ok(Admin {
+            client: AdminClient::new(channel)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+            node: cli.node.clone(),
+            token: cli.token.clone(),
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Failure::Failed("the token is not a valid header value".into()))?;
+            r.metadata_mut().insert(skein_proto::AUTH_HEADER, v);
+        }
+        Ok(r)
+    }
+
+    fn fail(&self, s: tonic::Status) -> Failure {
+        from_status(&self.node, s)
+    }
+}
+
+fn io_failed(what: &str, e: std::io::Error) -> Failure {
+    Failure::Failed(format!("{what}: {e}"))
+}
+
+/// Run one command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> {
+    let mut a = Admin::connect(&cli).await?;
+    let json = cli.json;
+    let text = match cli.command {
+        Command::Status => {
+            let r = a.request(StatusRequest {})?;
+            let s = a.client.status(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::status(&s, json)
+        }
+        Command::Queue(QueueCommand::List { state, domain, limit }) => {
+            let r = a.request(ListQueueRequest {
+                state,
+                domain: domain.unwrap_or_default(),
+                limit: limit.unwrap_or(0),
+            })?;
+            let l = a.client.list_queue(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::queue_list(&l.messages, json)
+        }
+        Command::Queue(QueueCommand::Show { id }) => {
+            let r = a.request(MessageRequest { id })?;
+            let m = a.client.show_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::message(&m, json)
+        }
+        Command::Queue(QueueCommand::Retry { id, all: _ }) => {
+            let r = a.request(RetryRequest {
+                id: id.unwrap_or_default(),
+            })?;
+            let c = a.client.retry_messages(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::changed("made due now", c.changed, json)
+        }
+        Command::Queue(QueueCommand::Hold { id }) => {
+            let r = a.request(MessageRequest { id })?;
+            let c = a.client.hold_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::changed("held", c.changed, json)
+        }
+        Command::Queue(QueueCommand::Release { id }) => {
+            let r = a.request(MessageRequest { id })?;
+            let c = a.client.release_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::changed("released", c.changed, json)
+        }
+        Command::Queue(QueueCommand::Delete { id }) => {
+            let r = a.request(MessageRequest { id })?;
+            let c = a.client.delete_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::changed("deleted", c.changed, json)
+        }
+        Command::Cluster(ClusterCommand::AddNode { id, addr }) => {
+            let r = a.request(AddNodeRequest { id, addr })?;
+            let m = a.client.add_node(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::membership(&m, json)
+        }
+        Command::Cluster(ClusterCommand::RemoveNode { id }) => {
+            let r = a.request(RemoveNodeRequest { id })?;
+            let m = a.client.remove_node(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::membership(&m, json)
+        }
+        Command::Node(NodeCommand::Drain) => {
+            let r = a.request(DrainRequest {})?;
+            let d = a.client.drain(r).await.map_err(|e| a.fail(e))?.into_inner();
+            render::drain(&d, json)
+        }
+        Command::Backup { file } => {
+            let bytes = backup(&mut a, &file).await?;
+            render::backup(&file, bytes, json)
+        }
+        Command::Restore { file } => {
+            let f = tokio::fs::File::open(&file)
+                .await
+                .map_err(|e| io_failed(&file.display().to_string(), e))?;
+            let read_error = std::sync::Arc::default();
+            let r = a.request(file_chunks(f, std::sync::Arc::clone(&read_error)))?;
+            let reply = a.client.restore(r).await;
+            if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(io_failed(&file.display().to_string(), e));
+            }
+            let reply = reply.map_err(|e| a.fail(e))?.into_inner();
+            render::restore(&reply, json)
+        }
+    };
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| io_failed("stdout", e))
+}
+
+/// Stream the backup into `FILE.partial`, fsync it, then rename it into
+/// place: FILE is either absent or a whole backup.
+async fn backup(a: &mut Admin, file: &std::path::Path) -> Result<u64, Failure> {
+    use futures::StreamExt;
+    let r = a.request(BackupRequest {})?;
+    let mut stream = a.client.backup(r).await.map_err(|e| a.fail(e))?.into_inner();
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let name = partial.display().to_string();
+    let mut f = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|e| io_failed(&name, e))?;
+    let mut total = 0u64;
+    let result = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| a.fail(e))?;
+            total += chunk.data.len() as u64;
+            f.write_all(&chunk.data).await.map_err(|e| io_failed(&name, e))?;
+        }
+        f.sync_all().await.map_err(|e| io_failed(&name, e))?;
+        tokio::fs::rename(&partial, file)
+            .await
+            .map_err(|e| io_failed(&file.display().to_string(), e))
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&partial).await;
+    }
+    result.map(|()| total)
+}
+
+/// A file as a stream of 1 MiB backup chunks. A read error ends the stream
+/// and is left in `error` for the caller to report.
+fn file_chunks(
+    f: tokio::fs::File,
+    error: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
+) -> impl futures::Stream<Item = BackupChunk> + Send + 'static {
+    futures::stream::unfold(Some(f), move |f| {
+        let error = error.clone();
+        async move {
+            use tokio::io::AsyncReadExt;
+            let mut f = f?;
+            let mut buf = Vec::with_capacity(1 << 20);
+            match (&mut f).take(1 << 20).read_to_end(&mut buf).await {
+                Ok(0) => None,
+                Ok(_) => Some((BackupChunk { data: buf.into() }, Some(f))),
+                Err(e) => {
+                    *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    None
+                }
+            }
+        }
+    })
+}

@@ -1,10 +1,5 @@
-//! `skeinctl`: see the crate documentation.
+//! `skeinctl`: see the `skein_ctl` crate documentation.
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    eprintln!(
-        "skeinctl: the admin API is not in this build yet; watch the node's log and /metrics"
-    );
-    ExitCode::from(1)
+fn main() -> std::process::ExitCode {
+    skein_ctl::main()
 }

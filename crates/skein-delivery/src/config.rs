@@ -3,6 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use rustls_pki_types::CertificateDer;
+
+use crate::tls::TlsPolicy;
+
 /// Settings for outbound delivery, shared by every job.
 #[derive(Clone, Debug)]
 pub struct DeliveryConfig {
@@ -15,17 +19,105 @@ pub struct DeliveryConfig {
     /// `Some`: exactly these servers, over UDP with TCP fallback.
     pub nameservers: Option<Vec<SocketAddr>>,
     pub timeouts: Timeouts,
+    /// TLS for delivery to MX hosts (routes have their own).
+    pub tls: TlsPolicy,
+    /// CA certificates trusted under `verify` besides the Mozilla roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Relays that replace the MX lookup for some domains.
+    pub routes: Vec<Route>,
+    /// Connections (and so deliveries) one node opens to one destination at
+    /// once: a domain's MX hosts, or a relay.
+    pub concurrency_per_destination: usize,
+    /// How long an idle connection is kept for the next message to the same
+    /// destination; zero turns reuse off.
+    pub connection_reuse: Duration,
 }
 
 impl DeliveryConfig {
-    /// Port 25, the system resolver and RFC 5321 timeouts.
+    /// Port 25, the system resolver, RFC 5321 timeouts, opportunistic TLS,
+    /// 20 connections per destination kept idle for 5 s.
     pub fn new(helo_name: impl Into<String>) -> Self {
         DeliveryConfig {
             helo_name: helo_name.into(),
             port: 25,
             nameservers: None,
             timeouts: Timeouts::default(),
+            tls: TlsPolicy::May,
+            extra_roots: Vec::new(),
+            routes: Vec::new(),
+            concurrency_per_destination: 20,
+            connection_reuse: Duration::from_secs(5),
         }
+    }
+
+    /// The route for `domain`: an exact match first, then `*`.
+    pub fn route_for(&self, domain: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.domain.eq_ignore_ascii_case(domain))
+            .or_else(|| self.routes.iter().find(|r| r.domain == "*"))
+    }
+}
+
+/// `[[route]]`: mail for `domain` goes to `relay` instead of the domain's MX.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// A lowercase domain, or `*` for every domain without its own route.
+    pub domain: String,
+    pub relay: Relay,
+    pub tls: TlsPolicy,
+    /// AUTH PLAIN with these, after STARTTLS (smarthosts).
+    pub auth: Option<Credentials>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Relay {
+    /// A smarthost speaking SMTP.
+    Smtp { host: String, port: u16 },
+    /// A mailbox store speaking LMTP (RFC 2033): a reply per recipient.
+    Lmtp { host: String, port: u16 },
+}
+
+impl Relay {
+    pub fn host(&self) -> &str {
+        match self {
+            Relay::Smtp { host, .. } | Relay::Lmtp { host, .. } => host,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Relay::Smtp { port, .. } | Relay::Lmtp { port, .. } => *port,
+        }
+    }
+
+    pub fn is_lmtp(&self) -> bool {
+        matches!(self, Relay::Lmtp { .. })
+    }
+}
+
+impl std::fmt::Display for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Relay::Smtp { host, port } => write!(f, "smtp://{host}:{port}"),
+            Relay::Lmtp { host, port } => write!(f, "lmtp://{host}:{port}"),
+        }
+    }
+}
+
+/// A user name and password for AUTH PLAIN. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"…")
+            .finish()
     }
 }
 

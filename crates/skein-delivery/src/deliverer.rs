@@ -1,9 +1,12 @@
-//! [`Deliverer`]: resolve the route, then try each host and address in
-//! order until one session gives every recipient a result.
+//! [`Deliverer`]: pick the destination (a route's relay or the domain's
+//! MX hosts), take a slot within its concurrency limit, reuse an idle
+//! connection or try each host and address in order until one session
+//! gives every recipient a result.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
@@ -13,18 +16,20 @@ use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
-use crate::config::DeliveryConfig;
+use crate::config::{Credentials, DeliveryConfig, Route as RouteConfig};
+use crate::conn::{Conn, Pool};
 use crate::error::DeliveryError;
 use crate::job::{Job, RcptResult};
-use crate::route::{host_addrs, route, Route};
-use crate::session::Session;
-use crate::transaction::{deliver_on, HostOutcome};
+use crate::route::{host_addrs, route, Host, Route};
+use crate::tls::{TlsClients, TlsPolicy};
+use crate::transaction::{open, reset, transact, After, Dial, HostOutcome, OpenError};
 
 /// Responses kept by the resolver's cache. Small: MX answers are cheap to
 /// ask again, and TTLs are honoured anyway.
 const DNS_CACHE: u64 = 1024;
 
-/// Delivers jobs. Cheap to clone: clones share one resolver.
+/// Delivers jobs. Cheap to clone: clones share one resolver, one TLS
+/// configuration and one connection pool.
 #[derive(Clone)]
 pub struct Deliverer {
     inner: Arc<Inner>,
@@ -33,6 +38,8 @@ pub struct Deliverer {
 struct Inner {
     cfg: DeliveryConfig,
     resolver: TokioResolver,
+    tls: TlsClients,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -43,16 +50,43 @@ impl std::fmt::Debug for Deliverer {
     }
 }
 
+/// Where one job goes.
+struct Destination<'a> {
+    /// The pool and concurrency key: `mx:DOMAIN` or the relay URL.
+    key: String,
+    relay: Option<&'a RouteConfig>,
+    policy: TlsPolicy,
+    auth: Option<&'a Credentials>,
+    lmtp: bool,
+    port: u16,
+}
+
 impl Deliverer {
+    /// Builds the resolver and TLS configurations. Inside a tokio runtime it
+    /// also starts the task that closes idle connections.
     pub fn new(cfg: DeliveryConfig) -> Result<Self, DeliveryError> {
         let resolver = build_resolver(&cfg)?;
-        Ok(Deliverer {
-            inner: Arc::new(Inner { cfg, resolver }),
-        })
+        let tls = TlsClients::new(&cfg.extra_roots).map_err(DeliveryError::Tls)?;
+        let pool = Pool::new(cfg.concurrency_per_destination, cfg.connection_reuse);
+        let inner = Arc::new(Inner {
+            cfg,
+            resolver,
+            tls,
+            pool,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&inner)));
+        }
+        Ok(Deliverer { inner })
     }
 
     pub fn config(&self) -> &DeliveryConfig {
         &self.inner.cfg
+    }
+
+    /// Idle connections kept for reuse right now.
+    pub fn idle_connections(&self) -> usize {
+        self.inner.pool.idle_count()
     }
 
     /// Delivers one message to the recipients of one domain. Never panics;
@@ -67,30 +101,71 @@ impl Deliverer {
         self.run(job).instrument(span).await
     }
 
+    fn destination<'a>(&'a self, domain: &str) -> Destination<'a> {
+        let cfg = &self.inner.cfg;
+        match cfg.route_for(domain) {
+            Some(r) => Destination {
+                key: r.relay.to_string(),
+                relay: Some(r),
+                policy: r.tls,
+                auth: r.auth.as_ref(),
+                lmtp: r.relay.is_lmtp(),
+                port: r.relay.port(),
+            },
+            None => Destination {
+                key: format!("mx:{domain}"),
+                relay: None,
+                policy: cfg.tls,
+                auth: None,
+                lmtp: false,
+                port: cfg.port,
+            },
+        }
+    }
+
     async fn run(&self, job: &Job) -> Vec<RcptResult> {
         if job.recipients.is_empty() {
             return Vec::new();
         }
+        let dest = self.destination(&job.domain);
+        let _slot = self.inner.pool.slot(&dest.key).await;
+        while let Some(mut conn) = self.inner.pool.take(&dest.key) {
+            let span = tracing::info_span!("smtp", peer = %conn.peer, reused = conn.uses);
+            if reset(&mut conn, &self.inner.cfg).instrument(span.clone()).await {
+                if let HostOutcome::Done(results) =
+                    self.carry(conn, job, &dest).instrument(span).await
+                {
+                    return results;
+                }
+                break;
+            }
+        }
         let all = |r: RcptResult| vec![r; job.recipients.len()];
-        let hosts = match route(&self.inner.resolver, &job.domain).await {
-            Route::Hosts(hosts) => hosts,
-            Route::Fail(reply) => {
-                tracing::info!(%reply, "no route, failing");
-                return all(RcptResult::Failed { reply });
-            }
-            Route::Defer(reply) => {
-                tracing::info!(%reply, "no route for now, deferring");
-                return all(RcptResult::Deferred { reply });
-            }
+        let hosts = match dest.relay {
+            Some(r) => vec![relay_host(r.relay.host())],
+            None => match route(&self.inner.resolver, &job.domain).await {
+                Route::Hosts(hosts) => hosts,
+                Route::Fail(reply) => {
+                    tracing::info!(%reply, "no route, failing");
+                    return all(RcptResult::Failed { reply });
+                }
+                Route::Defer(reply) => {
+                    tracing::info!(%reply, "no route for now, deferring");
+                    return all(RcptResult::Deferred { reply });
+                }
+            },
         };
-        let mut last = format!("no mail exchanger for {} could be reached", job.domain);
+        let mut last = match dest.relay {
+            Some(r) => format!("relay {} could not be reached", r.relay),
+            None => format!("no mail exchanger for {} could be reached", job.domain),
+        };
         for host in &hosts {
             let addrs = match &host.addrs {
                 Some(addrs) => addrs.clone(),
                 None => match host_addrs(&self.inner.resolver, &host.name).await {
                     Ok(addrs) => addrs,
                     Err(e) => {
-                        tracing::info!(host = %host.name, reason = e.text(), "skipping MX host");
+                        tracing::info!(host = %host.name, reason = e.text(), "skipping host");
                         last = format!("451 4.4.3 {}", e.text());
                         continue;
                     }
@@ -99,7 +174,7 @@ impl Deliverer {
             for ip in addrs {
                 let peer = peer_name(&host.name, ip);
                 let span = tracing::info_span!("smtp", host = %host.name, %ip);
-                match self.attempt(job, &peer, ip).instrument(span).await {
+                match self.attempt(job, &dest, &host.name, &peer, ip).instrument(span).await {
                     HostOutcome::Done(results) => return results,
                     HostOutcome::NextHost(reason) => {
                         tracing::info!(%peer, %reason, "trying next host");
@@ -111,28 +186,99 @@ impl Deliverer {
         all(RcptResult::Deferred { reply: last })
     }
 
-    async fn attempt(&self, job: &Job, peer: &str, ip: IpAddr) -> HostOutcome {
+    /// Runs `job` on `conn`, then keeps the connection for the next message
+    /// or closes it.
+    async fn carry(&self, mut conn: Conn, job: &Job, dest: &Destination<'_>) -> HostOutcome {
+        let (outcome, after) = transact(&mut conn, job, &self.inner.cfg).await;
+        match after {
+            After::Clean if matches!(outcome, HostOutcome::Done(_)) => {
+                self.inner.pool.put(&dest.key, conn)
+            }
+            After::Clean | After::Quit => crate::transaction::quit(&mut conn.session).await,
+            After::Closed => {}
+        }
+        outcome
+    }
+
+    async fn attempt(
+        &self,
+        job: &Job,
+        dest: &Destination<'_>,
+        host: &str,
+        peer: &str,
+        ip: IpAddr,
+    ) -> HostOutcome {
         let cfg = &self.inner.cfg;
-        let addr = SocketAddr::new(ip, cfg.port);
-        let connect = tokio::time::timeout(cfg.timeouts.connect, TcpStream::connect(addr)).await;
-        let stream = match connect {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                return HostOutcome::NextHost(format!(
-                    "connect to {peer}:{}: {}",
-                    cfg.port,
-                    io_text(&e)
-                ))
+        let addr = SocketAddr::new(ip, dest.port);
+        let mut policy = dest.policy;
+        loop {
+            let connect = tokio::time::timeout(cfg.timeouts.connect, TcpStream::connect(addr)).await;
+            let tcp = match connect {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    return HostOutcome::NextHost(format!(
+                        "connect to {peer}:{}: {}",
+                        dest.port,
+                        io_text(&e)
+                    ))
+                }
+                Err(_) => {
+                    return HostOutcome::NextHost(format!(
+                        "connect to {peer}:{}: timed out after {:?}",
+                        dest.port, cfg.timeouts.connect
+                    ))
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let dial = Dial {
+                cfg,
+                tls: &self.inner.tls,
+                policy,
+                auth: dest.auth,
+                lmtp: dest.lmtp,
+                host,
+                ip,
+                peer,
+            };
+            match open(tcp, &dial).await {
+                Ok(conn) => return self.carry(conn, job, dest).await,
+                Err(OpenError::NextHost(reason)) => return HostOutcome::NextHost(reason),
+                Err(OpenError::RetryPlain(reason)) => {
+                    tracing::info!(%peer, %reason, "TLS failed under policy may; trying plaintext");
+                    policy = TlsPolicy::None;
+                }
             }
-            Err(_) => {
-                return HostOutcome::NextHost(format!(
-                    "connect to {peer}:{}: timed out after {:?}",
-                    cfg.port, cfg.timeouts.connect
-                ))
-            }
-        };
-        let mut session = Session::new(stream);
-        deliver_on(&mut session, job, cfg, peer).await
+        }
+    }
+}
+
+/// A relay host: an IP address as is, a name looked up when its turn comes.
+fn relay_host(host: &str) -> Host {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => Host {
+            name: format!("[{ip}]"),
+            addrs: Some(vec![ip]),
+        },
+        Err(_) => Host {
+            name: host.to_string(),
+            addrs: None,
+        },
+    }
+}
+
+/// Closes idle connections past their keep time, while the deliverer lives.
+async fn sweep(inner: Weak<Inner>) {
+    let every = match inner.upgrade() {
+        Some(i) => (i.cfg.connection_reuse / 2).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match inner.upgrade() {
+            Some(i) => i.pool.sweep(),
+            None => return,
+        }
     }
 }
 

@@ -10,4 +10,6 @@ pub enum DeliveryError {
     Resolver(String),
     #[error("delivery.nameservers is empty")]
     NoNameservers,
+    #[error("outbound TLS: {0}")]
+    Tls(String),
 }

@@ -27,7 +27,19 @@ pub struct Job {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RcptResult {
     /// The host accepted the message for this recipient.
-    Delivered { reply: String, host: String },
+    Delivered {
+        reply: String,
+        host: String,
+        /// The session ran over TLS.
+        tls: bool,
+        /// The receiver took responsibility for delivery notices (it offered
+        /// DSN and was given NOTIFY), or is the final mailbox store (LMTP).
+        /// When false and the sender asked for NOTIFY=SUCCESS, Skein sends a
+        /// "relayed" notice itself (RFC 3461 §4.3).
+        dsn: bool,
+        /// Delivered into a mailbox store by LMTP rather than relayed.
+        lmtp: bool,
+    },
     /// Try again later.
     Deferred { reply: String },
     /// Permanent failure: bounce.

@@ -10,8 +10,14 @@
 //!
 //! This crate does not queue, retry or bounce by itself: the node records
 //! the results in the replicated queue and asks [`RetryPolicy`] when to try
-//! again. TLS, pipelining, connection reuse and LMTP are not here yet; the
-//! client is built to take them ([`Session`] is generic over its stream).
+//! again.
+//!
+//! Where a job goes: a `[[route]]` relay (SMTP smarthost, optionally with
+//! AUTH, or LMTP) when one matches the domain, the domain's MX hosts
+//! otherwise. STARTTLS follows the [`TlsPolicy`]; PIPELINING is used when
+//! offered; connections are reused for the next message to the same
+//! destination, and no more than `concurrency_per_destination` are open to
+//! one destination at once.
 //!
 //! Map of the crate:
 //! - [`config`]: [`DeliveryConfig`] and the per-stage [`Timeouts`].
@@ -19,21 +25,26 @@
 //! - `route`: MX lookup and ordering, implicit MX, address literals.
 //! - [`session`]: one client connection: commands out, replies in, timed.
 //! - `transaction`: the SMTP dialogue and what each reply means.
-//! - `deliverer`: the loop over hosts and addresses.
+//! - `deliverer`: destinations, the slot, the loop over hosts and addresses.
+//! - `conn`: the client stream (plain or TLS) and the connection pool.
+//! - [`tls`]: the TLS policy and rustls client configurations.
 //! - [`retry`]: the [`RetryPolicy`] schedule.
 
 pub mod config;
+mod conn;
 mod deliverer;
 mod error;
 pub mod job;
 pub mod retry;
 mod route;
 pub mod session;
+pub mod tls;
 mod transaction;
 
-pub use config::{DeliveryConfig, Timeouts};
+pub use config::{Credentials, DeliveryConfig, Relay, Route, Timeouts};
 pub use deliverer::Deliverer;
 pub use error::DeliveryError;
 pub use job::{Job, RcptResult};
 pub use retry::RetryPolicy;
 pub use session::{Session, SessionError, Stage};
+pub use tls::TlsPolicy;

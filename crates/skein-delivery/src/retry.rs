@@ -38,6 +38,17 @@ impl RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// [`delay_for`](Self::delay_for) spread by up to ±10 %, so mail
+    /// deferred together (a receiver's outage) does not come back together.
+    /// The node computes it before proposing; the queue only stores the
+    /// result, so applying entries stays deterministic.
+    pub fn jittered(&self, attempts_so_far: u32, rng: &mut impl rand::Rng) -> Duration {
+        let base = self.delay_for(attempts_so_far);
+        base.mul_f64(rng.random_range(0.9..=1.1))
+    }
+}
+
 impl Default for RetryPolicy {
     /// 5 m, 10 m, 20 m, 40 m, 1 h, 2 h, then every 4 h: quick at first for
     /// greylisting, then backing off like Postfix.

@@ -21,6 +21,9 @@ pub enum Stage {
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
+    Auth,
+    Rset,
     Mail,
     Rcpt,
     Data,
@@ -35,6 +38,9 @@ impl fmt::Display for Stage {
             Stage::Greeting => "greeting",
             Stage::Ehlo => "EHLO",
             Stage::Helo => "HELO",
+            Stage::StartTls => "STARTTLS",
+            Stage::Auth => "AUTH",
+            Stage::Rset => "RSET",
             Stage::Mail => "MAIL FROM",
             Stage::Rcpt => "RCPT TO",
             Stage::Data => "DATA",
@@ -131,6 +137,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let line = command.to_bytes();
         tracing::trace!(%stage, command = %String::from_utf8_lossy(&line).trim_end(), "send");
         self.write_timed(&line, stage, timeout).await
+    }
+
+    /// Writes several command lines at once (RFC 2920 pipelining); their
+    /// replies are read one by one afterwards.
+    pub async fn send_batch(
+        &mut self,
+        commands: &[Command],
+        stage: Stage,
+        timeout: Duration,
+    ) -> Result<(), SessionError> {
+        let mut lines = Vec::new();
+        for c in commands {
+            c.encode(&mut lines);
+        }
+        tracing::trace!(%stage, commands = commands.len(), "send batch");
+        self.write_timed(&lines, stage, timeout).await
+    }
+
+    /// Writes raw bytes, e.g. the lone `.` that ends an unwanted DATA.
+    pub async fn send_raw(
+        &mut self,
+        bytes: &[u8],
+        stage: Stage,
+        timeout: Duration,
+    ) -> Result<(), SessionError> {
+        self.write_timed(bytes, stage, timeout).await
+    }
+
+    /// Whether the peer sent bytes nobody asked for yet (a server that
+    /// talks out of turn is not reused).
+    pub fn has_unread(&self) -> bool {
+        !self.buf.is_empty()
     }
 
     /// Sends a command and reads its reply, each within `timeout`.

@@ -1,20 +1,28 @@
-//! One SMTP transaction on an open [`Session`]: greeting, EHLO, MAIL, RCPT
-//! per recipient, DATA, QUIT (RFC 5321 §3.3, §4.2), and what each reply
-//! means for the recipients.
+//! The SMTP (or LMTP) dialogue on one connection, in two parts:
 //!
-//! The outcome is either a result for every recipient or "try the next
-//! host": only failures before the transaction started (greeting, EHLO,
-//! a transient MAIL reply, a broken connection up to MAIL) move on, since
+//! - [`open`]: greeting, EHLO/LHLO (HELO fallback), STARTTLS by the TLS
+//!   policy with a second EHLO, and AUTH for smarthosts — a [`Conn`] ready
+//!   for mail, or the reason to try the next host.
+//! - [`transact`]: MAIL, RCPT per recipient, DATA (RFC 5321 §3.3), sent in
+//!   one batch when the peer offers PIPELINING (RFC 2920), and what each
+//!   reply means for each recipient. A connection left in a clean state can
+//!   carry the next message.
+//!
+//! Only failures before the transaction started move on to the next host:
 //! after that the peer has already judged some recipients.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
+use base64::Engine as _;
 use skein_smtp::{BodyType, Command, Extensions, ForwardPath, MailParams, RcptParams, Reply};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::DeliveryConfig;
+use crate::config::{Credentials, DeliveryConfig};
+use crate::conn::{Conn, Stream};
 use crate::job::{Job, RcptResult};
 use crate::session::{Session, SessionError, Stage};
+use crate::tls::{server_name, TlsClients, TlsPolicy};
 
 /// Longest wait for the reply to QUIT. The results are known by then, so
 /// a peer that never answers QUIT must not hold them up for minutes.
@@ -25,6 +33,26 @@ pub(crate) enum HostOutcome {
     Done(Vec<RcptResult>),
     /// This host could not take the message; the text says why.
     NextHost(String),
+}
+
+/// Why [`open`] gave no connection.
+pub(crate) enum OpenError {
+    /// Try the next host (or address); the text says why.
+    NextHost(String),
+    /// The STARTTLS handshake failed under `may`: try this address again in
+    /// plaintext.
+    RetryPlain(String),
+}
+
+/// The state a transaction leaves its connection in.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum After {
+    /// Between transactions: it can carry another message.
+    Clean,
+    /// Usable for nothing but QUIT.
+    Quit,
+    /// Closed or broken: drop it.
+    Closed,
 }
 
 /// The server's reply as shown to operators: `451 4.3.0 text (host[ip])`.
@@ -81,161 +109,170 @@ fn all(job: &Job, result: RcptResult) -> Vec<RcptResult> {
     vec![result; job.recipients.len()]
 }
 
-/// Runs the transaction for `job` on a session whose greeting has not been
-/// read yet. `peer` is `host[ip]`, used in every result text.
-pub(crate) async fn deliver_on<S>(
-    s: &mut Session<S>,
-    job: &Job,
-    cfg: &DeliveryConfig,
-    peer: &str,
-) -> HostOutcome
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let t = &cfg.timeouts;
-    let greeting = match s.read_reply(Stage::Greeting, t.greeting).await {
-        Ok(r) => r,
-        Err(e) => return HostOutcome::NextHost(broke(&e, peer)),
-    };
+/// How to open a session to one address.
+pub(crate) struct Dial<'a> {
+    pub cfg: &'a DeliveryConfig,
+    pub tls: &'a TlsClients,
+    pub policy: TlsPolicy,
+    pub auth: Option<&'a Credentials>,
+    pub lmtp: bool,
+    /// The MX or relay host name (or `[literal]`).
+    pub host: &'a str,
+    pub ip: IpAddr,
+    /// `host[ip]`.
+    pub peer: &'a str,
+}
+
+/// Greeting, hello, STARTTLS and AUTH on a fresh TCP connection.
+pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Conn, OpenError> {
+    use OpenError::NextHost;
+    let t = &d.cfg.timeouts;
+    let peer = d.peer;
+    let mut s = Session::new(Stream::Plain(tcp));
+    let greeting = s
+        .read_reply(Stage::Greeting, t.greeting)
+        .await
+        .map_err(|e| NextHost(broke(&e, peer)))?;
     if !greeting.is_success() {
-        quit_unless_421(s, &greeting).await;
-        return HostOutcome::NextHost(said(&greeting, peer));
+        quit_unless_421(&mut s, &greeting).await;
+        return Err(NextHost(said(&greeting, peer)));
     }
-    let ext = match hello(s, cfg, peer).await {
-        Ok(ext) => ext,
-        Err(text) => return HostOutcome::NextHost(text),
-    };
+    let mut ext = hello(&mut s, d).await.map_err(NextHost)?;
+    let mut tls = false;
+    if let Some(connector) = d.tls.for_policy(d.policy) {
+        if ext.starttls() {
+            let reply = s
+                .command(&Command::StartTls, Stage::StartTls, t.ehlo)
+                .await
+                .map_err(|e| NextHost(broke(&e, peer)))?;
+            if reply.code == 220 {
+                let Stream::Plain(tcp) = s.into_inner() else {
+                    unreachable!("STARTTLS is only sent on a plain stream")
+                };
+                let name = server_name(d.host, d.ip);
+                let handshake = tokio::time::timeout(t.ehlo, connector.connect(name, tcp)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return Err(tls_failed(d, format!("{peer}: TLS handshake: {e}"))),
+                    Err(_) => {
+                        return Err(tls_failed(
+                            d,
+                            format!("{peer}: TLS handshake timed out after {:?}", t.ehlo),
+                        ))
+                    }
+                };
+                s = Session::new(Stream::Tls(Box::new(stream)));
+                tls = true;
+                // RFC 3207 §4.2: forget what was learned before TLS.
+                ext = hello(&mut s, d).await.map_err(NextHost)?;
+            } else if d.policy.required() {
+                quit_unless_421(&mut s, &reply).await;
+                return Err(NextHost(format!(
+                    "{} (TLS is required by policy {})",
+                    said(&reply, peer),
+                    d.policy
+                )));
+            } else if reply.code == 421 {
+                return Err(NextHost(said(&reply, peer)));
+            }
+        } else if d.policy.required() {
+            quit(&mut s).await;
+            return Err(NextHost(format!(
+                "451 4.7.4 {peer} does not offer STARTTLS, which TLS policy {} requires",
+                d.policy
+            )));
+        }
+    }
+    if let Some(creds) = d.auth {
+        authenticate(&mut s, &ext, creds, tls, d).await?;
+    }
+    Ok(Conn {
+        session: s,
+        ext,
+        peer: peer.to_string(),
+        lmtp: d.lmtp,
+        tls,
+        uses: 0,
+    })
+}
 
-    let size = job.body.len() as u64;
-    if let Some(limit) = ext.size().filter(|limit| size > *limit) {
-        quit(s).await;
-        let text =
-            format!("552 5.3.4 message size {size} exceeds the limit of {limit} bytes of {peer}");
-        return HostOutcome::Done(all(job, failed(text)));
-    }
-    let utf8 = ext.smtputf8();
-    if !utf8 && job.sender.mailbox().is_some_and(|m| m.is_utf8()) {
-        quit(s).await;
-        let text =
-            format!("553 5.6.7 {peer} does not support SMTPUTF8, needed for the sender address");
-        return HostOutcome::Done(all(job, failed(text)));
-    }
-
-    let mail = Command::Mail {
-        from: job.sender.clone(),
-        params: mail_params(&job.params, &ext, size),
-    };
-    let reply = match s.command(&mail, Stage::Mail, t.mail).await {
-        Ok(r) => r,
-        Err(e) => return HostOutcome::NextHost(broke(&e, peer)),
-    };
-    if !reply.is_success() {
-        quit_unless_421(s, &reply).await;
-        if reply.is_permanent() {
-            tracing::info!(%reply, "sender refused");
-            return HostOutcome::Done(all(job, failed(said(&reply, peer))));
-        }
-        return HostOutcome::NextHost(said(&reply, peer));
-    }
-
-    let mut results = Results::new(job.recipients.len());
-    let mut accepted = Vec::with_capacity(job.recipients.len());
-    for (i, (rcpt, params)) in job.recipients.iter().enumerate() {
-        if !utf8 && rcpt.is_utf8() {
-            let text = format!("553 5.6.7 {peer} does not support SMTPUTF8, needed for {rcpt}");
-            results.set(i, failed(text));
-            continue;
-        }
-        let command = Command::Rcpt {
-            to: ForwardPath::Mailbox(rcpt.clone()),
-            params: rcpt_params(params, &ext),
-        };
-        let reply = match s.command(&command, Stage::Rcpt, t.rcpt).await {
-            Ok(r) => r,
-            Err(e) => return HostOutcome::Done(results.finish(deferred(broke(&e, peer)))),
-        };
-        if reply.code == 421 {
-            return HostOutcome::Done(results.finish(deferred(said(&reply, peer))));
-        }
-        if reply.is_success() {
-            accepted.push(i);
-        } else {
-            tracing::info!(%rcpt, %reply, "recipient refused");
-            results.set(i, refused(&reply, peer));
-        }
-    }
-    if accepted.is_empty() {
-        quit(s).await;
-        let unreachable = deferred(format!("{peer}: no recipient accepted"));
-        return HostOutcome::Done(results.finish(unreachable));
-    }
-
-    let reply = match s.command(&Command::Data, Stage::Data, t.data_init).await {
-        Ok(r) => r,
-        Err(e) => return HostOutcome::Done(results.finish(deferred(broke(&e, peer)))),
-    };
-    if reply.code != 354 {
-        quit_unless_421(s, &reply).await;
-        // A 2xx instead of 354 is nonsense; retrying is the safe reading.
-        let outcome = if reply.is_permanent() {
-            failed(said(&reply, peer))
-        } else {
-            deferred(said(&reply, peer))
-        };
-        return HostOutcome::Done(results.finish(outcome));
-    }
-    if let Err(e) = s.send_body(&job.body, t.data_block).await {
-        return HostOutcome::Done(results.finish(deferred(broke(&e, peer))));
-    }
-    let reply = match s.read_reply(Stage::EndOfData, t.data_term).await {
-        Ok(r) => r,
-        // The peer may have taken the message before going silent: this is
-        // the duplicate window every MTA has (RFC 1047).
-        Err(e) => return HostOutcome::Done(results.finish(deferred(broke(&e, peer)))),
-    };
-    let outcome = if reply.is_success() {
-        tracing::info!(%reply, recipients = accepted.len(), "delivered");
-        RcptResult::Delivered {
-            reply: reply.to_string(),
-            host: peer.to_string(),
-        }
+fn tls_failed(d: &Dial<'_>, text: String) -> OpenError {
+    if d.policy == TlsPolicy::May {
+        OpenError::RetryPlain(text)
     } else {
-        tracing::info!(%reply, "message refused");
-        refused(&reply, peer)
+        OpenError::NextHost(text)
+    }
+}
+
+/// AUTH PLAIN (RFC 4954), never over plaintext unless the route says
+/// `tls = "none"`.
+async fn authenticate(
+    s: &mut Session<Stream>,
+    ext: &Extensions,
+    creds: &Credentials,
+    tls: bool,
+    d: &Dial<'_>,
+) -> Result<(), OpenError> {
+    let peer = d.peer;
+    if !tls && d.policy != TlsPolicy::None {
+        quit(s).await;
+        return Err(OpenError::NextHost(format!(
+            "451 4.7.0 {peer}: no TLS, so the AUTH credentials were not sent"
+        )));
+    }
+    if !ext.auth_mechanisms().iter().any(|m| m == "PLAIN") {
+        quit(s).await;
+        return Err(OpenError::NextHost(format!(
+            "451 4.7.0 {peer} does not offer AUTH PLAIN"
+        )));
+    }
+    let token = format!("\0{}\0{}", creds.user, creds.password);
+    let command = Command::Auth {
+        mechanism: "PLAIN".into(),
+        initial: Some(base64::engine::general_purpose::STANDARD.encode(token)),
     };
-    for i in accepted {
-        results.set(i, outcome.clone());
+    let reply = s
+        .command(&command, Stage::Auth, d.cfg.timeouts.ehlo)
+        .await
+        .map_err(|e| OpenError::NextHost(broke(&e, peer)))?;
+    if reply.is_success() {
+        tracing::debug!(user = %creds.user, "authenticated");
+        return Ok(());
     }
     quit_unless_421(s, &reply).await;
-    HostOutcome::Done(results.finish(outcome))
+    // A refused login is a configuration problem: defer, never bounce.
+    Err(OpenError::NextHost(format!(
+        "{} (AUTH as {})",
+        said(&reply, peer),
+        creds.user
+    )))
 }
 
 /// EHLO, falling back to HELO when EHLO is refused permanently (RFC 5321
-/// §3.2). `Err` carries the text for moving on to the next host.
-async fn hello<S>(
-    s: &mut Session<S>,
-    cfg: &DeliveryConfig,
-    peer: &str,
-) -> Result<Extensions, String>
+/// §3.2); LHLO for LMTP. `Err` carries the text for moving on.
+async fn hello<S>(s: &mut Session<S>, d: &Dial<'_>) -> Result<Extensions, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let t = cfg.timeouts.ehlo;
-    let ehlo = Command::Ehlo(cfg.helo_name.clone());
+    let (t, peer, name) = (d.cfg.timeouts.ehlo, d.peer, d.cfg.helo_name.clone());
+    let first = if d.lmtp {
+        Command::Lhlo(name.clone())
+    } else {
+        Command::Ehlo(name.clone())
+    };
     let reply = s
-        .command(&ehlo, Stage::Ehlo, t)
+        .command(&first, Stage::Ehlo, t)
         .await
         .map_err(|e| broke(&e, peer))?;
     if reply.is_success() {
         return Ok(Extensions::from_ehlo(&reply));
     }
-    if !reply.is_permanent() {
+    if !reply.is_permanent() || d.lmtp {
         quit_unless_421(s, &reply).await;
         return Err(said(&reply, peer));
     }
-    let helo = Command::Helo(cfg.helo_name.clone());
     let reply = s
-        .command(&helo, Stage::Helo, t)
+        .command(&Command::Helo(name), Stage::Helo, t)
         .await
         .map_err(|e| broke(&e, peer))?;
     if reply.is_success() {
@@ -246,17 +283,270 @@ where
     }
 }
 
+/// Whether the body needs an 8-bit clean path.
+fn eight_bit(job: &Job) -> bool {
+    job.params.body == Some(BodyType::EightBitMime) || job.body.iter().any(|&b| b >= 0x80)
+}
+
+/// Checks that need no command: what the peer cannot take fails at once.
+fn refuse_early(c: &Conn, job: &Job) -> Option<String> {
+    let (peer, ext) = (&c.peer, &c.ext);
+    let size = job.body.len() as u64;
+    if let Some(limit) = ext.size().filter(|limit| size > *limit) {
+        return Some(format!(
+            "552 5.3.4 message size {size} exceeds the limit of {limit} bytes of {peer}"
+        ));
+    }
+    if job.params.body == Some(BodyType::BinaryMime) {
+        return Some(format!(
+            "554 5.6.3 {peer}: binary content cannot be relayed with DATA"
+        ));
+    }
+    if eight_bit(job) && !ext.eight_bit_mime() {
+        return Some(format!(
+            "554 5.6.3 {peer} does not offer 8BITMIME and the message has 8-bit content; \
+             Skein does not convert it"
+        ));
+    }
+    if !ext.smtputf8() && job.sender.mailbox().is_some_and(|m| m.is_utf8()) {
+        return Some(format!(
+            "553 5.6.7 {peer} does not support SMTPUTF8, needed for the sender address"
+        ));
+    }
+    None
+}
+
+/// One message on an open connection. Every recipient gets a result, or
+/// the whole message moves on to the next host.
+pub(crate) async fn transact(c: &mut Conn, job: &Job, cfg: &DeliveryConfig) -> (HostOutcome, After) {
+    if let Some(text) = refuse_early(c, job) {
+        return (HostOutcome::Done(all(job, failed(text))), After::Clean);
+    }
+    let t = &cfg.timeouts;
+    let peer = c.peer.clone();
+    let utf8 = c.ext.smtputf8();
+    let dsn = c.ext.dsn();
+    let mut results = Results::new(job.recipients.len());
+    // Recipients to send RCPT for, by index into the job.
+    let mut asked = Vec::with_capacity(job.recipients.len());
+    let mut commands = vec![Command::Mail {
+        from: job.sender.clone(),
+        params: mail_params(&job.params, &c.ext, job.body.len() as u64, eight_bit(job)),
+    }];
+    for (i, (rcpt, params)) in job.recipients.iter().enumerate() {
+        if !utf8 && rcpt.is_utf8() {
+            let text = format!("553 5.6.7 {peer} does not support SMTPUTF8, needed for {rcpt}");
+            results.set(i, failed(text));
+            continue;
+        }
+        asked.push(i);
+        commands.push(Command::Rcpt {
+            to: ForwardPath::Mailbox(rcpt.clone()),
+            params: rcpt_params(params, dsn),
+        });
+    }
+    if asked.is_empty() {
+        return (HostOutcome::Done(results.finish(failed(String::new()))), After::Clean);
+    }
+    let pipelined = c.ext.pipelining() || c.lmtp;
+    let s = &mut c.session;
+    let broken = |e: &SessionError, results: Results| {
+        (
+            HostOutcome::Done(results.finish(deferred(broke(e, &peer)))),
+            After::Closed,
+        )
+    };
+
+    // MAIL, then RCPTs (and DATA when pipelining).
+    if pipelined {
+        commands.push(Command::Data);
+        if let Err(e) = s.send_batch(&commands, Stage::Mail, t.mail).await {
+            return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed);
+        }
+    } else if let Err(e) = s.send(&commands[0], Stage::Mail, t.mail).await {
+        return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed);
+    }
+    let mail = match s.read_reply(Stage::Mail, t.mail).await {
+        Ok(r) => r,
+        Err(e) => return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed),
+    };
+    if mail.code == 421 {
+        return (HostOutcome::NextHost(said(&mail, &peer)), After::Closed);
+    }
+    if !mail.is_success() {
+        let after = if pipelined {
+            drain_refused_batch(s, asked.len(), t.rcpt).await
+        } else {
+            After::Clean
+        };
+        if mail.is_permanent() {
+            tracing::info!(reply = %mail, "sender refused");
+            return (HostOutcome::Done(all(job, failed(said(&mail, &peer)))), after);
+        }
+        let after = if after == After::Clean { After::Quit } else { after };
+        return (HostOutcome::NextHost(said(&mail, &peer)), after);
+    }
+
+    let mut accepted = Vec::with_capacity(asked.len());
+    for (k, &i) in asked.iter().enumerate() {
+        if !pipelined {
+            if let Err(e) = s.send(&commands[k + 1], Stage::Rcpt, t.rcpt).await {
+                return broken(&e, results);
+            }
+        }
+        let reply = match s.read_reply(Stage::Rcpt, t.rcpt).await {
+            Ok(r) => r,
+            Err(e) => return broken(&e, results),
+        };
+        if reply.code == 421 {
+            let rest = deferred(said(&reply, &peer));
+            return (HostOutcome::Done(results.finish(rest)), After::Closed);
+        }
+        if reply.is_success() {
+            accepted.push(i);
+        } else {
+            tracing::info!(rcpt = %job.recipients[i].0, %reply, "recipient refused");
+            results.set(i, refused(&reply, &peer));
+        }
+    }
+
+    // DATA: already sent when pipelining; otherwise only with recipients.
+    if !pipelined && accepted.is_empty() {
+        let rest = deferred(format!("{peer}: no recipient accepted"));
+        return (HostOutcome::Done(results.finish(rest)), After::Clean);
+    }
+    if !pipelined {
+        if let Err(e) = s.send(&Command::Data, Stage::Data, t.data_init).await {
+            return broken(&e, results);
+        }
+    }
+    let data = match s.read_reply(Stage::Data, t.data_init).await {
+        Ok(r) => r,
+        Err(e) => return broken(&e, results),
+    };
+    if accepted.is_empty() {
+        // Pipelined DATA after every RCPT was refused: a correct server
+        // refuses it; one that says 354 gets an empty message it must drop.
+        let after = if data.code == 354 {
+            end_unwanted_data(s, t.data_term).await
+        } else if data.code == 421 {
+            After::Closed
+        } else {
+            After::Clean
+        };
+        let rest = deferred(format!("{peer}: no recipient accepted"));
+        return (HostOutcome::Done(results.finish(rest)), after);
+    }
+    if data.code != 354 {
+        // A 2xx instead of 354 is nonsense; retrying is the safe reading.
+        let outcome = if data.is_permanent() {
+            failed(said(&data, &peer))
+        } else {
+            deferred(said(&data, &peer))
+        };
+        let after = if data.code == 421 { After::Closed } else { After::Clean };
+        return (HostOutcome::Done(results.finish(outcome)), after);
+    }
+    if let Err(e) = s.send_body(&job.body, t.data_block).await {
+        return broken(&e, results);
+    }
+
+    // One final reply, or with LMTP one per accepted recipient.
+    let finals = if c.lmtp { accepted.len() } else { 1 };
+    let mut after = After::Clean;
+    for k in 0..finals {
+        let reply = match s.read_reply(Stage::EndOfData, t.data_term).await {
+            Ok(r) => r,
+            // The peer may have taken the message before going silent: this
+            // is the duplicate window every MTA has (RFC 1047).
+            Err(e) => return broken(&e, results),
+        };
+        if reply.code == 421 {
+            after = After::Closed;
+        }
+        let outcome = if reply.is_success() {
+            RcptResult::Delivered {
+                reply: reply.to_string(),
+                host: peer.clone(),
+                tls: c.tls,
+                dsn: dsn || c.lmtp,
+                lmtp: c.lmtp,
+            }
+        } else {
+            tracing::info!(%reply, "message refused");
+            refused(&reply, &peer)
+        };
+        if c.lmtp {
+            results.set(accepted[k], outcome);
+            if after == After::Closed {
+                let rest = deferred(said(&reply, &peer));
+                return (HostOutcome::Done(results.finish(rest)), after);
+            }
+        } else {
+            if outcome.is_delivered() {
+                tracing::info!(%reply, recipients = accepted.len(), tls = c.tls, "delivered");
+            }
+            for &i in &accepted {
+                results.set(i, outcome.clone());
+            }
+        }
+    }
+    if s.has_unread() {
+        after = After::Quit;
+    }
+    c.uses += 1;
+    (HostOutcome::Done(results.finish(failed(String::new()))), after)
+}
+
+/// After a refused MAIL in a pipelined batch: read the RCPT and DATA
+/// replies the batch still has coming (a server wrongly saying 354 gets a
+/// lone `.`).
+async fn drain_refused_batch(s: &mut Session<Stream>, rcpts: usize, t: Duration) -> After {
+    for _ in 0..rcpts {
+        match s.read_reply(Stage::Rcpt, t).await {
+            Ok(r) if r.code == 421 => return After::Closed,
+            Ok(_) => {}
+            Err(_) => return After::Closed,
+        }
+    }
+    match s.read_reply(Stage::Data, t).await {
+        Ok(r) if r.code == 354 => end_unwanted_data(s, t).await,
+        Ok(r) if r.code == 421 => After::Closed,
+        Ok(_) => After::Clean,
+        Err(_) => After::Closed,
+    }
+}
+
+async fn end_unwanted_data(s: &mut Session<Stream>, t: Duration) -> After {
+    if s.send_raw(b".\r\n", Stage::EndOfData, t).await.is_err() {
+        return After::Closed;
+    }
+    match s.read_reply(Stage::EndOfData, t).await {
+        Ok(r) if r.code != 421 => After::Quit,
+        _ => After::Closed,
+    }
+}
+
+/// A pooled connection is probed with RSET before it carries a message.
+pub(crate) async fn reset(c: &mut Conn, cfg: &DeliveryConfig) -> bool {
+    matches!(
+        c.session.command(&Command::Rset, Stage::Rset, cfg.timeouts.mail).await,
+        Ok(r) if r.is_success()
+    )
+}
+
 /// MAIL parameters for this peer: SIZE when it advertises SIZE, BODY when
 /// it offers 8BITMIME, SMTPUTF8 when offered, RET/ENVID when it offers DSN.
-/// Without 8BITMIME an 8-bit body is sent as is, as Postfix does: a
-/// conversion to 7 bits would change signed content.
-fn mail_params(job: &MailParams, ext: &Extensions, size: u64) -> MailParams {
+fn mail_params(job: &MailParams, ext: &Extensions, size: u64, eight_bit: bool) -> MailParams {
     let dsn = ext.dsn();
+    let body = match job.body {
+        Some(BodyType::BinaryMime) => None,
+        _ if eight_bit && ext.eight_bit_mime() => Some(BodyType::EightBitMime),
+        other => other.filter(|_| ext.eight_bit_mime()),
+    };
     MailParams {
         size: ext.has("SIZE").then_some(size),
-        body: job
-            .body
-            .filter(|b| *b != BodyType::BinaryMime && ext.eight_bit_mime()),
+        body,
         smtputf8: job.smtputf8 && ext.smtputf8(),
         ret: job.ret.filter(|_| dsn),
         envid: job.envid.clone().filter(|_| dsn),
@@ -264,8 +554,8 @@ fn mail_params(job: &MailParams, ext: &Extensions, size: u64) -> MailParams {
     }
 }
 
-fn rcpt_params(params: &RcptParams, ext: &Extensions) -> RcptParams {
-    if !ext.dsn() {
+fn rcpt_params(params: &RcptParams, dsn: bool) -> RcptParams {
+    if !dsn {
         return RcptParams::default();
     }
     RcptParams {
@@ -287,7 +577,7 @@ where
 }
 
 /// Polite end of session. Its failure changes nothing.
-async fn quit<S>(s: &mut Session<S>)
+pub(crate) async fn quit<S>(s: &mut Session<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -20,6 +20,7 @@ fn deliverer(dns: &DnsServer, port: u16) -> Deliverer {
         port,
         nameservers: Some(vec![dns.addr()]),
         timeouts: Timeouts::uniform(Duration::from_secs(2)),
+        ..DeliveryConfig::new("skein.test")
     })
     .expect("deliverer")
 }
@@ -96,7 +97,7 @@ async fn delivers_the_body_byte_for_byte() {
     let results = d.deliver(&j).await;
 
     for r in &results {
-        let RcptResult::Delivered { reply, host } = r else {
+        let RcptResult::Delivered { reply, host, .. } = r else {
             panic!("delivered expected: {r:?}")
         };
         assert_eq!(reply, "250 2.0.0 Ok");

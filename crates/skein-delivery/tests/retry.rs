@@ -41,3 +41,18 @@ fn single_step_repeats() {
         assert_eq!(policy.delay_for(n), Duration::from_secs(7));
     }
 }
+
+#[test]
+fn jitter_stays_within_ten_percent_and_spreads() {
+    let p = RetryPolicy::new(vec![Duration::from_secs(100)]);
+    let mut rng = rand::rng();
+    let delays: Vec<Duration> = (0..200).map(|_| p.jittered(0, &mut rng)).collect();
+    for d in &delays {
+        assert!(
+            (Duration::from_secs(90)..=Duration::from_secs(110)).contains(d),
+            "{d:?}"
+        );
+    }
+    let distinct: std::collections::HashSet<_> = delays.iter().collect();
+    assert!(distinct.len() > 50, "jitter spreads retries: {} distinct", distinct.len());
+}

@@ -107,13 +107,23 @@ impl Node {
             connect: d.connect_timeout,
             ..d.command_timeout.map(Timeouts::uniform).unwrap_or_default()
         };
+        let extra_roots = match &d.tls_ca_file {
+            None => Vec::new(),
+            Some(path) => crate::tls::load_certs(path)
+                .with_context(|| format!("delivery.tls_ca_file {}", path.display()))?,
+        };
         let deliverer = Deliverer::new(skein_delivery::DeliveryConfig {
             helo_name: config.smtp.hostname.clone(),
             port: d.port,
             nameservers: d.nameservers.clone(),
             timeouts,
+            tls: d.tls,
+            extra_roots,
+            routes: config.routes.clone(),
+            concurrency_per_destination: d.concurrency_per_domain,
+            connection_reuse: d.connection_reuse,
         })
-        .context("cannot set up the DNS resolver for delivery")?;
+        .context("cannot set up delivery")?;
         let ids = Arc::new(IdGenerator::new(config.node_id));
         let (dispatcher, delivery) = delivery::start(
             cluster.clone(),

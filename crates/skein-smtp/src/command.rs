@@ -15,6 +15,8 @@ use crate::reply::{EnhancedCode, Reply};
 pub enum Command {
     Ehlo(String),
     Helo(String),
+    /// LMTP's greeting (RFC 2033); an SMTP server treats it as unknown.
+    Lhlo(String),
     Mail {
         from: ReversePath,
         params: MailParams,
@@ -135,6 +137,7 @@ pub fn parse_command_utf8(line: &[u8], utf8_allowed: bool) -> Result<Command, Co
     match verb {
         Verb::Ehlo => domain_arg(rest).map(Command::Ehlo),
         Verb::Helo => domain_arg(rest).map(Command::Helo),
+        Verb::Lhlo => domain_arg(rest).map(Command::Lhlo),
         Verb::Mail => parse_mail(rest, utf8_allowed),
         Verb::Rcpt => parse_rcpt(rest, utf8_allowed),
         Verb::Data => no_args(rest, Command::Data, "DATA takes no arguments"),
@@ -159,6 +162,7 @@ impl Command {
         let mut s = match self {
             Command::Ehlo(d) => format!("EHLO {d}"),
             Command::Helo(d) => format!("HELO {d}"),
+            Command::Lhlo(d) => format!("LHLO {d}"),
             Command::Mail { from, .. } => format!("MAIL FROM:<{from}>"),
             Command::Rcpt { to, .. } => format!("RCPT TO:<{to}>"),
             Command::Bdat { size, last: true } => format!("BDAT {size} LAST"),
@@ -193,6 +197,7 @@ impl Command {
         match self {
             Command::Ehlo(_) => "EHLO",
             Command::Helo(_) => "HELO",
+            Command::Lhlo(_) => "LHLO",
             Command::Mail { .. } => "MAIL",
             Command::Rcpt { .. } => "RCPT",
             Command::Data => "DATA",
@@ -213,6 +218,7 @@ impl Command {
 enum Verb {
     Ehlo,
     Helo,
+    Lhlo,
     Mail,
     Rcpt,
     Data,
@@ -232,6 +238,7 @@ impl Verb {
         const VERBS: &[(&[u8], Verb)] = &[
             (b"EHLO", Verb::Ehlo),
             (b"HELO", Verb::Helo),
+            (b"LHLO", Verb::Lhlo),
             (b"MAIL", Verb::Mail),
             (b"RCPT", Verb::Rcpt),
             (b"DATA", Verb::Data),

@@ -112,20 +112,16 @@ pub struct DeliveryConfig {
     pub connect_timeout: Duration,
     /// Overrides every per-command timeout of RFC 5321 §4.5.3.2 when set.
     pub command_timeout: Option<Duration>,
+    /// STARTTLS policy for delivery to MX hosts.
+    pub tls: TlsPolicy,
+    /// Extra CA certificates (PEM) trusted under `tls = "verify"`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// How long an idle outbound connection is kept for the next message.
+    pub connection_reuse: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// A lowercase domain, or `*` for every domain.
-    pub domain: String,
-    pub relay: Relay,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Relay {
-    Smtp { host: String, port: u16 },
-    Lmtp { host: String, port: u16 },
-}
+/// `[[route]]` entries are the delivery engine's own type.
+pub use skein_delivery::{Credentials, Relay, Route, TlsPolicy};
 
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {

@@ -80,12 +80,19 @@ pub struct RawDelivery {
     pub max_concurrency: Option<u64>,
     pub connect_timeout: Option<String>,
     pub command_timeout: Option<String>,
+    pub tls: Option<String>,
+    pub tls_ca_file: Option<String>,
+    pub connection_reuse: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawRoute {
     pub domain: Option<String>,
     pub relay: Option<String>,
+    pub tls: Option<String>,
+    pub auth_user: Option<String>,
+    pub auth_password: Option<String>,
+    pub auth_password_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -89,7 +89,9 @@ listen = "127.0.0.1:9100"
             relay: Relay::Lmtp {
                 host: "10.0.0.6".into(),
                 port: 24
-            }
+            },
+            tls: TlsPolicy::May,
+            auth: None,
         }
     );
     assert_eq!(c.admin.token.as_deref(), Some("change-me-too"));

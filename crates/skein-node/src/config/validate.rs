@@ -553,7 +553,17 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
             Duration::from_secs(300),
         )
     });
+    let tls = tls_policy(c, "delivery.tls", r.tls.as_ref());
+    let tls_ca_file = c.path("delivery.tls_ca_file", r.tls_ca_file.as_ref());
+    let connection_reuse = c.duration(
+        "delivery.connection_reuse",
+        r.connection_reuse.as_ref(),
+        Duration::from_secs(5),
+    );
     DeliveryConfig {
+        tls,
+        tls_ca_file,
+        connection_reuse,
         nameservers,
         port,
         retry_schedule,
@@ -604,14 +614,66 @@ fn check_route(c: &mut Checker, i: usize, r: &RawRoute) -> Option<Route> {
             _ => None,
         }
     });
-    match parsed {
-        Some(relay) => Some(Route { domain, relay }),
-        None => {
-            c.problem(
-                key("relay"),
-                format!("{relay:?} is not smtp://host[:port] or lmtp://host[:port]"),
-            );
+    let Some(relay) = parsed else {
+        c.problem(
+            key("relay"),
+            format!("{relay:?} is not smtp://host[:port] or lmtp://host[:port]"),
+        );
+        return None;
+    };
+    let password = c.secret(
+        &key("auth_password"),
+        r.auth_password.as_ref(),
+        &key("auth_password_file"),
+        r.auth_password_file.as_ref(),
+    );
+    let auth = match (&r.auth_user, password) {
+        (Some(user), Some(password)) => Some(Credentials {
+            user: user.clone(),
+            password,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            c.problem(key("auth_user"), "needs auth_password or auth_password_file");
             None
+        }
+        (None, Some(_)) => {
+            c.problem(key("auth_password"), "needs auth_user");
+            None
+        }
+    };
+    // Credentials go only over TLS: a route with AUTH requires it unless
+    // the operator says tls = "none" outright (a relay on localhost).
+    let default_tls = if auth.is_some() {
+        TlsPolicy::Encrypt
+    } else {
+        TlsPolicy::May
+    };
+    let tls = match &r.tls {
+        None => default_tls,
+        Some(_) => tls_policy(c, &key("tls"), r.tls.as_ref()),
+    };
+    if auth.is_some() && tls == TlsPolicy::May {
+        c.problem(
+            key("tls"),
+            "\"may\" could send the AUTH password in plaintext: use \"encrypt\" or \"verify\" (or \"none\" for a relay on a trusted link)",
+        );
+    }
+    Some(Route {
+        domain,
+        relay,
+        tls,
+        auth,
+    })
+}
+
+fn tls_policy(c: &mut Checker, key: &str, v: Option<&String>) -> TlsPolicy {
+    match v.map(|s| s.parse::<TlsPolicy>()) {
+        None => TlsPolicy::May,
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            c.problem(key, e);
+            TlsPolicy::May
         }
     }
 }

@@ -12,6 +12,8 @@ use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::dsn::Action;
+use super::report::Report;
 use super::Worker;
 use crate::clock::now_ms;
 
@@ -57,11 +59,11 @@ pub(crate) async fn run(w: Arc<Worker>, work: Work) {
             return;
         };
         let started = Instant::now();
-        let outcome = attempt(&w, &target).await;
+        let (outcome, successes) = attempt(&w, &target).await;
         w.metrics
             .delivery_latency
             .observe(started.elapsed().as_secs_f64());
-        let _ = w.reports.send(outcome);
+        let _ = w.reports.send(Report { outcome, successes });
     }
     .instrument(span)
     .await
@@ -144,12 +146,13 @@ async fn claimed_target(w: &Worker, id: MessageId) -> Option<Target> {
     })
 }
 
-async fn attempt(w: &Worker, t: &Target) -> Outcome {
-    let retry_after_ms = w.retry.delay_for(t.attempts).as_millis() as u64;
+/// The outcome of one attempt, and the delivered recipients Skein must
+/// report itself if asked (see `notices::for_outcome`).
+async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
+    let retry_after_ms = w.retry.jittered(t.attempts, &mut rand::rng()).as_millis() as u64;
     let age = Duration::from_millis(now_ms().saturating_sub(t.received_at));
     if age > w.cfg.max_queue_time {
-        // Bounces (DSNs) for expired mail come with the delivery engine;
-        // until then the failure is recorded and logged.
+        // The reporter builds the bounce for these failures.
         let reply = format!(
             "message expired after {} in the queue",
             humantime::format_duration(w.cfg.max_queue_time)
@@ -167,11 +170,12 @@ async fn attempt(w: &Worker, t: &Target) -> Outcome {
                 )
             })
             .collect();
-        return Outcome {
+        let outcome = Outcome {
             id: t.id,
             recipients,
             retry_after_ms,
         };
+        return (outcome, Vec::new());
     }
 
     let mut groups: BTreeMap<String, Vec<&(u32, Mailbox, RcptParams)>> = BTreeMap::new();
@@ -182,8 +186,6 @@ async fn attempt(w: &Worker, t: &Target) -> Outcome {
             .push(r);
     }
     let deliveries = groups.into_iter().map(|(domain, rcpts)| async move {
-        let slot = w.domain_slot(&domain);
-        let _permit = slot.acquire_owned().await;
         let job = Job {
             id: t.id.to_string(),
             domain: domain.clone(),
@@ -199,24 +201,33 @@ async fn attempt(w: &Worker, t: &Target) -> Outcome {
         rcpts.into_iter().zip(results).collect::<Vec<_>>()
     });
     let mut recipients = Vec::new();
+    let mut successes = Vec::new();
     for group in futures::future::join_all(deliveries).await {
         for ((idx, rcpt, _), result) in group {
+            match &result {
+                RcptResult::Delivered { lmtp: true, .. } => successes.push((*idx, Action::Delivered)),
+                RcptResult::Delivered { dsn: false, .. } => successes.push((*idx, Action::Relayed)),
+                _ => {}
+            }
             recipients.push((*idx, record(w, t, rcpt, result)));
         }
     }
-    Outcome {
+    let outcome = Outcome {
         id: t.id,
         recipients,
         retry_after_ms,
-    }
+    };
+    (outcome, successes)
 }
 
 /// Log one recipient's result, Postfix style, and count it.
 fn record(w: &Worker, t: &Target, rcpt: &Mailbox, result: RcptResult) -> RcptOutcome {
     let delay = Duration::from_millis(now_ms().saturating_sub(t.received_at)).as_secs_f64();
     match result {
-        RcptResult::Delivered { reply, host } => {
-            tracing::info!(to = %rcpt, relay = %host, delay, status = "sent", reply = %reply, "delivery");
+        RcptResult::Delivered {
+            reply, host, tls, ..
+        } => {
+            tracing::info!(to = %rcpt, relay = %host, tls, delay, status = "sent", reply = %reply, "delivery");
             w.metrics.attempt("delivered");
             RcptOutcome::Delivered { reply }
         }
@@ -226,9 +237,7 @@ fn record(w: &Worker, t: &Target, rcpt: &Mailbox, result: RcptResult) -> RcptOut
             RcptOutcome::Deferred { reply }
         }
         RcptResult::Failed { reply } => {
-            // Bounces (DSNs) come with the delivery engine; for now the
-            // permanent failure is logged loudly and the recipient dropped.
-            tracing::warn!(to = %rcpt, delay, status = "bounced", reply = %reply, "delivery failed permanently; no bounce sent yet");
+            tracing::info!(to = %rcpt, delay, status = "bounced", reply = %reply, "delivery");
             w.metrics.attempt("failed");
             w.metrics.recipients_failed.inc();
             RcptOutcome::Failed { reply }

@@ -13,6 +13,8 @@ pub enum Action {
     Failed,
     Delayed,
     Relayed,
+    /// Delivered into the mailbox store (LMTP): Skein is the final MTA.
+    Delivered,
 }
 
 impl Action {
@@ -21,6 +23,7 @@ impl Action {
             Action::Failed => "failed",
             Action::Delayed => "delayed",
             Action::Relayed => "relayed",
+            Action::Delivered => "delivered",
         }
     }
 }
@@ -60,7 +63,7 @@ fn status(action: Action, diagnostic: &str) -> String {
     let generic = match action {
         Action::Failed => "5.0.0",
         Action::Delayed => "4.0.0",
-        Action::Relayed => "2.0.0",
+        Action::Relayed | Action::Delivered => "2.0.0",
     };
     let mut words = diagnostic.split_whitespace();
     let first = words.next().unwrap_or("");
@@ -97,7 +100,7 @@ impl Notice<'_> {
         match self.action {
             Action::Failed => "Undelivered Mail Returned to Sender",
             Action::Delayed => "Delayed Mail (still being retried)",
-            Action::Relayed => "Successful Mail Delivery Report",
+            Action::Relayed | Action::Delivered => "Successful Mail Delivery Report",
         }
     }
 
@@ -189,6 +192,7 @@ impl Notice<'_> {
             Action::Failed => "I'm sorry to have to inform you that your message could not\r\nbe delivered to one or more recipients. It's attached below.\r\n",
             Action::Delayed => "Your message could not be delivered yet to one or more\r\nrecipients. Delivery will be retried; you do not need to resend it.\r\n",
             Action::Relayed => "Your message was delivered to the destination mail server, which\r\ndoes not offer delivery notifications, so none will follow.\r\n",
+            Action::Delivered => "Your message was delivered to the recipient's mailbox.\r\n",
         });
         s.push_str("\r\n");
         for r in &self.recipients {

@@ -58,8 +58,7 @@ pub(crate) struct Worker {
     /// Messages with an attempt running or an outcome not yet committed.
     in_flight: Mutex<HashMap<MessageId, Instant>>,
     slots: Arc<Semaphore>,
-    domain_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
-    reports: mpsc::UnboundedSender<skein_queue::Outcome>,
+    reports: mpsc::UnboundedSender<report::Report>,
     draining: watch::Sender<bool>,
     /// Notices this node queued are delivered from memory, like fresh mail.
     fresh: mpsc::UnboundedSender<NewMessage>,
@@ -93,7 +92,6 @@ pub fn start(
         cfg,
         metrics,
         in_flight: Mutex::new(HashMap::new()),
-        domain_slots: Mutex::new(HashMap::new()),
         reports: report_tx,
         draining: watch::channel(false).0,
         fresh: fresh_tx.clone(),
@@ -143,18 +141,6 @@ impl Worker {
             .keys()
             .copied()
             .collect()
-    }
-
-    fn domain_slot(&self, domain: &str) -> Arc<Semaphore> {
-        let mut m = self.domain_slots.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() > 10_000 {
-            // Forget idle domains so the map does not grow without bound.
-            let limit = self.cfg.concurrency_per_domain;
-            m.retain(|_, s| s.available_permits() < limit);
-        }
-        m.entry(domain.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.concurrency_per_domain)))
-            .clone()
     }
 
     /// Give leases back so other nodes can take the mail at once.

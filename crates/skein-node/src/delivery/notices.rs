@@ -24,12 +24,12 @@ const REPLICA_WAIT: Duration = Duration::from_secs(5);
 
 fn wants(notify: Option<Notify>, action: Action) -> bool {
     match notify {
-        None => action != Action::Relayed,
+        None => matches!(action, Action::Failed | Action::Delayed),
         Some(n) if n.never => false,
         Some(n) => match action {
             Action::Failed => n.failure,
             Action::Delayed => n.delay,
-            Action::Relayed => n.success,
+            Action::Relayed | Action::Delivered => n.success,
         },
     }
 }
@@ -54,7 +54,14 @@ pub(super) async fn local_message(
     }
 }
 
-pub(super) async fn for_outcome(w: &Worker, o: &Outcome) -> Vec<Notice> {
+/// The notices an outcome calls for. `successes` are the recipients whose
+/// delivery Skein itself must report if asked (NOTIFY=SUCCESS): relayed to a
+/// peer without DSN, or delivered by LMTP.
+pub(super) async fn for_outcome(
+    w: &Worker,
+    o: &Outcome,
+    successes: &[(u32, Action)],
+) -> Vec<Notice> {
     let failed: Vec<(u32, &str)> = o
         .recipients
         .iter()
@@ -76,7 +83,13 @@ pub(super) async fn for_outcome(w: &Worker, o: &Outcome) -> Vec<Notice> {
             !m.warned && now_ms().saturating_sub(m.received_at) >= d.as_millis() as u64
         })
     };
-    if failed.is_empty() && deferred.is_empty() {
+    let wanted_success = |(i, a): &&(u32, Action)| {
+        o.recipients.iter().any(|(j, r)| {
+            j == i && matches!(r, RcptOutcome::Delivered { .. }) && *a != Action::Failed
+        })
+    };
+    let successes: Vec<(u32, Action)> = successes.iter().filter(wanted_success).copied().collect();
+    if failed.is_empty() && deferred.is_empty() && successes.is_empty() {
         return Vec::new();
     }
     let Some(m) = local_message(w, o.id, |_| true).await else {
@@ -103,6 +116,22 @@ pub(super) async fn for_outcome(w: &Worker, o: &Outcome) -> Vec<Notice> {
     let failures = pick(&failed, Action::Failed);
     if !failures.is_empty() {
         out.extend(build(w, &m, Action::Failed, &failures));
+    }
+    for action in [Action::Relayed, Action::Delivered] {
+        let done: Vec<(u32, &str)> = successes
+            .iter()
+            .filter(|(_, a)| *a == action)
+            .filter_map(|(i, _)| {
+                o.recipients.iter().find_map(|(j, r)| match r {
+                    RcptOutcome::Delivered { reply } if j == i => Some((*i, reply.as_str())),
+                    _ => None,
+                })
+            })
+            .collect();
+        let done = pick(&done, action);
+        if !done.is_empty() {
+            out.extend(build(w, &m, action, &done));
+        }
     }
     if delay_due(&m) {
         let delays = pick(&deferred, Action::Delayed);
@@ -157,7 +186,7 @@ fn build(w: &Worker, m: &Message, action: Action, rcpts: &[(u32, String)]) -> Op
         kind: match action {
             Action::Failed => NoticeKind::Failure,
             Action::Delayed => NoticeKind::Delay,
-            Action::Relayed => NoticeKind::Relayed,
+            Action::Relayed | Action::Delivered => NoticeKind::Relayed,
         },
         message: NewMessage {
             id,

@@ -13,8 +13,16 @@ use super::{notices, Worker};
 /// Most outcomes in one entry.
 const MAX_BATCH: usize = 256;
 
-pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+/// One attempt's outcome, with the recipients whose successful delivery
+/// Skein must report itself if the sender asked (see `notices`).
+pub(crate) struct Report {
+    pub outcome: Outcome,
+    pub successes: Vec<(u32, super::dsn::Action)>,
+}
+
+pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Report>) {
     let mut batch: Vec<Outcome> = Vec::new();
+    let mut successes: Vec<Vec<(u32, super::dsn::Action)>> = Vec::new();
     let mut pending_notices: Vec<Notice> = Vec::new();
     // Outcomes of the batch whose notices are already built: notices are
     // built once per outcome and travel with it on every retry.
@@ -22,18 +30,24 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Out
     loop {
         if batch.is_empty() {
             match rx.recv().await {
-                Some(o) => batch.push(o),
+                Some(r) => {
+                    batch.push(r.outcome);
+                    successes.push(r.successes);
+                }
                 None => return,
             }
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(o) => batch.push(o),
+                Ok(r) => {
+                    batch.push(r.outcome);
+                    successes.push(r.successes);
+                }
                 Err(_) => break,
             }
         }
-        for o in &batch[built..] {
-            pending_notices.extend(notices::for_outcome(&w, o).await);
+        for (o, ok) in batch[built..].iter().zip(&successes[built..]) {
+            pending_notices.extend(notices::for_outcome(&w, o, ok).await);
         }
         built = batch.len();
         let cmd = Command::Report {
@@ -63,6 +77,7 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Out
                     }
                 }
                 w.finish(batch.drain(..).map(|o| o.id));
+                successes.clear();
                 built = 0;
             }
             Err(e) => {

@@ -332,6 +332,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 self.junk += 1;
                 self.reply(replies::not_implemented("EXPN"));
             }
+            // LMTP's greeting is no SMTP command.
+            Command::Lhlo(_) => {
+                self.junk += 1;
+                self.reply(skein_smtp::CommandError::Unrecognized.reply());
+            }
             Command::StartTls => return Ok(self.starttls()),
             Command::Auth { mechanism, initial } => return self.auth(&mechanism, initial).await,
         }

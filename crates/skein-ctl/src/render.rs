@@ -1,0 +1,291 @@
+//! What `skeinctl` prints: a readable table, or JSON with `--json` (the
+//! field names of the contract; the JSON is one document per command).
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use skein_proto::v1::{
+    DrainReply, MembershipReply, NodeStatus, QueuedMessage, RestoreReply, StatusReply,
+};
+
+fn to_json(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    s.push('\n');
+    s
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A time in milliseconds since the epoch, or JSON null for "none" (0).
+fn time_or_null(ms: u64) -> Value {
+    if ms == 0 {
+        Value::Null
+    } else {
+        Value::String(rfc3339(ms))
+    }
+}
+
+fn id_or_null(id: u64) -> Value {
+    if id == 0 {
+        Value::Null
+    } else {
+        json!(id)
+    }
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (c, w) in cells.zip(&widths) {
+            let _ = write!(l, "{c:<w$}  ");
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+fn node_json(n: &NodeStatus) -> Value {
+    json!({
+        "id": n.id,
+        "addr": n.addr,
+        "role": n.role,
+        "voter": n.voter,
+        "reachable": n.reachable,
+        "last_log_index": n.last_log_index,
+        "applied": n.applied_index,
+        "lag": n.lag,
+        "draining": n.draining,
+    })
+}
+
+pub fn status(s: &StatusReply, json: bool) -> String {
+    let q = s.queue.unwrap_or_default();
+    if json {
+        return to_json(&json!({
+            "answered_by": s.node_id,
+            "leader": s.leader,
+            "term": s.term,
+            "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+            "queue": {
+                "messages": q.messages,
+                "ready": q.ready,
+                "leased": q.leased,
+                "deferred": q.deferred,
+                "held": q.held,
+            },
+        }));
+    }
+    let mut out = String::new();
+    let leader = if s.leader == 0 {
+        "NONE (no quorum?)".to_string()
+    } else {
+        format!("node {}", s.leader)
+    };
+    let _ = writeln!(out, "leader: {leader}   term: {}   answered by: node {}", s.term, s.node_id);
+    out.push('\n');
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut health = if n.reachable { "ok" } else { "UNREACHABLE" }.to_string();
+            if n.draining {
+                health.push_str(", draining");
+            }
+            if n.lag.is_some_and(|l| l > 0) {
+                health.push_str(", lagging");
+            }
+            vec![
+                n.id.to_string(),
+                n.addr.clone(),
+                n.role.clone(),
+                if n.voter { "yes" } else { "no" }.into(),
+                health,
+                n.last_log_index.to_string(),
+                n.applied_index.to_string(),
+                n.lag.map_or("?".into(), |l| l.to_string()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LOG", "APPLIED", "LAG"],
+        &rows,
+    ));
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "queue: {} messages: {} ready, {} leased, {} deferred, {} held",
+        q.messages, q.ready, q.leased, q.deferred, q.held
+    );
+    out
+}
+
+fn message_json(m: &QueuedMessage) -> Value {
+    json!({
+        "id": m.id,
+        "sender": m.sender,
+        "recipients": m.recipients.iter().map(|r| json!({
+            "address": r.address,
+            "state": r.state,
+            "last_reply": if r.last_reply.is_empty() { Value::Null } else { json!(r.last_reply) },
+        })).collect::<Vec<_>>(),
+        "state": m.state,
+        "size": m.size,
+        "attempts": m.attempts,
+        "next_attempt": time_or_null(m.next_attempt_ms),
+        "owner": id_or_null(m.owner),
+        "lease_until": time_or_null(m.lease_until_ms),
+        "last_error": if m.last_error.is_empty() { Value::Null } else { json!(m.last_error) },
+        "received_at": time_or_null(m.received_at_ms),
+        "accepted_by": id_or_null(m.accepted_by),
+    })
+}
+
+fn sender(m: &QueuedMessage) -> String {
+    if m.sender.is_empty() {
+        "<>".into()
+    } else {
+        m.sender.clone()
+    }
+}
+
+pub fn queue_list(ms: &[QueuedMessage], json: bool) -> String {
+    if json {
+        return to_json(&Value::Array(ms.iter().map(message_json).collect()));
+    }
+    if ms.is_empty() {
+        return "the queue is empty\n".into();
+    }
+    let rows: Vec<Vec<String>> = ms
+        .iter()
+        .map(|m| {
+            let pending = m.recipients.iter().filter(|r| r.state == "pending").count();
+            vec![
+                m.id.clone(),
+                m.state.clone(),
+                m.size.to_string(),
+                m.attempts.to_string(),
+                if m.next_attempt_ms == 0 { "now".into() } else { rfc3339(m.next_attempt_ms) },
+                sender(m),
+                format!("{pending}/{}", m.recipients.len()),
+                first_line(&m.last_error),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["ID", "STATE", "SIZE", "TRIES", "NEXT", "SENDER", "PENDING", "LAST ERROR"],
+        &rows,
+    );
+    let _ = writeln!(out, "{} message(s)", ms.len());
+    out
+}
+
+fn first_line(s: &str) -> String {
+    let l = s.lines().next().unwrap_or("");
+    if l.chars().count() > 60 {
+        format!("{}…", l.chars().take(59).collect::<String>())
+    } else {
+        l.to_string()
+    }
+}
+
+pub fn message(m: &QueuedMessage, json: bool) -> String {
+    if json {
+        return to_json(&message_json(m));
+    }
+    let mut out = String::new();
+    let or_none = |ms: u64, none: &str| if ms == 0 { none.to_string() } else { rfc3339(ms) };
+    let node = |id: u64| if id == 0 { "none".to_string() } else { format!("node {id}") };
+    let _ = writeln!(out, "id:            {}", m.id);
+    let _ = writeln!(out, "state:         {}", m.state);
+    let _ = writeln!(out, "sender:        {}", sender(m));
+    let _ = writeln!(out, "size:          {} bytes", m.size);
+    let _ = writeln!(out, "received:      {} by {}", or_none(m.received_at_ms, "?"), node(m.accepted_by));
+    let _ = writeln!(out, "attempts:      {}", m.attempts);
+    let _ = writeln!(out, "next attempt:  {}", or_none(m.next_attempt_ms, "now"));
+    let _ = writeln!(out, "owner:         {}", node(m.owner));
+    if m.owner != 0 {
+        let _ = writeln!(out, "lease until:   {}", or_none(m.lease_until_ms, "?"));
+    }
+    let _ = writeln!(
+        out,
+        "last error:    {}",
+        if m.last_error.is_empty() { "none" } else { &m.last_error }
+    );
+    out.push_str("recipients:\n");
+    let rows: Vec<Vec<String>> = m
+        .recipients
+        .iter()
+        .map(|r| vec![r.address.clone(), r.state.clone(), r.last_reply.clone()])
+        .collect();
+    for l in table(&["ADDRESS", "STATE", "LAST REPLY"], &rows).lines() {
+        let _ = writeln!(out, "  {l}");
+    }
+    out
+}
+
+pub fn changed(what: &str, n: u64, json: bool) -> String {
+    if json {
+        return to_json(&json!({ "changed": n }));
+    }
+    format!("{n} message(s) {what}\n")
+}
+
+pub fn membership(m: &MembershipReply, json: bool) -> String {
+    if json {
+        return to_json(&json!({ "voters": m.voters, "log_index": m.log_index }));
+    }
+    let voters: Vec<String> = m.voters.iter().map(u64::to_string).collect();
+    format!(
+        "voters now: {} (membership entry at log index {})\n",
+        voters.join(", "),
+        m.log_index
+    )
+}
+
+pub fn drain(d: &DrainReply, json: bool) -> String {
+    if json {
+        return to_json(&json!({
+            "node": d.node_id,
+            "leader": d.leader,
+            "leases_released": d.leases_released,
+        }));
+    }
+    format!(
+        "node {} drained: refusing new SMTP sessions, {} lease(s) handed back, leader is node {}; \
+         it can be stopped now\n",
+        d.node_id, d.leases_released, d.leader
+    )
+}
+
+pub fn backup(file: &std::path::Path, bytes: u64, json: bool) -> String {
+    if json {
+        return to_json(&json!({ "file": file.display().to_string(), "bytes": bytes }));
+    }
+    format!("backup written to {} ({bytes} bytes)\n", file.display())
+}
+
+pub fn restore(r: &RestoreReply, json: bool) -> String {
+    if json {
+        return to_json(&json!({ "queued": r.queued, "present": r.present }));
+    }
+    format!(
+        "{} message(s) queued, {} already present\n",
+        r.queued, r.present
+    )
+}
