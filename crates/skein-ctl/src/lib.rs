@@ -189,9 +189,12 @@ impl Admin {
             .connect_timeout(Duration::from_secs(5))
             .timeout(cli.timeout);
         let channel = endpoint.connect().await.map_err(|e| {
-            let cause = std::error::Error::source(&e)
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| e.to_string());
+            // The innermost cause says it best ("Connection refused").
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            let cause = cause.to_string();
             Failure::Unreachable(format!("{} is unreachable: {cause}", cli.node))
         })?;
         Ok(Admin {

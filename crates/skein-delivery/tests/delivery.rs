@@ -20,6 +20,7 @@ fn deliverer(dns: &DnsServer, port: u16) -> Deliverer {
         port,
         nameservers: Some(vec![dns.addr()]),
         timeouts: Timeouts::uniform(Duration::from_secs(2)),
+        connection_reuse: Duration::from_millis(300),
         ..DeliveryConfig::new("skein.test")
     })
     .expect("deliverer")
@@ -111,7 +112,14 @@ async fn delivers_the_body_byte_for_byte() {
     assert_eq!(got[0].rcpt_to, vec!["a@example.org", "b@example.org"]);
     assert_eq!(got[0].mail_params.size, Some(body.len() as u64));
     assert_eq!(got[0].mail_params.body, Some(BodyType::EightBitMime));
-    assert_eq!(sink.commands().last().map(String::as_str), Some("QUIT"));
+    // The connection waits for more mail, then is closed politely.
+    assert_eq!(d.idle_connections(), 1);
+    skein_testkit::wait_for(WAIT, "QUIT once the idle connection expires", || async {
+        sink.commands().last().map(String::as_str) == Some("QUIT")
+    })
+    .await
+    .unwrap();
+    assert_eq!(d.idle_connections(), 0);
 }
 
 #[tokio::test]
@@ -352,8 +360,12 @@ async fn recipients_get_their_own_rcpt_replies() {
 
 #[tokio::test]
 async fn no_accepted_recipient_means_no_data() {
+    // Without PIPELINING DATA is never sent; with it, DATA in the batch is
+    // refused and no body follows (see the engine tests).
     let (sink, _dns, d) = setup(
-        SinkMta::builder().on_rcpt(|_| reply(550, (5, 1, 1), "no such user")),
+        SinkMta::builder()
+            .ehlo_extensions(["8BITMIME"])
+            .on_rcpt(|_| reply(550, (5, 1, 1), "no such user")),
         example_org(),
     )
     .await;
@@ -504,7 +516,9 @@ async fn silent_greeting_times_out_and_defers() {
 #[tokio::test]
 async fn mail_refused_permanently_fails_everyone() {
     let (sink, _dns, d) = setup(
-        SinkMta::builder().on_mail(|_| reply(550, (5, 7, 1), "sender blocked")),
+        SinkMta::builder()
+            .ehlo_extensions(["8BITMIME"])
+            .on_mail(|_| reply(550, (5, 7, 1), "sender blocked")),
         example_org(),
     )
     .await;
@@ -551,7 +565,7 @@ async fn ehlo_refused_falls_back_to_helo_without_extensions() {
     )
     .await;
     let mut j = job("example.org", &["a@example.org"], b"x\r\n");
-    j.params.body = Some(BodyType::EightBitMime);
+    j.params.body = Some(BodyType::SevenBit);
     let r = d.deliver(&j).await;
     assert!(r[0].is_delivered(), "{r:?}");
     let got = sink.wait_for(1, WAIT).await.unwrap();

@@ -35,6 +35,12 @@ pub struct Received {
     pub rcpt_to: Vec<String>,
     /// The body as received, dot-unstuffed, without the final `.` line.
     pub data: Vec<u8>,
+    /// The transaction ran over TLS (after STARTTLS).
+    pub tls: bool,
+    /// The user the session authenticated as.
+    pub auth: Option<String>,
+    /// The connection it came on, numbered from 1 in accept order.
+    pub connection: usize,
 }
 
 /// Where a sink stops answering, keeping the connection open until the sink
@@ -61,6 +67,16 @@ pub(crate) struct Script {
     pub on_data: OnCount,
     pub hang: Option<Hang>,
     pub max_message_size: usize,
+    /// Offer STARTTLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Answer STARTTLS with 220 and then plaintext garbage.
+    pub broken_tls: bool,
+    /// Offer AUTH PLAIN (only under TLS when TLS is offered) for this user
+    /// and password.
+    pub auth: Option<(String, String)>,
+    /// Speak LMTP: LHLO instead of EHLO, and after the body one reply per
+    /// accepted recipient from this function.
+    pub lmtp: Option<OnAddress>,
 }
 
 /// What a sink saw, across all its connections.
@@ -69,12 +85,18 @@ pub(crate) struct Record {
     pub messages: Vec<Received>,
     /// Every command line received, without its line ending.
     pub commands: Vec<String>,
+    /// Command lines grouped by the read that brought them: a pipelining
+    /// client's batch arrives as one group.
+    pub batches: Vec<Vec<String>>,
 }
 
 pub(crate) struct Shared {
     pub script: Script,
     pub record: Mutex<Record>,
     pub connections: AtomicUsize,
+    /// Connections open now, and the most ever open at once.
+    pub active: AtomicUsize,
+    pub max_active: AtomicUsize,
     /// Bodies received so far (whatever their final reply), numbering
     /// the calls to `on_data`.
     pub bodies: AtomicUsize,
@@ -117,6 +139,10 @@ impl Default for SinkMtaBuilder {
                 on_data: Arc::new(|_| new_reply(250, (2, 0, 0), "Ok")),
                 hang: None,
                 max_message_size: 64 << 20,
+                tls: None,
+                broken_tls: false,
+                auth: None,
+                lmtp: None,
             },
             refuse: false,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -175,6 +201,32 @@ impl SinkMtaBuilder {
         self
     }
 
+    /// Offer STARTTLS with this server configuration.
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.script.tls = Some(config);
+        self
+    }
+
+    /// Offer STARTTLS, answer it with 220, then send plaintext garbage and
+    /// close: a handshake that always fails.
+    pub fn broken_tls(mut self) -> Self {
+        self.script.broken_tls = true;
+        self
+    }
+
+    /// Offer AUTH PLAIN and accept only this user and password.
+    pub fn auth(mut self, user: &str, password: &str) -> Self {
+        self.script.auth = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Speak LMTP (RFC 2033): after the body, one reply per accepted
+    /// recipient, given its address.
+    pub fn lmtp(mut self, per_recipient: impl Fn(&str) -> Reply + Send + Sync + 'static) -> Self {
+        self.script.lmtp = Some(Arc::new(per_recipient));
+        self
+    }
+
     pub fn hang(mut self, at: Hang) -> Self {
         self.script.hang = Some(at);
         self
@@ -226,6 +278,8 @@ impl SinkMtaBuilder {
             script: self.script,
             record: Mutex::new(Record::default()),
             connections: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
             bodies: AtomicUsize::new(0),
         });
         let task = if self.refuse {
@@ -247,9 +301,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    let number = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                    let now = shared.active.fetch_add(1, Ordering::SeqCst) + 1;
+                    shared.max_active.fetch_max(now, Ordering::SeqCst);
                     let span = tracing::debug_span!("sink session", %peer);
-                    sessions.spawn(session::run(stream, shared.clone()).instrument(span));
+                    let shared = shared.clone();
+                    sessions.spawn(async move {
+                        session::run(stream, shared.clone(), number).await;
+                        shared.active.fetch_sub(1, Ordering::SeqCst);
+                    }.instrument(span));
                 }
                 Err(error) => tracing::warn!(%error, "sink accept failed"),
             },
@@ -309,6 +369,21 @@ impl SinkMta {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// The most connections that were ever open at once.
+    pub fn max_concurrent_connections(&self) -> usize {
+        self.shared.max_active.load(Ordering::SeqCst)
+    }
+
+    /// Command lines grouped by the read that brought them.
+    pub fn batches(&self) -> Vec<Vec<String>> {
+        self.shared.record().batches.clone()
     }
 
     /// Waits until at least `n` messages were accepted, then returns them all.

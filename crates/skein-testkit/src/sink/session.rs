@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use base64::Engine as _;
 use skein_smtp::{
     discard_line, next_line, parse_command_utf8, Command, DataReader, Line, MailParams, Reply,
 };
@@ -27,6 +28,8 @@ enum Next {
     Continue,
     Close,
     Hang,
+    /// STARTTLS was answered 220: the handshake comes next.
+    StartTls,
 }
 
 struct Session {
@@ -35,15 +38,22 @@ struct Session {
     tx: Option<Tx>,
     /// Set while a body is being read.
     data: Option<(DataReader, Vec<u8>)>,
+    tls: bool,
+    auth: Option<String>,
+    connection: usize,
+    starttls: bool,
+    /// Command lines of the current read.
+    batch: Vec<String>,
 }
 
-pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>)
+pub(crate) async fn run<S>(mut stream: S, shared: Arc<Shared>, connection: usize)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let hang = shared.script.hang;
     if hang == Some(Hang::BeforeGreeting) {
-        return hold(stream).await;
+        let _keep = stream;
+        return hold().await;
     }
     if stream
         .write_all(&shared.script.greeting.to_bytes())
@@ -53,37 +63,75 @@ where
         return;
     }
     if hang == Some(Hang::AfterGreeting) {
-        return hold(stream).await;
+        let _keep = stream;
+        return hold().await;
     }
     let mut session = Session {
         shared,
         helo: None,
         tx: None,
         data: None,
+        tls: false,
+        auth: None,
+        connection,
+        starttls: false,
+        batch: Vec::new(),
     };
+    if !serve(&mut stream, &mut session).await {
+        return;
+    }
+    // STARTTLS was accepted.
+    if session.shared.script.broken_tls {
+        let _ = stream.write_all(b"this is not a TLS handshake\r\n").await;
+        return;
+    }
+    let Some(config) = session.shared.script.tls.clone() else {
+        return;
+    };
+    let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(config).accept(stream).await else {
+        return;
+    };
+    // RFC 3207 §4.2: everything learned before TLS is forgotten.
+    session.tls = true;
+    session.starttls = false;
+    session.helo = None;
+    session.tx = None;
+    session.auth = None;
+    serve(&mut tls, &mut session).await;
+}
+
+/// Answers commands until the session ends (`false`) or STARTTLS was
+/// accepted (`true`).
+async fn serve<S>(stream: &mut S, session: &mut Session) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut input = Vec::with_capacity(8192);
     let mut output = Vec::new();
     loop {
         match stream.read_buf(&mut input).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return false,
             Ok(_) => {}
         }
         let next = session.handle(&mut input, &mut output);
         if !output.is_empty() && stream.write_all(&output).await.is_err() {
-            return;
+            return false;
         }
         output.clear();
         match next {
             Next::Continue => {}
-            Next::Close => return,
-            Next::Hang => return hold(stream).await,
+            Next::Close => return false,
+            Next::Hang => {
+                hold().await;
+                return false;
+            }
+            Next::StartTls => return true,
         }
     }
 }
 
-/// Keeps the connection open, saying nothing, until the sink is dropped.
-async fn hold<S>(stream: S) {
-    let _keep = stream;
+/// Says nothing more, keeping the connection open until the sink is dropped.
+async fn hold() {
     std::future::pending::<()>().await
 }
 
@@ -121,10 +169,19 @@ impl Session {
                     if code == 221 || code == 421 {
                         break Next::Close;
                     }
+                    if self.starttls {
+                        // Anything pipelined after STARTTLS is discarded.
+                        pos = input.len();
+                        break Next::StartTls;
+                    }
                 }
             }
         };
         input.drain(..pos);
+        let batch = std::mem::take(&mut self.batch);
+        if !batch.is_empty() {
+            self.shared.record().batches.push(batch);
+        }
         next
     }
 
@@ -132,17 +189,30 @@ impl Session {
     fn command(&mut self, line: &[u8], output: &mut Vec<u8>) -> u16 {
         let text = String::from_utf8_lossy(line).into_owned();
         tracing::debug!(command = %text, "sink received");
-        self.shared.record().commands.push(text);
-        let script = &self.shared.script;
+        self.shared.record().commands.push(text.clone());
+        self.batch.push(text);
+        let shared = self.shared.clone();
+        let script = &shared.script;
+        let offer_tls = (script.tls.is_some() || script.broken_tls) && !self.tls;
+        let offer_auth = script.auth.is_some() && (self.tls || !offer_tls);
+        let lmtp = script.lmtp.is_some();
         // UTF-8 addresses are allowed in a transaction opened with SMTPUTF8.
         let utf8 = self.tx.as_ref().is_some_and(|t| t.params.smtputf8);
         let answer = match parse_command_utf8(line, utf8) {
             Err(e) => e.reply(),
-            Ok(Command::Ehlo(domain)) => {
+            Ok(Command::Ehlo(_)) if lmtp => new_reply(500, (5, 5, 1), "This is LMTP: LHLO"),
+            Ok(Command::Lhlo(_)) if !lmtp => new_reply(500, (5, 5, 1), "This is SMTP"),
+            Ok(Command::Ehlo(domain) | Command::Lhlo(domain)) => {
                 self.tx = None;
                 let answer = script.ehlo_reply.clone().unwrap_or_else(|| {
                     let mut lines = vec![format!("sink.test greets {domain}")];
                     lines.extend(script.ehlo_extensions.iter().cloned());
+                    if offer_tls {
+                        lines.push("STARTTLS".into());
+                    }
+                    if offer_auth {
+                        lines.push("AUTH PLAIN".into());
+                    }
                     Reply::with_lines(250, None, lines)
                 });
                 if answer.is_success() {
@@ -198,6 +268,24 @@ impl Session {
                     answer
                 }
             },
+            Ok(Command::StartTls) if offer_tls => {
+                self.starttls = true;
+                Reply::new(220, None, "Ready to start TLS")
+            }
+            Ok(Command::Auth { mechanism, initial }) if offer_auth && mechanism == "PLAIN" => {
+                let decoded = initial
+                    .and_then(|i| base64::engine::general_purpose::STANDARD.decode(i).ok())
+                    .unwrap_or_default();
+                let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
+                let (user, password) = script.auth.clone().unwrap_or_default();
+                if parts.len() == 3 && parts[1] == user.as_bytes() && parts[2] == password.as_bytes()
+                {
+                    self.auth = Some(user);
+                    new_reply(235, (2, 7, 0), "Authentication successful")
+                } else {
+                    new_reply(535, (5, 7, 8), "Authentication credentials invalid")
+                }
+            }
             Ok(Command::Rset) => {
                 self.tx = None;
                 new_reply(250, (2, 0, 0), "Ok")
@@ -223,21 +311,40 @@ impl Session {
         if self.shared.script.hang == Some(Hang::AfterData) {
             return Next::Hang;
         }
-        let answer = if reader.exceeded() {
-            new_reply(552, (5, 3, 4), "Message too big")
-        } else {
-            (self.shared.script.on_data)(count)
+        let answers: Vec<(Reply, Vec<String>)> = match &self.shared.script.lmtp {
+            Some(per_rcpt) => tx
+                .rcpts
+                .iter()
+                .map(|r| (per_rcpt(r), vec![r.clone()]))
+                .collect(),
+            None if reader.exceeded() => {
+                vec![(new_reply(552, (5, 3, 4), "Message too big"), tx.rcpts.clone())]
+            }
+            None => vec![((self.shared.script.on_data)(count), tx.rcpts.clone())],
         };
-        if answer.is_success() {
+        let delivered: Vec<String> = answers
+            .iter()
+            .filter(|(a, _)| a.is_success())
+            .flat_map(|(_, r)| r.iter().cloned())
+            .collect();
+        if !delivered.is_empty() {
             self.shared.record().messages.push(Received {
                 helo: self.helo.clone().unwrap_or_default(),
                 mail_from: tx.from,
                 mail_params: tx.params,
-                rcpt_to: tx.rcpts,
+                rcpt_to: delivered,
                 data: body,
+                tls: self.tls,
+                auth: self.auth.clone(),
+                connection: self.connection,
             });
         }
-        answer.encode(output);
+        for (a, _) in &answers {
+            a.encode(output);
+        }
+        let answer = answers.last().map(|(a, _)| a.clone()).unwrap_or_else(|| {
+            new_reply(250, (2, 0, 0), "Ok")
+        });
         if answer.code == 421 {
             Next::Close
         } else {
