@@ -255,3 +255,51 @@ async fn notify_never_means_no_bounce_and_delays_are_warned_once() {
     assert!(text.contains("Will-Retry-Until: "));
     node.shutdown(Duration::from_secs(2)).await;
 }
+
+/// RFC 3461 §4.3: NOTIFY=SUCCESS through a peer without DSN gets a
+/// "relayed" notice from Skein; through a peer with DSN the parameter is
+/// passed on and the peer reports.
+async fn success_notices(extensions: &[&str]) -> (Vec<Received>, SinkMta) {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = dns().await;
+    let sink = SinkMta::builder()
+        .ehlo_extensions(extensions.iter().copied())
+        .start()
+        .await
+        .unwrap();
+    let node = node(&dir, &dns, &sink, |_| {}).await;
+    let script = "EHLO client.test\r\nMAIL FROM:<a@client.test> ENVID=env42\r\nRCPT TO:<happy@example.org> NOTIFY=SUCCESS,FAILURE\r\nDATA\r\nSubject: tell me\r\n\r\nx\r\n.\r\nQUIT\r\n";
+    let replies = skein_testkit::converse(
+        tokio::net::TcpStream::connect(node.smtp_addrs[0])
+            .await
+            .unwrap(),
+        script.as_bytes(),
+    )
+    .await;
+    assert_eq!(replies[5].code, 250, "{replies:?}");
+    sink.wait_for(1, Duration::from_secs(20)).await.unwrap();
+    queue_empties(&node).await;
+    node.shutdown(Duration::from_secs(2)).await;
+    (notices(&sink), sink)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_success_to_a_peer_without_dsn_gets_a_relayed_notice() {
+    let (n, _sink) = success_notices(&["PIPELINING", "8BITMIME"]).await;
+    assert_eq!(n.len(), 1, "exactly one success notice");
+    let text = String::from_utf8_lossy(&n[0].data);
+    assert!(text.contains("Action: relayed"), "{text}");
+    assert!(text.contains("Original-Envelope-Id: env42"), "{text}");
+    assert!(text.contains("Final-Recipient: rfc822; happy@example.org"), "{text}");
+    assert_eq!(n[0].rcpt_to, vec!["a@client.test"]);
+
+    let (n, sink) = success_notices(&["PIPELINING", "8BITMIME", "DSN"]).await;
+    assert!(n.is_empty(), "the DSN-capable peer reports, not Skein");
+    assert!(
+        sink.commands()
+            .iter()
+            .any(|c| c.starts_with("RCPT TO:<happy@example.org>") && c.contains("NOTIFY=SUCCESS,FAILURE")),
+        "{:?}",
+        sink.commands()
+    );
+}

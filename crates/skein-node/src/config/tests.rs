@@ -159,3 +159,51 @@ fn toml_syntax_errors_are_reported() {
         problems[0].message
     );
 }
+
+#[test]
+fn routes_carry_tls_and_auth_and_refuse_plaintext_passwords() {
+    let text = r#"
+[delivery]
+tls = "verify"
+connection_reuse = "2s"
+[[route]]
+domain = "corp.example"
+relay = "smtp://smarthost.corp.example:587"
+auth_user = "skein"
+auth_password = "pw"
+[[route]]
+domain = "*"
+relay = "lmtp://127.0.0.1"
+tls = "none"
+"#;
+    let c = Config::parse(text).unwrap();
+    assert_eq!(c.delivery.tls, TlsPolicy::Verify);
+    assert_eq!(c.delivery.connection_reuse, Duration::from_secs(2));
+    assert_eq!(c.routes[0].tls, TlsPolicy::Encrypt, "AUTH implies encrypt");
+    assert_eq!(
+        c.routes[0].auth.as_ref().map(|a| a.user.as_str()),
+        Some("skein")
+    );
+    assert_eq!(c.routes[1].relay.port(), 24);
+    assert_eq!(c.routes[1].tls, TlsPolicy::None);
+
+    let text = r#"
+[delivery]
+tls = "sometimes"
+[[route]]
+domain = "a.example"
+relay = "smtp://10.0.0.5"
+auth_user = "skein"
+auth_password = "pw"
+tls = "may"
+[[route]]
+domain = "b.example"
+relay = "smtp://10.0.0.6"
+auth_user = "skein"
+"#;
+    let problems = Config::parse(text).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for k in ["delivery.tls", "route[0].tls", "route[1].auth_user"] {
+        assert!(keys.contains(&k), "{k} missing from {keys:?}");
+    }
+}
