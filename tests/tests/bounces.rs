@@ -290,7 +290,10 @@ async fn notify_success_to_a_peer_without_dsn_gets_a_relayed_notice() {
     let text = String::from_utf8_lossy(&n[0].data);
     assert!(text.contains("Action: relayed"), "{text}");
     assert!(text.contains("Original-Envelope-Id: env42"), "{text}");
-    assert!(text.contains("Final-Recipient: rfc822; happy@example.org"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; happy@example.org"),
+        "{text}"
+    );
     assert_eq!(n[0].rcpt_to, vec!["a@client.test"]);
 
     let (n, sink) = success_notices(&["PIPELINING", "8BITMIME", "DSN"]).await;
@@ -298,7 +301,8 @@ async fn notify_success_to_a_peer_without_dsn_gets_a_relayed_notice() {
     assert!(
         sink.commands()
             .iter()
-            .any(|c| c.starts_with("RCPT TO:<happy@example.org>") && c.contains("NOTIFY=SUCCESS,FAILURE")),
+            .any(|c| c.starts_with("RCPT TO:<happy@example.org>")
+                && c.contains("NOTIFY=SUCCESS,FAILURE")),
         "{:?}",
         sink.commands()
     );

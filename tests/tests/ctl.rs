@@ -148,7 +148,10 @@ async fn every_command_against_a_live_cluster() {
     assert_eq!(members.len(), 3);
     for (m, c) in members.iter().zip(&plan.configs) {
         assert_eq!(m["id"].as_u64(), Some(c.node_id));
-        assert_eq!(m["addr"].as_str(), Some(c.admin_addr().to_string().as_str()));
+        assert_eq!(
+            m["addr"].as_str(),
+            Some(c.admin_addr().to_string().as_str())
+        );
         let role = m["role"].as_str().unwrap();
         assert_eq!(role == "leader", c.node_id == leader, "{m}");
         assert_eq!(m["voter"], Value::Bool(true));
@@ -162,8 +165,17 @@ async fn every_command_against_a_live_cluster() {
     }
     let table = ctl(via, &["status"]).await;
     assert_eq!(table.code, 0, "{}", table.stderr);
-    assert!(table.stdout.contains(&format!("leader: node {leader}")), "{}", table.stdout);
-    assert!(table.stdout.contains("queue: 0 messages"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains(&format!("leader {leader}, term")),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("LAST LOG"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("queue: 0 messages"),
+        "{}",
+        table.stdout
+    );
 
     // --- mail that the receiver defers.
     let queued = queue_some(&nodes, "ctl", 3).await;
@@ -176,7 +188,10 @@ async fn every_command_against_a_live_cluster() {
     let list = list.as_array().unwrap();
     assert_eq!(list.len(), 3);
     for m in list {
-        assert!(queued.iter().any(|(_, id)| m["id"].as_str() == Some(id)), "{m}");
+        assert!(
+            queued.iter().any(|(_, id)| m["id"].as_str() == Some(id)),
+            "{m}"
+        );
         assert_eq!(m["sender"].as_str(), Some("sender@client.test"));
         let rcpts = m["recipients"].as_array().unwrap();
         assert_eq!(rcpts.len(), 2);
@@ -190,11 +205,16 @@ async fn every_command_against_a_live_cluster() {
         assert_eq!(m["owner"], Value::Null, "deferred mail has no lease");
         assert!(m["last_error"].as_str().unwrap().contains("451"), "{m}");
     }
-    let limited = ctl(via, &["--json", "queue", "list", "--limit", "2"]).await.json();
-    assert_eq!(limited.as_array().unwrap().len(), 2);
-    let by_domain = ctl(via, &["--json", "queue", "list", "--domain", "nowhere.test"])
+    let limited = ctl(via, &["--json", "queue", "list", "--limit", "2"])
         .await
         .json();
+    assert_eq!(limited.as_array().unwrap().len(), 2);
+    let by_domain = ctl(
+        via,
+        &["--json", "queue", "list", "--domain", "nowhere.test"],
+    )
+    .await
+    .json();
     assert_eq!(by_domain.as_array().unwrap().len(), 0);
     let table = ctl(via, &["queue", "list"]).await;
     assert!(table.stdout.contains(&queued[0].1), "{}", table.stdout);
@@ -205,10 +225,17 @@ async fn every_command_against_a_live_cluster() {
     let m = ctl(via, &["--json", "queue", "show", id0]).await.json();
     assert_eq!(m["id"].as_str(), Some(id0.as_str()));
     assert_eq!(m["state"].as_str(), Some("deferred"));
-    assert!(m["recipients"][1]["last_reply"].as_str().unwrap().contains("451"));
+    assert!(m["recipients"][1]["last_reply"]
+        .as_str()
+        .unwrap()
+        .contains("451"));
     let shown = ctl(via, &["queue", "show", id0]).await;
     assert!(shown.stdout.contains("last error:"), "{}", shown.stdout);
-    assert!(shown.stdout.contains("other@example.org"), "{}", shown.stdout);
+    assert!(
+        shown.stdout.contains("other@example.org"),
+        "{}",
+        shown.stdout
+    );
     let zero = "0".repeat(26);
     let missing = ctl(via, &["queue", "show", &zero]).await;
     assert_eq!(missing.code, 1, "{}", missing.stderr);
@@ -234,7 +261,9 @@ async fn every_command_against_a_live_cluster() {
     let (_, id1) = &queued[1];
     let one = ctl(via, &["--json", "queue", "retry", id1]).await.json();
     assert_eq!(one["changed"].as_u64(), Some(1));
-    let all = ctl(via, &["--json", "queue", "retry", "--all"]).await.json();
+    let all = ctl(via, &["--json", "queue", "retry", "--all"])
+        .await
+        .json();
     assert!(all["changed"].as_u64().unwrap() <= 1, "{all}");
     wait_all_arrived(
         &sink,
@@ -254,7 +283,13 @@ async fn every_command_against_a_live_cluster() {
     let n4 = Node::start(c4.config()).await.unwrap();
     let added = ctl(
         via,
-        &["--json", "cluster", "add-node", "4", &c4.admin_addr().to_string()],
+        &[
+            "--json",
+            "cluster",
+            "add-node",
+            "4",
+            &c4.admin_addr().to_string(),
+        ],
     )
     .await
     .json();
@@ -263,13 +298,19 @@ async fn every_command_against_a_live_cluster() {
     assert_eq!(st["nodes"].as_array().unwrap().len(), 4, "{st}");
     let removed = ctl(via, &["cluster", "remove-node", "4"]).await;
     assert_eq!(removed.code, 0, "{}", removed.stderr);
-    assert!(removed.stdout.contains("voters now: 1, 2, 3"), "{}", removed.stdout);
+    assert!(
+        removed.stdout.contains("voters now: 1, 2, 3"),
+        "{}",
+        removed.stdout
+    );
     n4.shutdown(Duration::from_secs(5)).await;
 
     // --- backup.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("queue.snap");
-    let b = ctl(via, &["--json", "backup", file.to_str().unwrap()]).await.json();
+    let b = ctl(via, &["--json", "backup", file.to_str().unwrap()])
+        .await
+        .json();
     let size = std::fs::metadata(&file).unwrap().len();
     assert!(size > 0);
     assert_eq!(b["bytes"].as_u64(), Some(size));
@@ -298,7 +339,11 @@ async fn every_command_against_a_live_cluster() {
     let nobody = skein_tests::free_addr("127.0.0.1".parse().unwrap());
     let unreachable = ctl(nobody, &["status"]).await;
     assert_eq!(unreachable.code, 3, "{}", unreachable.stderr);
-    assert!(unreachable.stderr.contains("unreachable"), "{}", unreachable.stderr);
+    assert!(
+        unreachable.stderr.contains("unreachable"),
+        "{}",
+        unreachable.stderr
+    );
     assert_eq!(ctl(via, &["queue", "frobnicate"]).await.code, 2);
     assert_eq!(ctl(via, &["queue", "retry"]).await.code, 2);
 
@@ -333,7 +378,9 @@ async fn a_backup_restored_into_a_fresh_cluster_delivers_every_message() {
         .unwrap();
     let nodes = start_all(&plan).await;
     let via = plan.configs[2].admin_addr();
-    let r = ctl(via, &["--json", "restore", file.to_str().unwrap()]).await.json();
+    let r = ctl(via, &["--json", "restore", file.to_str().unwrap()])
+        .await
+        .json();
     assert_eq!(r["queued"].as_u64(), Some(12), "{r}");
     assert_eq!(r["present"].as_u64(), Some(0), "{r}");
     // The restored mail keeps its schedule; the documented restore makes it
@@ -344,7 +391,10 @@ async fn a_backup_restored_into_a_fresh_cluster_delivers_every_message() {
     let got = wait_all_arrived(&sink, &tokens, Duration::from_secs(30))
         .await
         .expect("every restored message delivered");
-    assert!(got.values().all(|&n| n == 1), "delivered more than once: {got:?}");
+    assert!(
+        got.values().all(|&n| n == 1),
+        "delivered more than once: {got:?}"
+    );
     wait_state(via, "all", 0).await;
 
     // A backup that is not one is refused and queues nothing.
@@ -353,7 +403,11 @@ async fn a_backup_restored_into_a_fresh_cluster_delivers_every_message() {
     let j = ctl(via, &["restore", junk.to_str().unwrap()]).await;
     assert_eq!(j.code, 1, "{}", j.stderr);
     assert!(j.stderr.contains("not a usable backup"), "{}", j.stderr);
-    let absent = ctl(via, &["restore", dir.path().join("absent").to_str().unwrap()]).await;
+    let absent = ctl(
+        via,
+        &["restore", dir.path().join("absent").to_str().unwrap()],
+    )
+    .await;
     assert_eq!(absent.code, 1);
     shutdown(nodes).await;
 }

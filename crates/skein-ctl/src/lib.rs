@@ -28,7 +28,12 @@ use tonic::transport::Channel;
 #[command(name = "skeinctl", version)]
 pub struct Cli {
     /// The node to talk to (its cluster port). Any node answers any command.
-    #[arg(long, global = true, env = "SKEIN_NODE", default_value = "127.0.0.1:7100")]
+    #[arg(
+        long,
+        global = true,
+        env = "SKEIN_NODE",
+        default_value = "127.0.0.1:7100"
+    )]
     pub node: String,
     /// The cluster's admin token.
     #[arg(long, global = true, env = "SKEIN_TOKEN", hide_env_values = true)]
@@ -158,7 +163,10 @@ fn from_status(node: &str, s: tonic::Status) -> Failure {
 /// Run `skeinctl` with the process's arguments.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("skeinctl: cannot start: {e}");
@@ -233,53 +241,102 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> 
     let text = match cli.command {
         Command::Status => {
             let r = a.request(StatusRequest {})?;
-            let s = a.client.status(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let s = a
+                .client
+                .status(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::status(&s, json)
         }
-        Command::Queue(QueueCommand::List { state, domain, limit }) => {
+        Command::Queue(QueueCommand::List {
+            state,
+            domain,
+            limit,
+        }) => {
             let r = a.request(ListQueueRequest {
                 state,
                 domain: domain.unwrap_or_default(),
                 limit: limit.unwrap_or(0),
             })?;
-            let l = a.client.list_queue(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let l = a
+                .client
+                .list_queue(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::queue_list(&l.messages, json)
         }
         Command::Queue(QueueCommand::Show { id }) => {
             let r = a.request(MessageRequest { id })?;
-            let m = a.client.show_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let m = a
+                .client
+                .show_message(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::message(&m, json)
         }
         Command::Queue(QueueCommand::Retry { id, all: _ }) => {
             let r = a.request(RetryRequest {
                 id: id.unwrap_or_default(),
             })?;
-            let c = a.client.retry_messages(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let c = a
+                .client
+                .retry_messages(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::changed("made due now", c.changed, json)
         }
         Command::Queue(QueueCommand::Hold { id }) => {
             let r = a.request(MessageRequest { id })?;
-            let c = a.client.hold_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let c = a
+                .client
+                .hold_message(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::changed("held", c.changed, json)
         }
         Command::Queue(QueueCommand::Release { id }) => {
             let r = a.request(MessageRequest { id })?;
-            let c = a.client.release_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let c = a
+                .client
+                .release_message(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::changed("released", c.changed, json)
         }
         Command::Queue(QueueCommand::Delete { id }) => {
             let r = a.request(MessageRequest { id })?;
-            let c = a.client.delete_message(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let c = a
+                .client
+                .delete_message(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::changed("deleted", c.changed, json)
         }
         Command::Cluster(ClusterCommand::AddNode { id, addr }) => {
             let r = a.request(AddNodeRequest { id, addr })?;
-            let m = a.client.add_node(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let m = a
+                .client
+                .add_node(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::membership(&m, json)
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             let r = a.request(RemoveNodeRequest { id })?;
-            let m = a.client.remove_node(r).await.map_err(|e| a.fail(e))?.into_inner();
+            let m = a
+                .client
+                .remove_node(r)
+                .await
+                .map_err(|e| a.fail(e))?
+                .into_inner();
             render::membership(&m, json)
         }
         Command::Node(NodeCommand::Drain) => {
@@ -315,7 +372,12 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> 
 async fn backup(a: &mut Admin, file: &std::path::Path) -> Result<u64, Failure> {
     use futures::StreamExt;
     let r = a.request(BackupRequest {})?;
-    let mut stream = a.client.backup(r).await.map_err(|e| a.fail(e))?.into_inner();
+    let mut stream = a
+        .client
+        .backup(r)
+        .await
+        .map_err(|e| a.fail(e))?
+        .into_inner();
     let mut partial = file.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
@@ -328,7 +390,9 @@ async fn backup(a: &mut Admin, file: &std::path::Path) -> Result<u64, Failure> {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| a.fail(e))?;
             total += chunk.data.len() as u64;
-            f.write_all(&chunk.data).await.map_err(|e| io_failed(&name, e))?;
+            f.write_all(&chunk.data)
+                .await
+                .map_err(|e| io_failed(&name, e))?;
         }
         f.sync_all().await.map_err(|e| io_failed(&name, e))?;
         tokio::fs::rename(&partial, file)

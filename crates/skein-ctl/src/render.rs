@@ -95,21 +95,33 @@ pub fn status(s: &StatusReply, json: bool) -> String {
     let leader = if s.leader == 0 {
         "NONE (no quorum?)".to_string()
     } else {
-        format!("node {}", s.leader)
+        s.leader.to_string()
     };
-    let _ = writeln!(out, "leader: {leader}   term: {}   answered by: node {}", s.term, s.node_id);
+    let _ = writeln!(
+        out,
+        "leader {leader}, term {} (answered by node {})",
+        s.term, s.node_id
+    );
     out.push('\n');
     let rows: Vec<Vec<String>> = s
         .nodes
         .iter()
         .map(|n| {
-            let mut health = if n.reachable { "ok" } else { "UNREACHABLE" }.to_string();
+            let mut health = Vec::new();
+            if !n.reachable {
+                health.push("unreachable".to_string());
+            }
+            if let Some(l) = n.lag.filter(|&l| l > 0) {
+                health.push(format!("lagging {l}"));
+            }
             if n.draining {
-                health.push_str(", draining");
+                health.push("draining".to_string());
             }
-            if n.lag.is_some_and(|l| l > 0) {
-                health.push_str(", lagging");
-            }
+            let health = if health.is_empty() {
+                "ok".to_string()
+            } else {
+                health.join(", ")
+            };
             vec![
                 n.id.to_string(),
                 n.addr.clone(),
@@ -123,13 +135,15 @@ pub fn status(s: &StatusReply, json: bool) -> String {
         })
         .collect();
     out.push_str(&table(
-        &["ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LOG", "APPLIED", "LAG"],
+        &[
+            "ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LAST LOG", "APPLIED", "LAG",
+        ],
         &rows,
     ));
     out.push('\n');
     let _ = writeln!(
         out,
-        "queue: {} messages: {} ready, {} leased, {} deferred, {} held",
+        "queue: {} messages — {} ready, {} leased, {} deferred, {} held",
         q.messages, q.ready, q.leased, q.deferred, q.held
     );
     out
@@ -180,7 +194,11 @@ pub fn queue_list(ms: &[QueuedMessage], json: bool) -> String {
                 m.state.clone(),
                 m.size.to_string(),
                 m.attempts.to_string(),
-                if m.next_attempt_ms == 0 { "now".into() } else { rfc3339(m.next_attempt_ms) },
+                if m.next_attempt_ms == 0 {
+                    "now".into()
+                } else {
+                    rfc3339(m.next_attempt_ms)
+                },
                 sender(m),
                 format!("{pending}/{}", m.recipients.len()),
                 first_line(&m.last_error),
@@ -188,7 +206,16 @@ pub fn queue_list(ms: &[QueuedMessage], json: bool) -> String {
         })
         .collect();
     let mut out = table(
-        &["ID", "STATE", "SIZE", "TRIES", "NEXT", "SENDER", "PENDING", "LAST ERROR"],
+        &[
+            "ID",
+            "STATE",
+            "SIZE",
+            "TRIES",
+            "NEXT",
+            "SENDER",
+            "PENDING",
+            "LAST ERROR",
+        ],
         &rows,
     );
     let _ = writeln!(out, "{} message(s)", ms.len());
@@ -209,13 +236,30 @@ pub fn message(m: &QueuedMessage, json: bool) -> String {
         return to_json(&message_json(m));
     }
     let mut out = String::new();
-    let or_none = |ms: u64, none: &str| if ms == 0 { none.to_string() } else { rfc3339(ms) };
-    let node = |id: u64| if id == 0 { "none".to_string() } else { format!("node {id}") };
+    let or_none = |ms: u64, none: &str| {
+        if ms == 0 {
+            none.to_string()
+        } else {
+            rfc3339(ms)
+        }
+    };
+    let node = |id: u64| {
+        if id == 0 {
+            "none".to_string()
+        } else {
+            format!("node {id}")
+        }
+    };
     let _ = writeln!(out, "id:            {}", m.id);
     let _ = writeln!(out, "state:         {}", m.state);
     let _ = writeln!(out, "sender:        {}", sender(m));
     let _ = writeln!(out, "size:          {} bytes", m.size);
-    let _ = writeln!(out, "received:      {} by {}", or_none(m.received_at_ms, "?"), node(m.accepted_by));
+    let _ = writeln!(
+        out,
+        "received:      {} by {}",
+        or_none(m.received_at_ms, "?"),
+        node(m.accepted_by)
+    );
     let _ = writeln!(out, "attempts:      {}", m.attempts);
     let _ = writeln!(out, "next attempt:  {}", or_none(m.next_attempt_ms, "now"));
     let _ = writeln!(out, "owner:         {}", node(m.owner));
@@ -225,7 +269,11 @@ pub fn message(m: &QueuedMessage, json: bool) -> String {
     let _ = writeln!(
         out,
         "last error:    {}",
-        if m.last_error.is_empty() { "none" } else { &m.last_error }
+        if m.last_error.is_empty() {
+            "none"
+        } else {
+            &m.last_error
+        }
     );
     out.push_str("recipients:\n");
     let rows: Vec<Vec<String>> = m

@@ -131,7 +131,10 @@ impl Deliverer {
         let _slot = self.inner.pool.slot(&dest.key).await;
         while let Some(mut conn) = self.inner.pool.take(&dest.key) {
             let span = tracing::info_span!("smtp", peer = %conn.peer, reused = conn.uses);
-            if reset(&mut conn, &self.inner.cfg).instrument(span.clone()).await {
+            if reset(&mut conn, &self.inner.cfg)
+                .instrument(span.clone())
+                .await
+            {
                 if let HostOutcome::Done(results) =
                     self.carry(conn, job, &dest).instrument(span).await
                 {
@@ -174,7 +177,11 @@ impl Deliverer {
             for ip in addrs {
                 let peer = peer_name(&host.name, ip);
                 let span = tracing::info_span!("smtp", host = %host.name, %ip);
-                match self.attempt(job, &dest, &host.name, &peer, ip).instrument(span).await {
+                match self
+                    .attempt(job, &dest, &host.name, &peer, ip)
+                    .instrument(span)
+                    .await
+                {
                     HostOutcome::Done(results) => return results,
                     HostOutcome::NextHost(reason) => {
                         tracing::info!(%peer, %reason, "trying next host");
@@ -212,7 +219,8 @@ impl Deliverer {
         let addr = SocketAddr::new(ip, dest.port);
         let mut policy = dest.policy;
         loop {
-            let connect = tokio::time::timeout(cfg.timeouts.connect, TcpStream::connect(addr)).await;
+            let connect =
+                tokio::time::timeout(cfg.timeouts.connect, TcpStream::connect(addr)).await;
             let tcp = match connect {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -270,7 +278,9 @@ fn relay_host(host: &str) -> Host {
 /// Closes idle connections past their keep time, while the deliverer lives.
 async fn sweep(inner: Weak<Inner>) {
     let every = match inner.upgrade() {
-        Some(i) => (i.cfg.connection_reuse / 2).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        Some(i) => {
+            (i.cfg.connection_reuse / 2).clamp(Duration::from_millis(100), Duration::from_secs(1))
+        }
         None => return,
     };
     loop {

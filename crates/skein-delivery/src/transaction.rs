@@ -318,7 +318,11 @@ fn refuse_early(c: &Conn, job: &Job) -> Option<String> {
 
 /// One message on an open connection. Every recipient gets a result, or
 /// the whole message moves on to the next host.
-pub(crate) async fn transact(c: &mut Conn, job: &Job, cfg: &DeliveryConfig) -> (HostOutcome, After) {
+pub(crate) async fn transact(
+    c: &mut Conn,
+    job: &Job,
+    cfg: &DeliveryConfig,
+) -> (HostOutcome, After) {
     if let Some(text) = refuse_early(c, job) {
         return (HostOutcome::Done(all(job, failed(text))), After::Clean);
     }
@@ -346,7 +350,10 @@ pub(crate) async fn transact(c: &mut Conn, job: &Job, cfg: &DeliveryConfig) -> (
         });
     }
     if asked.is_empty() {
-        return (HostOutcome::Done(results.finish(failed(String::new()))), After::Clean);
+        return (
+            HostOutcome::Done(results.finish(failed(String::new()))),
+            After::Clean,
+        );
     }
     let pipelined = c.ext.pipelining() || c.lmtp;
     let s = &mut c.session;
@@ -381,9 +388,16 @@ pub(crate) async fn transact(c: &mut Conn, job: &Job, cfg: &DeliveryConfig) -> (
         };
         if mail.is_permanent() {
             tracing::info!(reply = %mail, "sender refused");
-            return (HostOutcome::Done(all(job, failed(said(&mail, &peer)))), after);
+            return (
+                HostOutcome::Done(all(job, failed(said(&mail, &peer)))),
+                after,
+            );
         }
-        let after = if after == After::Clean { After::Quit } else { after };
+        let after = if after == After::Clean {
+            After::Quit
+        } else {
+            after
+        };
         return (HostOutcome::NextHost(said(&mail, &peer)), after);
     }
 
@@ -444,7 +458,11 @@ pub(crate) async fn transact(c: &mut Conn, job: &Job, cfg: &DeliveryConfig) -> (
         } else {
             deferred(said(&data, &peer))
         };
-        let after = if data.code == 421 { After::Closed } else { After::Clean };
+        let after = if data.code == 421 {
+            After::Closed
+        } else {
+            After::Clean
+        };
         return (HostOutcome::Done(results.finish(outcome)), after);
     }
     if let Err(e) = s.send_body(&job.body, t.data_block).await {
@@ -495,7 +513,10 @@ pub(crate) async fn transact(c: &mut Conn, job: &Job, cfg: &DeliveryConfig) -> (
         after = After::Quit;
     }
     c.uses += 1;
-    (HostOutcome::Done(results.finish(failed(String::new()))), after)
+    (
+        HostOutcome::Done(results.finish(failed(String::new()))),
+        after,
+    )
 }
 
 /// After a refused MAIL in a pipelined batch: read the RCPT and DATA

@@ -121,7 +121,10 @@ async fn tls_required_by_policy_and_missing_defers_without_sending() {
     })
     .unwrap();
     let r = d.deliver(&job(&["a@example.org"], b"x\r\n")).await;
-    assert!(matches!(r[0], RcptResult::Delivered { tls: false, .. }), "{r:?}");
+    assert!(
+        matches!(r[0], RcptResult::Delivered { tls: false, .. }),
+        "{r:?}"
+    );
     assert!(!offering.commands().contains(&"STARTTLS".to_string()));
 }
 
@@ -172,7 +175,10 @@ async fn a_failed_handshake_under_may_falls_back_to_plaintext() {
     let sink = start(SinkMta::builder().broken_tls()).await;
     let d = Deliverer::new(config(&dns, sink.port())).unwrap();
     let r = d.deliver(&job(&["a@example.org"], b"x\r\n")).await;
-    assert!(matches!(r[0], RcptResult::Delivered { tls: false, .. }), "{r:?}");
+    assert!(
+        matches!(r[0], RcptResult::Delivered { tls: false, .. }),
+        "{r:?}"
+    );
     assert_eq!(sink.connections(), 2, "one try with TLS, one without");
     // Under encrypt the same server gets nothing.
     let strict = start(SinkMta::builder().broken_tls()).await;
@@ -199,7 +205,10 @@ async fn pipelining_sends_the_envelope_in_one_batch() {
     .await;
     let d = Deliverer::new(config(&dns, sink.port())).unwrap();
     let r = d
-        .deliver(&job(&["a@example.org", "nobody@example.org", "b@example.org"], b"x\r\n"))
+        .deliver(&job(
+            &["a@example.org", "nobody@example.org", "b@example.org"],
+            b"x\r\n",
+        ))
         .await;
     assert!(r[0].is_delivered() && r[2].is_delivered(), "{r:?}");
     assert!(r[1].is_failed(), "{r:?}");
@@ -208,7 +217,11 @@ async fn pipelining_sends_the_envelope_in_one_batch() {
         .into_iter()
         .find(|b| b.iter().any(|c| c.starts_with("MAIL FROM")))
         .unwrap();
-    assert_eq!(batch.len(), 5, "MAIL, three RCPTs and DATA together: {batch:?}");
+    assert_eq!(
+        batch.len(),
+        5,
+        "MAIL, three RCPTs and DATA together: {batch:?}"
+    );
     assert_eq!(batch[4], "DATA");
 
     // All recipients refused: the pipelined DATA is refused, no body goes.
@@ -246,7 +259,10 @@ async fn many_messages_share_connections_within_the_concurrency_limit() {
         sink.connections()
     );
     let rsets = sink.commands().iter().filter(|c| *c == "RSET").count();
-    assert!(rsets >= 37, "a reused connection is probed with RSET ({rsets})");
+    assert!(
+        rsets >= 37,
+        "a reused connection is probed with RSET ({rsets})"
+    );
     // A later message reuses an idle connection without a new greeting.
     let before = sink.connections();
     let r = d.deliver(&job(&["late@example.org"], b"x\r\n")).await;
@@ -345,7 +361,10 @@ async fn an_lmtp_route_gets_a_reply_per_recipient() {
             b"x\r\n",
         ))
         .await;
-    assert!(matches!(r[0], RcptResult::Delivered { lmtp: true, .. }), "{r:?}");
+    assert!(
+        matches!(r[0], RcptResult::Delivered { lmtp: true, .. }),
+        "{r:?}"
+    );
     assert!(r[1].is_deferred(), "{r:?}");
     assert!(r[2].is_failed(), "{r:?}");
     assert!(store.commands().iter().any(|c| c.starts_with("LHLO")));

@@ -54,5 +54,9 @@ fn jitter_stays_within_ten_percent_and_spreads() {
         );
     }
     let distinct: std::collections::HashSet<_> = delays.iter().collect();
-    assert!(distinct.len() > 50, "jitter spreads retries: {} distinct", distinct.len());
+    assert!(
+        distinct.len() > 50,
+        "jitter spreads retries: {} distinct",
+        distinct.len()
+    );
 }

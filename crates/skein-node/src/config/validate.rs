@@ -634,7 +634,10 @@ fn check_route(c: &mut Checker, i: usize, r: &RawRoute) -> Option<Route> {
         }),
         (None, None) => None,
         (Some(_), None) => {
-            c.problem(key("auth_user"), "needs auth_password or auth_password_file");
+            c.problem(
+                key("auth_user"),
+                "needs auth_password or auth_password_file",
+            );
             None
         }
         (None, Some(_)) => {

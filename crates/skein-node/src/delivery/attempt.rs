@@ -205,7 +205,9 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
     for group in futures::future::join_all(deliveries).await {
         for ((idx, rcpt, _), result) in group {
             match &result {
-                RcptResult::Delivered { lmtp: true, .. } => successes.push((*idx, Action::Delivered)),
+                RcptResult::Delivered { lmtp: true, .. } => {
+                    successes.push((*idx, Action::Delivered))
+                }
                 RcptResult::Delivered { dsn: false, .. } => successes.push((*idx, Action::Relayed)),
                 _ => {}
             }

@@ -278,7 +278,9 @@ impl Session {
                     .unwrap_or_default();
                 let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
                 let (user, password) = script.auth.clone().unwrap_or_default();
-                if parts.len() == 3 && parts[1] == user.as_bytes() && parts[2] == password.as_bytes()
+                if parts.len() == 3
+                    && parts[1] == user.as_bytes()
+                    && parts[2] == password.as_bytes()
                 {
                     self.auth = Some(user);
                     new_reply(235, (2, 7, 0), "Authentication successful")
@@ -318,7 +320,10 @@ impl Session {
                 .map(|r| (per_rcpt(r), vec![r.clone()]))
                 .collect(),
             None if reader.exceeded() => {
-                vec![(new_reply(552, (5, 3, 4), "Message too big"), tx.rcpts.clone())]
+                vec![(
+                    new_reply(552, (5, 3, 4), "Message too big"),
+                    tx.rcpts.clone(),
+                )]
             }
             None => vec![((self.shared.script.on_data)(count), tx.rcpts.clone())],
         };
@@ -342,9 +347,10 @@ impl Session {
         for (a, _) in &answers {
             a.encode(output);
         }
-        let answer = answers.last().map(|(a, _)| a.clone()).unwrap_or_else(|| {
-            new_reply(250, (2, 0, 0), "Ok")
-        });
+        let answer = answers
+            .last()
+            .map(|(a, _)| a.clone())
+            .unwrap_or_else(|| new_reply(250, (2, 0, 0), "Ok"));
         if answer.code == 421 {
             Next::Close
         } else {
