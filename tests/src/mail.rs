@@ -159,15 +159,24 @@ impl Load {
     }
 }
 
-/// Status code of `GET path` on a node's metrics listener.
-pub async fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+/// Status code and body of `GET path` on a node's metrics listener.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let line = String::from_utf8_lossy(&buf);
-    let code = line.split_whitespace().nth(1).unwrap_or("0").parse()?;
-    Ok(code)
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Status code of `GET path` on a node's metrics listener.
+pub async fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    Ok(http_get(addr, path).await?.0)
 }

@@ -130,6 +130,14 @@ async fn a_4xx_defers_the_message_and_the_retry_delivers_it() {
         assert!(m.next_attempt > m.received_at);
     }
     assert!(sink.messages().is_empty());
+    let (code, metrics) = skein_tests::mail::http_get(node.metrics_addr, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(r#"skein_delivery_deferrals_total{reason="reply_4xx"} 1"#),
+        "{metrics}"
+    );
 
     // The retry schedule is one second: the second attempt delivers.
     sink.wait_for(1, Duration::from_secs(20)).await.unwrap();

@@ -30,6 +30,31 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// The class of a deferral, for `skein_delivery_deferrals_total{reason}`:
+/// what an operator looks at first when mail piles up.
+pub fn deferral_reason(text: &str) -> &'static str {
+    if text.contains("TLS") || text.contains("STARTTLS") {
+        "tls"
+    } else if text.contains("DNS") || text.starts_with("451 4.4.3") {
+        "dns"
+    } else if text.contains("connect to") {
+        "connect"
+    } else if text.contains("timed out") {
+        "timeout"
+    } else if text.contains("connection closed") || text.contains("connection reset") {
+        "connection_lost"
+    } else if text.starts_with('4') {
+        "reply_4xx"
+    } else {
+        "other"
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -44,6 +69,7 @@ pub struct Metrics {
     pub messages_accepted: Counter,
     pub messages_delivered: Counter,
     pub delivery_attempts: Family<ResultLabel, Counter>,
+    pub delivery_deferrals: Family<ReasonLabel, Counter>,
     pub messages_bounced: Counter,
     pub recipients_failed: Counter,
     pub queue_messages: Family<StateLabel, Gauge>,
@@ -67,6 +93,7 @@ impl Metrics {
             messages_accepted: Counter::default(),
             messages_delivered: Counter::default(),
             delivery_attempts: Family::default(),
+            delivery_deferrals: Family::default(),
             messages_bounced: Counter::default(),
             recipients_failed: Counter::default(),
             queue_messages: Family::default(),
@@ -97,6 +124,11 @@ impl Metrics {
             "skein_delivery_attempts",
             "Delivery attempts per recipient domain, by result",
             m.delivery_attempts.clone(),
+        );
+        r.register(
+            "skein_delivery_deferrals",
+            "Deferred recipient deliveries, by reason: dns, connect, tls, timeout, connection_lost, reply_4xx, other",
+            m.delivery_deferrals.clone(),
         );
         r.register(
             "skein_messages_bounced",
@@ -175,6 +207,14 @@ impl Metrics {
     pub fn attempt(&self, result: &'static str) {
         self.delivery_attempts
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn deferral(&self, text: &str) {
+        self.delivery_deferrals
+            .get_or_create(&ReasonLabel {
+                reason: deferral_reason(text),
+            })
             .inc();
     }
 
@@ -260,5 +300,25 @@ async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no leader or not in the majority\n",
         )
+    }
+}
+
+#[cfg(test)]
+mod deferral_tests {
+    use super::deferral_reason;
+
+    #[test]
+    fn deferral_texts_fall_into_reasons() {
+        for (text, reason) in [
+            ("451 4.4.3 DNS lookup of MX for x.example failed: timeout", "dns"),
+            ("connect to mx.example[192.0.2.1]:25: connection refused", "connect"),
+            ("mx.example[192.0.2.1]: TLS handshake: bad certificate", "tls"),
+            ("451 4.7.4 mx.example[192.0.2.1] does not offer STARTTLS, which TLS policy encrypt requires", "tls"),
+            ("mx.example[192.0.2.1]: timed out after 300s at end of data", "timeout"),
+            ("mx.example[192.0.2.1]: connection closed by peer at RCPT TO", "connection_lost"),
+            ("450 4.2.0 greylisted (mx.example[192.0.2.1])", "reply_4xx"),
+        ] {
+            assert_eq!(deferral_reason(text), reason, "{text}");
+        }
     }
 }

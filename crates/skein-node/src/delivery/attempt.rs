@@ -236,6 +236,7 @@ fn record(w: &Worker, t: &Target, rcpt: &Mailbox, result: RcptResult) -> RcptOut
         RcptResult::Deferred { reply } => {
             tracing::info!(to = %rcpt, delay, status = "deferred", reply = %reply, "delivery");
             w.metrics.attempt("deferred");
+            w.metrics.deferral(&reply);
             RcptOutcome::Deferred { reply }
         }
         RcptResult::Failed { reply } => {
