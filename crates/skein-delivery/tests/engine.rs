@@ -389,3 +389,53 @@ async fn eight_bit_content_never_goes_to_a_seven_bit_peer() {
     let r = d.deliver(&job(&["a@example.org"], b"plain\r\n")).await;
     assert!(r[0].is_delivered(), "{r:?}");
 }
+
+#[tokio::test]
+async fn an_ipv6_only_mail_exchanger_is_reached() {
+    let sink = start(SinkMta::builder().ip("::1".parse().unwrap())).await;
+    let dns = DnsServer::builder()
+        .mx("example.org", 10, "mx6.example.org")
+        .aaaa("mx6.example.org", std::net::Ipv6Addr::LOCALHOST)
+        .start()
+        .await
+        .unwrap();
+    let d = Deliverer::new(config(&dns, sink.port())).unwrap();
+    let r = d.deliver(&job(&["a@example.org"], b"x\r\n")).await;
+    assert!(
+        matches!(&r[0], RcptResult::Delivered { host, .. } if host == "mx6.example.org[::1]"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_receiver_times_out_and_the_retry_delivers() {
+    let dns = dns().await;
+    let hanging = start(SinkMta::builder().hang_after_data()).await;
+    let port = hanging.port();
+    let d = Deliverer::new(DeliveryConfig {
+        timeouts: Timeouts::uniform(Duration::from_millis(500)),
+        ..config(&dns, port)
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = d.deliver(&job(&["a@example.org"], b"x\r\n")).await;
+    let RcptResult::Deferred { reply } = &r[0] else {
+        panic!("deferred expected: {r:?}")
+    };
+    assert!(
+        reply.contains("timed out") && reply.contains("end of data"),
+        "{reply}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        d.idle_connections(),
+        0,
+        "a timed-out session is never reused"
+    );
+    // The receiver recovers; the next attempt delivers.
+    hanging.stop().await;
+    let sink = start(SinkMta::builder().port(port)).await;
+    let r = d.deliver(&job(&["a@example.org"], b"x\r\n")).await;
+    assert!(r[0].is_delivered(), "{r:?}");
+    assert_eq!(sink.messages().len(), 1);
+}
