@@ -234,116 +234,65 @@ fn io_failed(what: &str, e: std::io::Error) -> Failure {
     Failure::Failed(format!("{what}: {e}"))
 }
 
+/// One unary admin call: the request with the token, then the answer, or
+/// return the failure from the calling function.
+macro_rules! call {
+    ($a:expr, $method:ident, $msg:expr) => {{
+        let request = $a.request($msg)?;
+        match $a.client.$method(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(e) => return Err($a.fail(e)),
+        }
+    }};
+}
+
 /// Run one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> {
     let mut a = Admin::connect(&cli).await?;
     let json = cli.json;
     let text = match cli.command {
-        Command::Status => {
-            let r = a.request(StatusRequest {})?;
-            let s = a
-                .client
-                .status(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
-            render::status(&s, json)
-        }
+        Command::Status => render::status(&call!(a, status, StatusRequest {}), json),
         Command::Queue(QueueCommand::List {
             state,
             domain,
             limit,
         }) => {
-            let r = a.request(ListQueueRequest {
+            let request = ListQueueRequest {
                 state,
                 domain: domain.unwrap_or_default(),
                 limit: limit.unwrap_or(0),
-            })?;
-            let l = a
-                .client
-                .list_queue(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
-            render::queue_list(&l.messages, json)
+            };
+            render::queue_list(&call!(a, list_queue, request).messages, json)
         }
         Command::Queue(QueueCommand::Show { id }) => {
-            let r = a.request(MessageRequest { id })?;
-            let m = a
-                .client
-                .show_message(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
-            render::message(&m, json)
+            render::message(&call!(a, show_message, MessageRequest { id }), json)
         }
         Command::Queue(QueueCommand::Retry { id, all: _ }) => {
-            let r = a.request(RetryRequest {
+            let request = RetryRequest {
                 id: id.unwrap_or_default(),
-            })?;
-            let c = a
-                .client
-                .retry_messages(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
+            };
+            let c = call!(a, retry_messages, request);
             render::changed("made due now", c.changed, json)
         }
         Command::Queue(QueueCommand::Hold { id }) => {
-            let r = a.request(MessageRequest { id })?;
-            let c = a
-                .client
-                .hold_message(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
+            let c = call!(a, hold_message, MessageRequest { id });
             render::changed("held", c.changed, json)
         }
         Command::Queue(QueueCommand::Release { id }) => {
-            let r = a.request(MessageRequest { id })?;
-            let c = a
-                .client
-                .release_message(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
+            let c = call!(a, release_message, MessageRequest { id });
             render::changed("released", c.changed, json)
         }
         Command::Queue(QueueCommand::Delete { id }) => {
-            let r = a.request(MessageRequest { id })?;
-            let c = a
-                .client
-                .delete_message(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
+            let c = call!(a, delete_message, MessageRequest { id });
             render::changed("deleted", c.changed, json)
         }
         Command::Cluster(ClusterCommand::AddNode { id, addr }) => {
-            let r = a.request(AddNodeRequest { id, addr })?;
-            let m = a
-                .client
-                .add_node(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
-            render::membership(&m, json)
+            render::membership(&call!(a, add_node, AddNodeRequest { id, addr }), json)
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
-            let r = a.request(RemoveNodeRequest { id })?;
-            let m = a
-                .client
-                .remove_node(r)
-                .await
-                .map_err(|e| a.fail(e))?
-                .into_inner();
-            render::membership(&m, json)
+            render::membership(&call!(a, remove_node, RemoveNodeRequest { id }), json)
         }
-        Command::Node(NodeCommand::Drain) => {
-            let r = a.request(DrainRequest {})?;
-            let d = a.client.drain(r).await.map_err(|e| a.fail(e))?.into_inner();
-            render::drain(&d, json)
-        }
+        Command::Node(NodeCommand::Drain) => render::drain(&call!(a, drain, DrainRequest {}), json),
         Command::Backup { file } => {
             let bytes = backup(&mut a, &file).await?;
             render::backup(&file, bytes, json)

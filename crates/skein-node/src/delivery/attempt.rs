@@ -203,12 +203,17 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
     let mut recipients = Vec::new();
     let mut successes = Vec::new();
     for group in futures::future::join_all(deliveries).await {
-        for ((idx, rcpt, _), result) in group {
+        for ((idx, rcpt, params), result) in group {
+            // Only a sender who asked for success notices makes the
+            // reporter look at a delivery again.
+            let asked = params.notify.is_some_and(|n| n.success && !n.never);
             match &result {
-                RcptResult::Delivered { lmtp: true, .. } => {
+                RcptResult::Delivered { lmtp: true, .. } if asked => {
                     successes.push((*idx, Action::Delivered))
                 }
-                RcptResult::Delivered { dsn: false, .. } => successes.push((*idx, Action::Relayed)),
+                RcptResult::Delivered { dsn: false, .. } if asked => {
+                    successes.push((*idx, Action::Relayed))
+                }
                 _ => {}
             }
             recipients.push((*idx, record(w, t, rcpt, result)));

@@ -83,13 +83,17 @@ pub(super) async fn for_outcome(
             !m.warned && now_ms().saturating_sub(m.received_at) >= d.as_millis() as u64
         })
     };
-    let wanted_success = |(i, a): &&(u32, Action)| {
-        o.recipients.iter().any(|(j, r)| {
-            j == i && matches!(r, RcptOutcome::Delivered { .. }) && *a != Action::Failed
+    // The successes with the reply each delivery got.
+    let delivered: Vec<(u32, Action, &str)> = successes
+        .iter()
+        .filter_map(|&(i, action)| {
+            o.recipients.iter().find_map(|(j, r)| match r {
+                RcptOutcome::Delivered { reply } if *j == i => Some((i, action, reply.as_str())),
+                _ => None,
+            })
         })
-    };
-    let successes: Vec<(u32, Action)> = successes.iter().filter(wanted_success).copied().collect();
-    if failed.is_empty() && deferred.is_empty() && successes.is_empty() {
+        .collect();
+    if failed.is_empty() && deferred.is_empty() && delivered.is_empty() {
         return Vec::new();
     }
     let Some(m) = local_message(w, o.id, |_| true).await else {
@@ -118,15 +122,10 @@ pub(super) async fn for_outcome(
         out.extend(build(w, &m, Action::Failed, &failures));
     }
     for action in [Action::Relayed, Action::Delivered] {
-        let done: Vec<(u32, &str)> = successes
+        let done: Vec<(u32, &str)> = delivered
             .iter()
-            .filter(|(_, a)| *a == action)
-            .filter_map(|(i, _)| {
-                o.recipients.iter().find_map(|(j, r)| match r {
-                    RcptOutcome::Delivered { reply } if j == i => Some((*i, reply.as_str())),
-                    _ => None,
-                })
-            })
+            .filter(|(_, a, _)| *a == action)
+            .map(|&(i, _, reply)| (i, reply))
             .collect();
         let done = pick(&done, action);
         if !done.is_empty() {

@@ -21,8 +21,7 @@ pub(crate) struct Report {
 }
 
 pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Report>) {
-    let mut batch: Vec<Outcome> = Vec::new();
-    let mut successes: Vec<Vec<(u32, super::dsn::Action)>> = Vec::new();
+    let mut batch: Vec<Report> = Vec::new();
     let mut pending_notices: Vec<Notice> = Vec::new();
     // Outcomes of the batch whose notices are already built: notices are
     // built once per outcome and travel with it on every retry.
@@ -30,29 +29,23 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Rep
     loop {
         if batch.is_empty() {
             match rx.recv().await {
-                Some(r) => {
-                    batch.push(r.outcome);
-                    successes.push(r.successes);
-                }
+                Some(r) => batch.push(r),
                 None => return,
             }
         }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => {
-                    batch.push(r.outcome);
-                    successes.push(r.successes);
-                }
+                Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
-        for (o, ok) in batch[built..].iter().zip(&successes[built..]) {
-            pending_notices.extend(notices::for_outcome(&w, o, ok).await);
+        for r in &batch[built..] {
+            pending_notices.extend(notices::for_outcome(&w, &r.outcome, &r.successes).await);
         }
         built = batch.len();
         let cmd = Command::Report {
             node: w.cluster.id(),
-            outcomes: batch.clone(),
+            outcomes: batch.iter().map(|r| r.outcome.clone()).collect(),
             notices: pending_notices.clone(),
         };
         match w.cluster.propose(cmd).await {
@@ -67,8 +60,9 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Rep
                     }
                 }
                 pending_notices.clear();
-                for o in &batch {
-                    let finished = o
+                for r in &batch {
+                    let finished = r
+                        .outcome
                         .recipients
                         .iter()
                         .all(|(_, r)| !matches!(r, RcptOutcome::Deferred { .. }));
@@ -76,8 +70,7 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Rep
                         w.metrics.messages_delivered.inc();
                     }
                 }
-                w.finish(batch.drain(..).map(|o| o.id));
-                successes.clear();
+                w.finish(batch.drain(..).map(|r| r.outcome.id));
                 built = 0;
             }
             Err(e) => {
