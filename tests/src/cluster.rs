@@ -106,6 +106,23 @@ impl ClusterPlan {
         self.configs.iter().map(|c| c.node_id).collect()
     }
 
+    /// Every planned node's admin (cluster) address.
+    pub fn admins(&self) -> Vec<SocketAddr> {
+        self.configs.iter().map(TestConfig::admin_addr).collect()
+    }
+
+    /// Start every planned node in process and wait for an agreed leader.
+    pub async fn start_all(&self) -> Vec<skein_node::Node> {
+        let mut nodes = Vec::new();
+        for c in &self.configs {
+            nodes.push(skein_node::Node::start(c.config()).await.unwrap());
+        }
+        wait_for_leader(&self.admins(), Duration::from_secs(20))
+            .await
+            .unwrap();
+        nodes
+    }
+
     pub fn config(&self, id: u64) -> &TestConfig {
         self.configs
             .iter()

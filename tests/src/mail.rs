@@ -10,6 +10,16 @@ use skein_testkit::SinkMta;
 
 use crate::client::send;
 
+/// A DNS server where example.org has one MX, mx.example.org, on 127.0.0.1.
+pub async fn example_org_dns() -> skein_testkit::DnsServer {
+    skein_testkit::DnsServer::builder()
+        .mx("example.org", 10, "mx.example.org")
+        .a("mx.example.org", std::net::Ipv4Addr::LOCALHOST)
+        .start()
+        .await
+        .unwrap()
+}
+
 /// A message whose token the sink can find again.
 pub fn tokened(token: &str) -> Vec<u8> {
     format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n{token}\r\n").into_bytes()

@@ -1,40 +1,16 @@
 //! Three nodes, one queue — nodes in process on distinct addresses, with a
 //! network the test can cut.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use skein_node::Node;
 use skein_proto::v1::raft_client::RaftClient;
 use skein_proto::v1::{ProposeRequest, RaftPayload};
 use skein_smtp::{EnhancedCode, Reply};
-use skein_testkit::{wait_for, DnsServer, SinkMta};
+use skein_testkit::{wait_for, SinkMta};
 use skein_tests::mail::{arrived, http_status, tokened, wait_all_arrived};
 use skein_tests::{add_node, send, status, wait_for_leader, ClusterPlan, TestConfig};
-
-async fn dns() -> DnsServer {
-    DnsServer::builder()
-        .mx("example.org", 10, "mx.example.org")
-        .a("mx.example.org", Ipv4Addr::LOCALHOST)
-        .start()
-        .await
-        .unwrap()
-}
-
-async fn start_all(plan: &ClusterPlan) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for c in &plan.configs {
-        nodes.push(Node::start(c.config()).await.unwrap());
-    }
-    wait_for_leader(&admins(plan), Duration::from_secs(20))
-        .await
-        .unwrap();
-    nodes
-}
-
-fn admins(plan: &ClusterPlan) -> Vec<SocketAddr> {
-    plan.configs.iter().map(TestConfig::admin_addr).collect()
-}
 
 async fn queues_empty(nodes: &[&Node]) {
     for n in nodes {
@@ -85,12 +61,12 @@ async fn shutdown(nodes: Vec<Node>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mail_sent_to_every_node_in_turn_is_delivered_exactly_once() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |_| {})
         .await
         .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
 
     let mut tokens = Vec::new();
     for i in 0..30 {
@@ -119,14 +95,14 @@ async fn mail_sent_to_every_node_in_turn_is_delivered_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_cut_off_gives_no_250_and_catches_up_after_healing() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |c| {
         c.commit_timeout = "2s".into()
     })
     .await
     .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let ids = plan.ids();
 
     // Cut off node 3, whatever its role; its SMTP port stays open.
@@ -216,7 +192,7 @@ async fn a_node_cut_off_gives_no_250_and_catches_up_after_healing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fourth_node_catches_up_from_a_snapshot_and_votes() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     // Every attempt is deferred: the queue keeps its mail.
     let sink = SinkMta::builder()
         .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 2, 0)), "mailbox busy"))
@@ -230,7 +206,7 @@ async fn a_fourth_node_catches_up_from_a_snapshot_and_votes() {
     let mut plan = ClusterPlan::new(3, dns.addr(), sink.port(), tweak)
         .await
         .unwrap();
-    let mut nodes = start_all(&plan).await;
+    let mut nodes = plan.start_all().await;
     for i in 0..40 {
         let s = send(
             nodes[i % 3].smtp_addrs[0],
@@ -255,7 +231,7 @@ async fn a_fourth_node_catches_up_from_a_snapshot_and_votes() {
     let c4 = plan.joining_node(4, tweak).await.unwrap();
     let node4 = Node::start(c4.config()).await.unwrap();
     // Ask a follower: the change is forwarded to the leader.
-    let leader = wait_for_leader(&admins(&plan)[..3], Duration::from_secs(10))
+    let leader = wait_for_leader(&plan.admins()[..3], Duration::from_secs(10))
         .await
         .unwrap();
     let via = plan
@@ -335,12 +311,12 @@ async fn a_fourth_node_catches_up_from_a_snapshot_and_votes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn peers_and_clients_without_the_secret_or_token_are_refused() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(1, dns.addr(), sink.port(), |_| {})
         .await
         .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let addr = plan.configs[0].cluster;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -405,12 +381,12 @@ async fn peers_and_clients_without_the_secret_or_token_are_refused() {
 /// Any node reports the leader, the members and the queue.
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_the_leader_and_the_queue() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |_| {})
         .await
         .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let s = status(plan.configs[1].admin_addr()).await.unwrap();
     assert_ne!(s.leader, 0);
     assert_eq!(s.nodes.len(), 3);
@@ -422,7 +398,7 @@ async fn status_reports_the_leader_and_the_queue() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_started_in_any_order_form_one_cluster_and_keep_the_queue_across_restarts() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder()
         .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 2, 0)), "later"))
         .start()
@@ -450,7 +426,7 @@ async fn nodes_started_in_any_order_form_one_cluster_and_keep_the_queue_across_r
                     );
                 }
             }
-            wait_for_leader(&admins(plan), Duration::from_secs(20))
+            wait_for_leader(&plan.admins(), Duration::from_secs(20))
                 .await
                 .unwrap();
             nodes.into_iter().map(Option::unwrap).collect::<Vec<_>>()
@@ -496,7 +472,7 @@ async fn nodes_started_in_any_order_form_one_cluster_and_keep_the_queue_across_r
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_delivery_renews_its_lease_and_nobody_takes_it_over() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     // The MX takes the body and never answers: the attempt runs until the
     // end-of-data timeout (10s), far longer than the 2s lease.
     let sink = SinkMta::builder().hang_after_data().start().await.unwrap();
@@ -506,7 +482,7 @@ async fn a_long_delivery_renews_its_lease_and_nobody_takes_it_over() {
     })
     .await
     .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let s = send(
         nodes[0].smtp_addrs[0],
         "a@client.test",
@@ -548,7 +524,7 @@ async fn a_long_delivery_renews_its_lease_and_nobody_takes_it_over() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wiped_node_catches_up_from_a_snapshot() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder()
         .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 2, 0)), "later"))
         .start()
@@ -561,7 +537,7 @@ async fn a_wiped_node_catches_up_from_a_snapshot() {
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), tweak)
         .await
         .unwrap();
-    let mut nodes = start_all(&plan).await;
+    let mut nodes = plan.start_all().await;
     for i in 0..30 {
         let s = send(
             nodes[i % 2].smtp_addrs[0],
@@ -624,13 +600,13 @@ async fn a_wiped_node_catches_up_from_a_snapshot() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn draining_the_leader_hands_over_and_refuses_nothing() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |_| {})
         .await
         .unwrap();
-    let nodes = start_all(&plan).await;
-    let leader = wait_for_leader(&admins(&plan), Duration::from_secs(10))
+    let nodes = plan.start_all().await;
+    let leader = wait_for_leader(&plan.admins(), Duration::from_secs(10))
         .await
         .unwrap();
     let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp_addrs[0]).collect();

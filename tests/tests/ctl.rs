@@ -2,7 +2,7 @@
 //! command, its JSON field by field, its exit codes, and a backup restored
 //! into a fresh cluster.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +10,9 @@ use std::time::Duration;
 use serde_json::Value;
 use skein_node::Node;
 use skein_smtp::{EnhancedCode, Reply};
-use skein_testkit::{wait_for, DnsServer, SinkMta};
+use skein_testkit::{wait_for, SinkMta};
 use skein_tests::mail::{tokened, wait_all_arrived};
-use skein_tests::{send, wait_for_leader, ClusterPlan, TestConfig, TOKEN};
+use skein_tests::{send, ClusterPlan, TOKEN};
 
 const SKEINCTL: &str = env!("CARGO_BIN_EXE_skeinctl-under-test");
 
@@ -52,15 +52,6 @@ async fn ctl_with(node: SocketAddr, token: Option<&str>, args: &[&str]) -> Out {
     }
 }
 
-async fn dns() -> DnsServer {
-    DnsServer::builder()
-        .mx("example.org", 10, "mx.example.org")
-        .a("mx.example.org", Ipv4Addr::LOCALHOST)
-        .start()
-        .await
-        .unwrap()
-}
-
 /// A sink that answers 451 to every recipient until `open` is set.
 async fn gated_sink(open: Arc<AtomicBool>) -> SinkMta {
     SinkMta::builder()
@@ -74,18 +65,6 @@ async fn gated_sink(open: Arc<AtomicBool>) -> SinkMta {
         .start()
         .await
         .unwrap()
-}
-
-async fn start_all(plan: &ClusterPlan) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for c in &plan.configs {
-        nodes.push(Node::start(c.config()).await.unwrap());
-    }
-    let admins: Vec<SocketAddr> = plan.configs.iter().map(TestConfig::admin_addr).collect();
-    wait_for_leader(&admins, Duration::from_secs(20))
-        .await
-        .unwrap();
-    nodes
 }
 
 async fn shutdown(nodes: Vec<Node>) {
@@ -128,7 +107,7 @@ async fn wait_state(node: SocketAddr, state: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_command_against_a_live_cluster() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let open = Arc::new(AtomicBool::new(false));
     let sink = gated_sink(open.clone()).await;
     let mut plan = ClusterPlan::new(3, dns.addr(), sink.port(), |c| {
@@ -136,7 +115,7 @@ async fn every_command_against_a_live_cluster() {
     })
     .await
     .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let via = plan.configs[1].admin_addr();
 
     // --- status, in JSON and as a table.
@@ -352,7 +331,7 @@ async fn every_command_against_a_live_cluster() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_restored_into_a_fresh_cluster_delivers_every_message() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let open = Arc::new(AtomicBool::new(false));
     let old_sink = gated_sink(open).await;
     let plan = ClusterPlan::new(3, dns.addr(), old_sink.port(), |c| {
@@ -360,7 +339,7 @@ async fn a_backup_restored_into_a_fresh_cluster_delivers_every_message() {
     })
     .await
     .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let via = plan.configs[0].admin_addr();
     let queued = queue_some(&nodes, "restore", 12).await;
     wait_state(via, "deferred", 12).await;
@@ -376,7 +355,7 @@ async fn a_backup_restored_into_a_fresh_cluster_delivers_every_message() {
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |_| {})
         .await
         .unwrap();
-    let nodes = start_all(&plan).await;
+    let nodes = plan.start_all().await;
     let via = plan.configs[2].admin_addr();
     let r = ctl(via, &["--json", "restore", file.to_str().unwrap()])
         .await

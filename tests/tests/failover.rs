@@ -3,21 +3,12 @@
 //! acknowledged message must be delivered; the tests print how long
 //! acceptance and takeover took.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use skein_testkit::{DnsServer, SinkMta};
+use skein_testkit::SinkMta;
 use skein_tests::mail::{tokened, wait_all_arrived, Load, Sent};
 use skein_tests::{send, status, wait_for_leader, ClusterPlan, ProcessNode, TestConfig};
-
-async fn dns() -> DnsServer {
-    DnsServer::builder()
-        .mx("example.org", 10, "mx.example.org")
-        .a("mx.example.org", Ipv4Addr::LOCALHOST)
-        .start()
-        .await
-        .unwrap()
-}
 
 fn timings(c: &mut TestConfig) {
     c.lease = "3s".into();
@@ -83,7 +74,7 @@ async fn all_delivered(sink: &SinkMta, log: &[Sent], nodes: &[ProcessNode]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_the_leader_under_load_loses_nothing() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), timings)
         .await
@@ -117,7 +108,7 @@ async fn sigkill_the_leader_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_a_follower_holding_leases_and_the_survivors_deliver() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     // At first the MX answers its greeting and then says nothing, so the
     // follower's attempts hang while it holds (and renews) their leases.
     let hanging = SinkMta::builder()
@@ -177,7 +168,7 @@ async fn sigkill_a_follower_holding_leases_and_the_survivors_deliver() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarting_every_node_in_turn_under_load_loses_nothing() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), timings)
         .await
@@ -210,7 +201,7 @@ async fn restarting_every_node_in_turn_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_hands_leases_back_so_peers_deliver_at_once() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let hanging = SinkMta::builder()
         .hang_after_greeting()
         .start()
@@ -267,7 +258,7 @@ async fn sigterm_hands_leases_back_so_peers_deliver_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_restart_by_drain_refuses_and_loses_nothing() {
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), timings)
         .await

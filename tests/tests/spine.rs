@@ -10,15 +10,6 @@ use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::{wait_for, DnsServer, SinkMta};
 use skein_tests::{send, TestConfig};
 
-async fn dns() -> DnsServer {
-    DnsServer::builder()
-        .mx("example.org", 10, "mx.example.org")
-        .a("mx.example.org", Ipv4Addr::LOCALHOST)
-        .start()
-        .await
-        .unwrap()
-}
-
 async fn node(dir: &tempfile::TempDir, dns: &DnsServer, sink: &SinkMta) -> Node {
     let cfg = TestConfig::new(1, dir.path().join("data"), dns.addr(), sink.port());
     Node::start(cfg.config()).await.unwrap()
@@ -37,7 +28,7 @@ async fn queue_empties(node: &Node) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_travels_from_smtp_through_raft_to_the_mx() {
     let dir = tempfile::tempdir().unwrap();
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder().start().await.unwrap();
     let node = node(&dir, &dns, &sink).await;
 
@@ -81,7 +72,7 @@ async fn a_message_travels_from_smtp_through_raft_to_the_mx() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_4xx_defers_the_message_and_the_retry_delivers_it() {
     let dir = tempfile::tempdir().unwrap();
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder()
         .on_data(|n| match n {
             0 => Reply::new(451, Some(EnhancedCode::new(4, 3, 0)), "try again later"),
@@ -153,7 +144,7 @@ async fn a_4xx_defers_the_message_and_the_retry_delivers_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_5xx_fails_the_recipient_and_the_message_leaves_the_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let dns = dns().await;
+    let dns = skein_tests::mail::example_org_dns().await;
     let sink = SinkMta::builder()
         .on_rcpt(|rcpt| {
             if rcpt.starts_with("nobody@") {
