@@ -3,6 +3,7 @@
 //! 127.P.0.i, its real cluster listener on 127.P.1.i, where P is the
 //! plan's own number.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use skein_proto::v1::{
 
 use crate::config::{free_addr, TestConfig, TOKEN};
 use crate::fabric::Fabric;
+use crate::tls::TestCa;
 
 pub struct ClusterPlan {
     pub dir: tempfile::TempDir,
@@ -22,6 +24,8 @@ pub struct ClusterPlan {
     octet: u8,
     dns: SocketAddr,
     mx_port: u16,
+    /// The plan's CA, once [`ClusterPlan::secure`] made one.
+    pub ca: Option<TestCa>,
 }
 
 /// Each plan in a test process gets addresses of its own (127.P.a.b), so
@@ -50,6 +54,7 @@ impl ClusterPlan {
             octet: next_plan(),
             dns,
             mx_port,
+            ca: None,
         };
         for id in 1..=n {
             let c = plan.node_config(id, &tweak).await?;
@@ -90,6 +95,17 @@ impl ClusterPlan {
         Ok(c)
     }
 
+    /// Mutual TLS between the nodes and for admin calls: a CA of the
+    /// plan's own and, for every node, a certificate naming its advertised
+    /// address. The harness's admin calls trust that CA from now on.
+    pub fn secure(&mut self) {
+        let ca = TestCa::new(self.dir.path(), "cluster-ca");
+        for c in &mut self.configs {
+            secure_node(&ca, self.dir.path(), c);
+        }
+        self.ca = Some(ca);
+    }
+
     /// A node that is not among the initial voters; it joins with AddNode.
     pub async fn joining_node(
         &mut self,
@@ -97,6 +113,9 @@ impl ClusterPlan {
         tweak: impl Fn(&mut TestConfig),
     ) -> anyhow::Result<TestConfig> {
         let mut c = self.node_config(id, &tweak).await?;
+        if let Some(ca) = &self.ca {
+            secure_node(ca, self.dir.path(), &mut c);
+        }
         c.peers = self.configs[0].peers.clone();
         self.configs.push(c.clone());
         Ok(c)
@@ -131,13 +150,35 @@ impl ClusterPlan {
     }
 }
 
+fn secure_node(ca: &TestCa, dir: &std::path::Path, c: &mut TestConfig) {
+    let addr = c.admin_addr();
+    let cert = ca.issue(dir, &format!("node{}", c.node_id), &[addr.ip()]);
+    c.cluster_tls = Some([cert.cert, cert.key, ca.pem.clone()]);
+    ADMIN_CA
+        .lock()
+        .unwrap()
+        .insert(addr, std::fs::read(&ca.pem).unwrap());
+}
+
+/// The CA (PEM) of every admin address that speaks TLS. Every plan has
+/// addresses of its own, so one table serves every test in the process.
+static ADMIN_CA: std::sync::Mutex<BTreeMap<SocketAddr, Vec<u8>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
 async fn admin(addr: SocketAddr) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let ca = ADMIN_CA.lock().unwrap().get(&addr).cloned();
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await?;
-    Ok(AdminClient::new(ch))
+        .timeout(Duration::from_secs(60));
+    if let Some(pem) = ca {
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                .domain_name(addr.ip().to_string()),
+        )?;
+    }
+    Ok(AdminClient::new(endpoint.connect().await?))
 }
 
 fn authed<T>(msg: T) -> tonic::Request<T> {

@@ -41,6 +41,8 @@ pub struct TestConfig {
     pub smtp_extra: String,
     /// `smtp.greet_pause`: off by default in tests, which open many sessions.
     pub greet_pause: String,
+    /// `cluster.tls_cert`, `tls_key` and `tls_ca`: mutual TLS between nodes.
+    pub cluster_tls: Option<[PathBuf; 3]>,
 }
 
 impl TestConfig {
@@ -65,6 +67,7 @@ impl TestConfig {
             delivery_extra: String::new(),
             smtp_extra: String::new(),
             greet_pause: "0s".into(),
+            cluster_tls: None,
         }
     }
 
@@ -92,6 +95,13 @@ impl TestConfig {
             .advertise
             .map(|a| format!("advertise = \"{a}\""))
             .unwrap_or_default();
+        let cluster_tls = self
+            .cluster_tls
+            .as_ref()
+            .map(|[cert, key, ca]| {
+                format!("tls_cert = {cert:?}\ntls_key = {key:?}\ntls_ca = {ca:?}")
+            })
+            .unwrap_or_default();
         let mut t = format!(
             r#"node_id = {id}
 data_dir = {dir:?}
@@ -111,6 +121,7 @@ heartbeat_interval = "50ms"
 election_timeout = "300ms"
 secret = "test-secret"
 snapshot_every = {snapshot_every}
+{cluster_tls}
 
 [admin]
 token = "{token}"
@@ -143,6 +154,7 @@ listen = "{metrics}"
             extra = self.delivery_extra,
             smtp_extra = self.smtp_extra,
             greet_pause = self.greet_pause,
+            cluster_tls = cluster_tls,
             metrics = self.metrics,
         );
         if !self.peers.is_empty() {

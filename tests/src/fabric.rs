@@ -25,6 +25,8 @@ struct Inner {
     sources: Mutex<HashMap<IpAddr, u64>>,
     /// (from, to): bytes from `from` to `to` are dropped.
     blocked: Mutex<HashSet<(u64, u64)>>,
+    /// Every byte between nodes, both ways, while recording.
+    recording: Mutex<Option<Vec<u8>>>,
     tasks: Mutex<JoinSet<()>>,
 }
 
@@ -99,6 +101,22 @@ impl Fabric {
     pub fn heal(&self) {
         self.inner.blocked.lock().unwrap().clear();
     }
+
+    /// Keep a copy of every byte between nodes from now on, as a wiretap
+    /// on the network would see them.
+    pub fn record(&self) {
+        *self.inner.recording.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// What was recorded so far.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.inner
+            .recording
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default()
+    }
 }
 
 async fn pump(
@@ -122,7 +140,13 @@ async fn pump(
             // Callers that are not nodes (the test itself) are never cut.
             _ => false,
         };
-        if !dropped && w.write_all(&buf[..n]).await.is_err() {
+        if dropped {
+            continue;
+        }
+        if let Some(tap) = inner.recording.lock().unwrap().as_mut() {
+            tap.extend_from_slice(&buf[..n]);
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }

@@ -29,11 +29,84 @@ impl TestCert {
     }
 }
 
+/// A certificate authority of a test's own, written as a PEM file.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub pem: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key).unwrap();
+        let pem = dir.join(format!("{name}.pem"));
+        std::fs::write(&pem, issuer.pem()).unwrap();
+        TestCa { issuer, pem }
+    }
+
+    pub fn der(&self) -> &CertificateDer<'static> {
+        self.issuer.der()
+    }
+
+    /// A node certificate naming `ips`, good for serving and for
+    /// connecting, written as `<name>.pem` and `<name>.key` in `dir`.
+    pub fn issue(&self, dir: &Path, name: &str, ips: &[std::net::IpAddr]) -> TestCert {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.subject_alt_names = ips
+            .iter()
+            .map(|ip| rcgen::SanType::IpAddress(*ip))
+            .collect();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        // Written whole and renamed into place, as an operator's tooling
+        // would: a reader never sees half a file.
+        for (path, text) in [(&key_path, key.serialize_pem()), (&cert_path, cert.pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        TestCert {
+            cert: cert_path,
+            key: key_path,
+            der: cert.der().clone(),
+        }
+    }
+}
+
 /// TLS over `stream`, trusting only `trusted`; the certificate the server
 /// presented comes back too.
 pub async fn connect(
     stream: TcpStream,
     trusted: &[&CertificateDer<'static>],
+) -> std::io::Result<(TlsStream<TcpStream>, CertificateDer<'static>)> {
+    connect_as(stream, trusted, "localhost").await
+}
+
+/// [`connect`] to a server that must be named `name` (a DNS name or an IP).
+pub async fn connect_as(
+    stream: TcpStream,
+    trusted: &[&CertificateDer<'static>],
+    name: &str,
 ) -> std::io::Result<(TlsStream<TcpStream>, CertificateDer<'static>)> {
     let mut roots = rustls::RootCertStore::empty();
     for c in trusted {
@@ -46,7 +119,10 @@ pub async fn connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .connect(
+            ServerName::try_from(name.to_string()).map_err(std::io::Error::other)?,
+            stream,
+        )
         .await?;
     let presented = tls
         .get_ref()

@@ -10,7 +10,7 @@
 
 mod render;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use skein_proto::v1::{
     RemoveNodeRequest, RetryRequest, StatusRequest,
 };
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// Operate a Skein cluster: status, queue, membership, drain, backup.
 #[derive(Debug, Parser)]
@@ -38,6 +38,10 @@ pub struct Cli {
     /// The cluster's admin token.
     #[arg(long, global = true, env = "SKEIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Verify the node's TLS certificate against this CA (PEM); needed when
+    /// the cluster port uses TLS.
+    #[arg(long, global = true, env = "SKEIN_CA")]
+    pub ca: Option<PathBuf>,
     /// Machine-readable output on stdout.
     #[arg(long, global = true)]
     pub json: bool,
@@ -144,18 +148,19 @@ impl std::fmt::Display for Failure {
     }
 }
 
-fn from_status(node: &str, s: tonic::Status) -> Failure {
+fn from_status(node: &str, ca: Option<&Path>, s: tonic::Status) -> Failure {
     use tonic::Code;
+    // A status with a cause is the transport's (the connection broke, or
+    // the two ends disagree on TLS); one without came from the node itself
+    // (Unavailable: no quorum).
+    if std::error::Error::source(&s).is_some() {
+        return Failure::Unreachable(connect_failure(node, ca, &s));
+    }
     match s.code() {
         Code::Unauthenticated | Code::PermissionDenied => Failure::Unreachable(format!(
             "{node} refused the admin token ({}); pass --token or set SKEIN_TOKEN",
             s.message()
         )),
-        // A transport failure (the connection broke) carries its cause; an
-        // Unavailable the node itself sent (no quorum) does not.
-        Code::Unavailable if std::error::Error::source(&s).is_some() => {
-            Failure::Unreachable(format!("{node} is unreachable: {}", s.message()))
-        }
         _ => Failure::Failed(s.message().to_string()),
     }
 }
@@ -186,30 +191,41 @@ pub fn main() -> ExitCode {
 struct Admin {
     client: AdminClient<Channel>,
     node: String,
+    ca: Option<PathBuf>,
     token: Option<String>,
 }
 
 impl Admin {
     async fn connect(cli: &Cli) -> Result<Admin, Failure> {
-        let uri = format!("http://{}", cli.node);
-        let endpoint = Channel::from_shared(uri)
+        let scheme = if cli.ca.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{}", cli.node))
             .map_err(|e| Failure::Failed(format!("--node {:?}: {e}", cli.node)))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(cli.timeout);
-        let channel = endpoint.connect().await.map_err(|e| {
-            // The innermost cause says it best ("Connection refused").
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(inner) = cause.source() {
-                cause = inner;
-            }
-            let cause = cause.to_string();
-            Failure::Unreachable(format!("{} is unreachable: {cause}", cli.node))
-        })?;
+        if let Some(ca) = &cli.ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Failure::Failed(format!("--ca {}: {e}", ca.display())))?;
+            let host = cli
+                .node
+                .rsplit_once(':')
+                .map_or(cli.node.as_str(), |(h, _)| h);
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Failure::Failed(format!("--ca {}: {e}", ca.display())))?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Failure::Unreachable(connect_failure(&cli.node, cli.ca.as_deref(), &e)))?;
         Ok(Admin {
             client: AdminClient::new(channel)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
             node: cli.node.clone(),
+            ca: cli.ca.clone(),
             token: cli.token.clone(),
         })
     }
@@ -226,8 +242,36 @@ impl Admin {
     }
 
     fn fail(&self, s: tonic::Status) -> Failure {
-        from_status(&self.node, s)
+        from_status(&self.node, self.ca.as_deref(), s)
     }
+}
+
+/// Why the node could not be reached, with what to do about TLS when the
+/// two ends disagree on it.
+fn connect_failure(node: &str, ca: Option<&Path>, e: &dyn std::error::Error) -> String {
+    // The innermost cause says it best ("Connection refused").
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    let cause = cause.to_string();
+    let down = ["refused", "timed out", "unreachable", "No route"]
+        .iter()
+        .any(|s| cause.contains(s));
+    let hint = match ca {
+        _ if down => String::new(),
+        Some(ca) if cause.contains("certificate") || cause.contains("UnknownIssuer") => format!(
+            " (the node's certificate is not trusted: is {} the cluster's CA, and does the \
+             certificate name {node}?)",
+            ca.display()
+        ),
+        Some(_) if cause.contains("corrupt message") || cause.contains("InvalidContentType") => {
+            " (the node does not speak TLS on this port: leave out --ca and SKEIN_CA)".to_string()
+        }
+        Some(_) => String::new(),
+        None => " (if the node's cluster port uses TLS, pass --ca or set SKEIN_CA)".to_string(),
+    };
+    format!("{node} is unreachable: {cause}{hint}")
 }
 
 fn io_failed(what: &str, e: std::io::Error) -> Failure {

@@ -62,6 +62,11 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
+    for finding in
+        crate::privilege::findings(&config, cli.config.as_deref(), crate::privilege::euid())
+    {
+        tracing::warn!("{finding}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -18,6 +18,8 @@
 //!   commits outcomes in batches.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`admin`]: the admin API (status, membership) on the cluster port.
+//! - [`tls`]: certificates reloaded from disk; the cluster's mutual TLS.
+//! - [`privilege`]: the least-privilege checks made at start.
 
 // openraft's error types are large by design; they are returned, not stored.
 #![allow(clippy::result_large_err)]
@@ -30,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod metrics;
 pub mod node;
+pub mod privilege;
 pub mod smtp;
 pub mod tls;
 

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::delivery::{self, DeliveryHandle};
 use crate::metrics::{self, Metrics};
 use crate::smtp::{self, Acceptor, PerClient, SmtpContext};
-use crate::tls::ReloadingCert;
+use crate::tls::{ClusterTls, ReloadingCert};
 
 /// How the admin CLI authenticates to this node.
 #[derive(Debug, Clone)]
@@ -82,10 +82,21 @@ impl Node {
 
         // One gRPC message must hold a whole mail (plus envelope) in an entry.
         let max_grpc = (config.smtp.max_message_size * 2).max(64 << 20);
+        let cluster_tls = match &config.cluster.tls {
+            Some(files) => Some(
+                ClusterTls::load(files)
+                    .context("cluster.tls_cert / cluster.tls_key / cluster.tls_ca")?,
+            ),
+            None => {
+                warn_if_exposed(&config);
+                None
+            }
+        };
         let peers = PeerChannels::new(
             config.cluster.secret.as_deref(),
             max_grpc,
             Some(config.cluster.listen.ip()),
+            cluster_tls.clone(),
         )?;
         let cluster = Cluster::start(&config, stores, peers).await?;
         let metrics = Arc::new(Metrics::new());
@@ -152,18 +163,26 @@ impl Node {
             max_grpc,
         );
         let mut grpc_shutdown = shutdown_rx.clone();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(raft_svc)
+            .add_service(admin_svc);
+        let stopped = async move {
+            let _ = grpc_shutdown.wait_for(|s| *s).await;
+        };
+        let reload_every = config.smtp.tls_reload_interval;
         tasks.spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(raft_svc)
-                .add_service(admin_svc)
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(cluster_listener),
-                    async move {
-                        let _ = grpc_shutdown.wait_for(|s| *s).await;
-                    },
-                )
-                .await;
+            let r = match cluster_tls {
+                Some(tls) => {
+                    let _watcher = AbortOnDrop(tls.watch(reload_every, "cluster"));
+                    let incoming = crate::tls::tls_incoming(cluster_listener, tls);
+                    router.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+                None => {
+                    let incoming = TcpListenerStream::new(cluster_listener);
+                    router.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
             if let Err(e) = r {
                 tracing::error!(error = %e, "cluster gRPC server stopped");
             }
@@ -183,10 +202,11 @@ impl Node {
         let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
             (Some(cert), Some(key)) => {
                 let cert =
-                    ReloadingCert::load(cert, key).context("smtp.tls_cert / smtp.tls_key")?;
-                let watcher = cert.watch(config.smtp.tls_reload_interval, "SMTP");
+                    ReloadingCert::load_pair(cert, key).context("smtp.tls_cert / smtp.tls_key")?;
+                let watcher = AbortOnDrop(cert.watch(config.smtp.tls_reload_interval, "SMTP"));
                 tasks.spawn(async move {
-                    let _ = watcher.await;
+                    let _watcher = watcher;
+                    std::future::pending::<()>().await
                 });
                 Some(crate::tls::server_acceptor(cert)?)
             }
@@ -273,6 +293,43 @@ impl Node {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("stopped");
+    }
+}
+
+/// Stops a background task when its owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Without TLS, mail bodies and Raft entries cross the network in clear:
+/// fine on loopback, a warning anywhere else.
+fn warn_if_exposed(config: &Config) {
+    let exposed: Vec<&str> = config
+        .cluster
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(_, addr)| addr.as_str())
+        .chain(std::iter::once(config.cluster.advertise.as_str()))
+        .filter(|addr| !is_loopback(crate::tls::host_of(addr)))
+        .collect();
+    if !config.is_single_node() && !exposed.is_empty() {
+        tracing::warn!(
+            addresses = ?exposed,
+            "CLUSTER TRAFFIC IS NOT ENCRYPTED: mail bodies and Raft entries cross the network \
+             in clear to peers off loopback; set cluster.tls_cert, cluster.tls_key and cluster.tls_ca"
+        );
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
 

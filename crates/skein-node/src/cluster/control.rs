@@ -27,6 +27,11 @@ pub enum ControlError {
     Fatal(String),
 }
 
+/// How long a node being added may go without receiving anything before
+/// the addition is called off (a large snapshot counts as progress only
+/// once installed, so this is generous).
+pub const CATCH_UP_STALL: Duration = Duration::from_secs(30);
+
 /// A membership change.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -70,7 +75,12 @@ impl Cluster {
             .await
             .ok_or(ControlError::NoLeader)?;
         if leader == self.id() {
-            return self.change_membership_here(change).await;
+            // Run to the end even if the caller goes away: an addition
+            // called off must still take its learner out again.
+            let me = self.clone();
+            return tokio::spawn(async move { me.change_membership_here(change).await })
+                .await
+                .map_err(|e| ControlError::Fatal(e.to_string()))?;
         }
         let ch = self
             .peers()
@@ -108,9 +118,20 @@ impl Cluster {
         let resp = match change {
             Change::Add { id, addr } => {
                 tracing::info!(node = id, addr = %addr, "adding a node: learner until caught up");
-                raft.add_learner(id, BasicNode { addr }, true)
+                let added = raft
+                    .add_learner(id, BasicNode { addr: addr.clone() }, false)
                     .await
                     .map_err(write_error)?;
+                if let Err(why) = self.wait_caught_up(id, added.log_id.index).await {
+                    tracing::warn!(node = id, addr = %addr, "{why}; taking the learner out again");
+                    let _ = raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await;
+                    return Err(ControlError::Refused(format!(
+                        "node {id} at {addr} {why}: is it running and reachable, and does \
+                         its certificate chain to the cluster CA?"
+                    )));
+                }
                 tracing::info!(node = id, "node caught up; making it a voter");
                 raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                     .await
@@ -142,6 +163,42 @@ impl Cluster {
             .map(|m| m.voter_ids().collect())
             .unwrap_or_default();
         Ok((voters, resp.log_id.index))
+    }
+
+    /// Wait until the new learner `id` holds the log up to `index` (the
+    /// entry that added it). openraft's own blocking add counts a learner
+    /// within `replication_lag_threshold` entries as caught up, even one
+    /// that never received anything; a voter that cannot be reached would
+    /// only weaken the quorum. Gives up when the learner makes no progress
+    /// for [`CATCH_UP_STALL`].
+    async fn wait_caught_up(&self, id: NodeId, index: u64) -> Result<(), String> {
+        let mut metrics = self.raft().metrics();
+        let mut best = None;
+        let mut progress_at = tokio::time::Instant::now();
+        loop {
+            let matched = {
+                let m = metrics.borrow_and_update();
+                let Some(repl) = &m.replication else {
+                    return Err("was not caught up before this node lost leadership".into());
+                };
+                repl.get(&id).copied().flatten().map(|l| l.index)
+            };
+            if matched >= Some(index) {
+                return Ok(());
+            }
+            if matched > best {
+                best = matched;
+                progress_at = tokio::time::Instant::now();
+            }
+            let stalled = progress_at + CATCH_UP_STALL;
+            if tokio::time::Instant::now() >= stalled {
+                return Err(format!(
+                    "received no log entries for {}",
+                    humantime::format_duration(CATCH_UP_STALL)
+                ));
+            }
+            let _ = tokio::time::timeout_at(stalled, metrics.changed()).await;
+        }
     }
 
     /// This node's view of itself.

@@ -1,6 +1,6 @@
 //! openraft's network over tonic: one lazily connected gRPC channel per peer
-//! address, the cluster secret on every call, batches kept under the gRPC
-//! message limit.
+//! address (over mutual TLS when the cluster has certificates), the cluster
+//! secret on every call, batches kept under the gRPC message limit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::{host_of, ClusterTls, Reloading};
+
 /// Append batches are split (by asking openraft for fewer entries) above
 /// this size; a single entry may be as large as a message allows.
 const SOFT_BATCH_BYTES: usize = 16 << 20;
@@ -42,8 +44,14 @@ struct PeerInner {
     /// Dial peers from this address (the cluster listener's), so traffic
     /// between nodes leaves on the cluster network of a multi-homed host.
     local: Option<std::net::IpAddr>,
-    channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<Arc<Reloading<ClusterTls>>>,
+    /// Each channel with the TLS material it was made with: after a
+    /// certificate reload the next call makes a new one.
+    channels: Mutex<HashMap<String, MadeWith>>,
 }
+
+/// A channel and the TLS material it was made with.
+type MadeWith = (Option<Arc<ClusterTls>>, Channel);
 
 impl PeerChannels {
     /// `max_message`: the largest gRPC message sent or accepted, sized from
@@ -52,6 +60,7 @@ impl PeerChannels {
         secret: Option<&str>,
         max_message: usize,
         local: Option<std::net::IpAddr>,
+        tls: Option<Arc<Reloading<ClusterTls>>>,
     ) -> anyhow::Result<Self> {
         let secret = match secret {
             Some(s) => Some(
@@ -65,6 +74,7 @@ impl PeerChannels {
                 secret,
                 max_message,
                 local: local.filter(|ip| !ip.is_unspecified()),
+                tls,
                 channels: Mutex::new(HashMap::new()),
             }),
         })
@@ -82,31 +92,38 @@ impl PeerChannels {
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
+        let tls = self.inner.tls.as_ref().map(|t| t.current());
+        if let Some((made_with, c)) = map.get(addr) {
+            let same = match (made_with, &tls) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            if same {
+                return Ok(c.clone());
+            }
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .local_address(self.inner.local)
-            .connect_lazy();
-        map.insert(addr.to_string(), ch.clone());
+            .local_address(self.inner.local);
+        if let Some(t) = &tls {
+            endpoint = endpoint.tls_config(t.client_config(host_of(addr)))?;
+        }
+        let ch = endpoint.connect_lazy();
+        map.insert(addr.to_string(), (tls, ch.clone()));
         Ok(ch)
     }
 
     /// The channel to a member of the cluster, by id, from the membership.
     pub async fn channel_for(&self, id: NodeId, raft: &Raft) -> Option<Channel> {
-        let addr = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            m.membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-        }?;
-        self.channel(&addr).ok()
+        self.channel(&member_addr(raft, id)?).ok()
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        self.inner.tls.is_some()
     }
 
     pub fn raft_client(&self, ch: Channel) -> PeerClient {
@@ -114,6 +131,16 @@ impl PeerChannels {
             .max_decoding_message_size(self.inner.max_message)
             .max_encoding_message_size(self.inner.max_message)
     }
+}
+
+/// Where member `id` is reached, from the membership this node knows.
+pub fn member_addr(raft: &Raft, id: NodeId) -> Option<String> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    m.membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.addr.clone())
 }
 
 /// Puts the cluster secret on every outgoing call.

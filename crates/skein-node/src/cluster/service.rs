@@ -2,7 +2,8 @@
 //! proposals forwarded by followers.
 
 use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::InstallSnapshotRequest;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::Vote;
 use serde::Serialize;
 use skein_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
 use skein_proto::v1::{
@@ -10,15 +11,51 @@ use skein_proto::v1::{
     ElectReply, ElectRequest, NodeInfoReply, NodeInfoRequest, ProposeReply, ProposeRequest,
     RaftPayload, SnapshotChunk,
 };
-use skein_queue::{Command, NodeId};
+use skein_queue::{Command, NodeId, TypeConfig};
 use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use super::network::member_addr;
 use super::{secret_eq, Change, Cluster, ControlError, Step};
 
 pub struct RaftService {
     cluster: Cluster,
+}
+
+/// With mutual TLS, every Raft call must come with a certificate from the
+/// cluster CA (the handshake checked the chain), and a call made in a
+/// node's name (a leader's append, a candidate's vote) with that node's
+/// certificate: one naming the host of its address in the membership.
+fn check_peer<T>(
+    cluster: &Cluster,
+    req: &Request<T>,
+    claimed: Option<NodeId>,
+) -> Result<(), Status> {
+    if !cluster.peers().uses_tls() {
+        return Ok(());
+    }
+    let Some(certs) = req.peer_certs() else {
+        return Err(Status::permission_denied(
+            "cluster calls need a node certificate from the cluster CA",
+        ));
+    };
+    // A node not (yet) in this node's membership, such as the leader
+    // adding this node, is vouched for by the CA alone.
+    let Some(id) = claimed else { return Ok(()) };
+    let Some(addr) = member_addr(cluster.raft(), id) else {
+        return Ok(());
+    };
+    let host = crate::tls::host_of(&addr);
+    match certs.first() {
+        Some(cert) if crate::tls::cert_names(cert, host) => Ok(()),
+        _ => {
+            tracing::warn!(node = id, %host, "refused a call in a node's name with a certificate not naming its host");
+            Err(Status::permission_denied(format!(
+                "the certificate presented does not name {host}, the address of node {id}"
+            )))
+        }
+    }
 }
 
 /// Refuses every call that does not carry the cluster secret.
@@ -76,13 +113,15 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().data)?;
+        check_peer(&self.cluster, &req, rpc.vote.leader_id().voted_for())?;
         self.cluster.note_leader_contact();
         encode(&self.cluster.raft().append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc: VoteRequest<NodeId> = decode(&req.get_ref().data)?;
+        check_peer(&self.cluster, &req, rpc.vote.leader_id().voted_for())?;
         encode(&self.cluster.raft().vote(rpc).await)
     }
 
@@ -90,9 +129,11 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<SnapshotChunk>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let vote: Vote<NodeId> = decode(&req.get_ref().vote)?;
+        check_peer(&self.cluster, &req, vote.leader_id().voted_for())?;
         let c = req.into_inner();
         let rpc = InstallSnapshotRequest {
-            vote: decode(&c.vote)?,
+            vote,
             meta: decode(&c.meta)?,
             offset: c.offset,
             data: c.data.to_vec(),
@@ -107,6 +148,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<ProposeRequest>,
     ) -> Result<Response<ProposeReply>, Status> {
+        check_peer(&self.cluster, &req, None)?;
         let cmd: Command = decode(&req.into_inner().command)?;
         let result = match self.cluster.propose_local(cmd).await {
             Ok(resp) => {
@@ -126,6 +168,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<ChangeMembershipRequest>,
     ) -> Result<Response<ChangeMembershipReply>, Status> {
+        check_peer(&self.cluster, &req, None)?;
         let r = req.into_inner();
         let change = match r.change {
             Some(change_membership_request::Change::AddAddr(addr)) => Change::Add {
@@ -145,12 +188,14 @@ impl RaftRpc for RaftService {
 
     async fn node_info(
         &self,
-        _req: Request<NodeInfoRequest>,
+        req: Request<NodeInfoRequest>,
     ) -> Result<Response<NodeInfoReply>, Status> {
+        check_peer(&self.cluster, &req, None)?;
         Ok(Response::new(self.cluster.node_info()))
     }
 
-    async fn elect(&self, _req: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
+    async fn elect(&self, req: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
+        check_peer(&self.cluster, &req, None)?;
         if self.cluster.is_draining() {
             return Err(Status::failed_precondition("this node is draining"));
         }

@@ -34,6 +34,15 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub routes: Vec<Route>,
     pub metrics: MetricsConfig,
+    /// Where the secrets came from, for the permission checks at start.
+    pub secrets: Secrets,
+}
+
+/// The secrets a config holds: keys written inline, files read.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub inline: Vec<String>,
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

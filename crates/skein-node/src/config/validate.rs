@@ -26,6 +26,7 @@ impl fmt::Display for Problem {
 
 struct Checker {
     problems: Vec<Problem>,
+    secrets: Secrets,
 }
 
 impl Checker {
@@ -117,9 +118,15 @@ impl Checker {
                 self.problem(key, "must not be empty");
                 None
             }
-            (Some(s), None) => Some(s.clone()),
+            (Some(s), None) => {
+                self.secrets.inline.push(key.to_string());
+                Some(s.clone())
+            }
             (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                Ok(s) if !s.trim().is_empty() => {
+                    self.secrets.files.push(PathBuf::from(path));
+                    Some(s.trim().to_string())
+                }
                 Ok(_) => {
                     self.problem(file_key, format!("{path} is empty"));
                     None
@@ -137,6 +144,7 @@ impl Checker {
 pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut c = Checker {
         problems: Vec::new(),
+        secrets: Secrets::default(),
     };
     let raw = match toml::Deserializer::parse(text) {
         Err(e) => {
@@ -159,7 +167,8 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             }
         }
     };
-    let config = check(&mut c, raw);
+    let mut config = check(&mut c, raw);
+    config.secrets = std::mem::take(&mut c.secrets);
     if c.problems.is_empty() {
         Ok(config)
     } else {
@@ -224,6 +233,7 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
         delivery,
         routes,
         metrics,
+        secrets: Secrets::default(),
     }
 }
 

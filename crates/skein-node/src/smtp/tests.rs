@@ -65,7 +65,7 @@ async fn harness(cluster: &str) -> Harness {
 
 async fn start_cluster(config: &Config) -> Cluster {
     let stores = skein_queue::open(&config.data_dir).unwrap();
-    let peers = PeerChannels::new(None, 64 << 20, None).unwrap();
+    let peers = PeerChannels::new(None, 64 << 20, None, None).unwrap();
     let cluster = Cluster::start(config, stores, peers).await.unwrap();
     // A single voter elects itself at once.
     cluster

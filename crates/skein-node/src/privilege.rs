@@ -1,0 +1,129 @@
+//! Least privilege at start: what in the node's setup gives away more than
+//! it must. Each finding is a warning in the log; none stops the node.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::config::Config;
+
+/// Permission bits that let other users in.
+fn mode(path: &Path) -> Option<u32> {
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode())
+}
+
+fn readable_by_others(path: &Path) -> bool {
+    mode(path).is_some_and(|m| m & 0o004 != 0)
+}
+
+/// Everything about this process and its files that is more open than it
+/// should be, as messages for the log.
+pub fn findings(config: &Config, config_path: Option<&Path>, euid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if euid == 0 {
+        out.push(
+            "skeind runs as root: run it as an unprivileged user and grant \
+             CAP_NET_BIND_SERVICE to bind port 25 (see docs/deploy.md)"
+                .to_string(),
+        );
+    }
+    if let Some(path) = config_path {
+        if !config.secrets.inline.is_empty() && readable_by_others(path) {
+            out.push(format!(
+                "{} is readable by every user and holds {}: chmod o-r it, or move them to \
+                 files (cluster.secret_file, admin.token_file, auth_password_file)",
+                path.display(),
+                config.secrets.inline.join(", ")
+            ));
+        }
+    }
+    let key = config.cluster.tls.as_ref().map(|t| t.key.as_path());
+    for file in config
+        .secrets
+        .files
+        .iter()
+        .map(|p| p.as_path())
+        .chain(key)
+        .chain(config.smtp.tls_key.as_deref())
+    {
+        if readable_by_others(file) {
+            out.push(format!(
+                "{} is readable by every user: chmod 600 it (or 640 to skeind's group)",
+                file.display()
+            ));
+        }
+    }
+    if let Some(m) = mode(&config.data_dir) {
+        if m & 0o077 != 0 {
+            out.push(format!(
+                "the data directory {} is open to other users (mode {:o}): chmod 700 it",
+                config.data_dir.display(),
+                m & 0o777
+            ));
+        }
+    }
+    out
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::Permissions;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn open_files_and_root_are_reported_and_private_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        chmod(&data, 0o700);
+        let token = dir.path().join("admin.token");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        chmod(&token, 0o600);
+        let text = format!(
+            "data_dir = {:?}\n[cluster]\nsecret = \"s3cret\"\n[admin]\ntoken_file = {:?}\n",
+            data.display().to_string(),
+            token.display().to_string()
+        );
+        let path = dir.path().join("skein.toml");
+        std::fs::write(&path, &text).unwrap();
+        chmod(&path, 0o600);
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.secrets.inline, vec!["cluster.secret"]);
+        assert!(findings(&config, Some(&path), 1000).is_empty());
+
+        chmod(&path, 0o644);
+        chmod(&token, 0o644);
+        chmod(&data, 0o755);
+        let found = findings(&config, Some(&path), 0).join("\n");
+        assert!(found.contains("runs as root"), "{found}");
+        assert!(found.contains("holds cluster.secret"), "{found}");
+        assert!(
+            found.contains("admin.token is readable by every user"),
+            "{found}"
+        );
+        assert!(found.contains("mode 755"), "{found}");
+    }
+
+    #[test]
+    fn a_world_readable_config_without_secrets_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("skein.toml");
+        let text = format!(
+            "data_dir = {:?}\n",
+            dir.path().join("d").display().to_string()
+        );
+        std::fs::write(&path, &text).unwrap();
+        chmod(&path, 0o644);
+        let config = Config::parse(&text).unwrap();
+        assert!(findings(&config, Some(&path), 1000).is_empty());
+    }
+}
