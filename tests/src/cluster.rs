@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use skein_proto::v1::admin_client::AdminClient;
 use skein_proto::v1::{
-    AddNodeRequest, DrainReply, DrainRequest, RemoveNodeRequest, StatusReply, StatusRequest,
+    AddNodeRequest, DrainReply, DrainRequest, ListQueueRequest, QueuedMessage, RemoveNodeRequest,
+    StatusReply, StatusRequest,
 };
 
 use crate::config::{free_addr, TestConfig, TOKEN};
@@ -218,6 +219,20 @@ pub async fn remove_node(via: SocketAddr, id: u64) -> anyhow::Result<Vec<u64>> {
         .remove_node(authed(RemoveNodeRequest { id }))
         .await?;
     Ok(r.into_inner().voters)
+}
+
+/// The queue as the node at `addr` sees it; `state` as `skeinctl queue list`.
+pub async fn list_queue(addr: SocketAddr, state: &str) -> anyhow::Result<Vec<QueuedMessage>> {
+    Ok(admin(addr)
+        .await?
+        .list_queue(authed(ListQueueRequest {
+            state: state.into(),
+            domain: String::new(),
+            limit: 0,
+        }))
+        .await?
+        .into_inner()
+        .messages)
 }
 
 /// Drain the node at `addr`.

@@ -25,12 +25,31 @@ pub struct ProcessNode {
     config_path: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
+    /// Extra environment for the process (a faked clock, say).
+    env: Vec<(String, String)>,
 }
 
 impl ProcessNode {
     /// Write the config next to the data directory and start `binary` on it
     /// (pass `skeind!()`).
     pub fn start(binary: &str, config: TestConfig) -> anyhow::Result<ProcessNode> {
+        Self::start_with_env(binary, config, Vec::new())
+    }
+
+    /// Like [`ProcessNode::start`], with extra environment variables that
+    /// stay for every restart.
+    pub fn start_with_env(
+        binary: &str,
+        config: TestConfig,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<ProcessNode> {
+        let mut n = Self::start_stopped(binary, config)?;
+        n.env = env;
+        n.spawn()?;
+        Ok(n)
+    }
+
+    fn start_stopped(binary: &str, config: TestConfig) -> anyhow::Result<ProcessNode> {
         let base = config
             .data_dir
             .parent()
@@ -39,15 +58,14 @@ impl ProcessNode {
         let config_path = base.join(format!("node{}.toml", config.node_id));
         let log_path = base.join(format!("node{}.log", config.node_id));
         std::fs::write(&config_path, config.toml())?;
-        let mut n = ProcessNode {
+        Ok(ProcessNode {
             config,
             binary: binary.into(),
             config_path,
             log_path,
             child: None,
-        };
-        n.spawn()?;
-        Ok(n)
+            env: Vec::new(),
+        })
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -59,6 +77,7 @@ impl ProcessNode {
             .arg("--config")
             .arg(&self.config_path)
             .env("SKEIN_LOG", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -113,6 +132,39 @@ impl ProcessNode {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGSTOP: the process is frozen, its sockets open and silent.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`ProcessNode::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Start the process again after a kill or a SIGTERM.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.child.is_none(),
+            "node {} still runs",
+            self.config.node_id
+        );
+        self.spawn()
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {

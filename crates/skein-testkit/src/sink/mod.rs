@@ -41,6 +41,8 @@ pub struct Received {
     pub auth: Option<String>,
     /// The connection it came on, numbered from 1 in accept order.
     pub connection: usize,
+    /// When the sink answered the end of its data.
+    pub at: std::time::Instant,
 }
 
 /// Where a sink stops answering, keeping the connection open until the sink

@@ -342,6 +342,7 @@ impl Session {
                 tls: self.tls,
                 auth: self.auth.clone(),
                 connection: self.connection,
+                at: std::time::Instant::now(),
             });
         }
         for (a, _) in &answers {
