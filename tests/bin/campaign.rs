@@ -284,11 +284,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     // Memory, sampled while everything runs.
     let rss: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
+    let disk: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
+    let dirs: Vec<(u64, PathBuf)> = plan
+        .configs
+        .iter()
+        .map(|c| (c.node_id, c.data_dir.clone()))
+        .collect();
     let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
     let sampler = {
-        let (rss, nodes) = (rss.clone(), nodes.clone());
+        let (rss, disk, nodes) = (rss.clone(), disk.clone(), nodes.clone());
         tokio::spawn(async move {
             loop {
+                for (id, dir) in &dirs {
+                    let size = dir_size(dir);
+                    let mut m = disk.lock().unwrap();
+                    let e = m.entry(*id).or_insert(0);
+                    *e = (*e).max(size);
+                }
                 for (id, node) in nodes.lock().await.iter() {
                     if let Some(kib) = node.rss_kib() {
                         let mut m = rss.lock().unwrap();
@@ -600,11 +612,34 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for c in &plan.configs {
         let id = c.node_id;
         println!(
-            "| node {id}: data dir start → end, peak RSS | {} → {}, {} |",
+            "| node {id}: data dir start → peak → end; peak RSS | {} → {} → {}; {} |",
             mib(start_sizes[&id]),
+            mib(disk.lock().unwrap().get(&id).copied().unwrap_or(0)),
             mib(end_sizes[&id]),
             mib(rss.lock().unwrap().get(&id).copied().unwrap_or(0) * 1024)
         );
+    }
+    if std::env::var_os("CAMPAIGN_SHOW_FILES").is_some() {
+        let dir = &plan.configs[0].data_dir;
+        let mut files = Vec::new();
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d)?.flatten() {
+                let m = e.metadata()?;
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    files.push((e.path(), m.len()));
+                }
+            }
+        }
+        for (p, len) in files {
+            println!(
+                "{:>12} {}",
+                len,
+                p.strip_prefix(dir).unwrap_or(&p).display()
+            );
+        }
     }
     if !lost.is_empty() {
         println!("\nlost: {:?}", &lost[..lost.len().min(20)]);
