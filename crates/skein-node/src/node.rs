@@ -308,7 +308,23 @@ impl Drop for AbortOnDrop {
 /// Without TLS, mail bodies and Raft entries cross the network in clear:
 /// fine on loopback, a warning anywhere else.
 fn warn_if_exposed(config: &Config) {
-    let exposed: Vec<&str> = config
+    let exposed = exposed_addresses(config);
+    if !exposed.is_empty() {
+        tracing::warn!(
+            addresses = ?exposed,
+            "CLUSTER TRAFFIC IS NOT ENCRYPTED: mail bodies and Raft entries cross the network \
+             in clear to peers off loopback; set cluster.tls_cert, cluster.tls_key and cluster.tls_ca"
+        );
+    }
+}
+
+/// The cluster addresses (peers' and this node's advertised one) that are
+/// not on loopback, when there are peers to talk to.
+fn exposed_addresses(config: &Config) -> Vec<&str> {
+    if config.is_single_node() {
+        return Vec::new();
+    }
+    config
         .cluster
         .peers
         .iter()
@@ -316,14 +332,7 @@ fn warn_if_exposed(config: &Config) {
         .map(|(_, addr)| addr.as_str())
         .chain(std::iter::once(config.cluster.advertise.as_str()))
         .filter(|addr| !is_loopback(crate::tls::host_of(addr)))
-        .collect();
-    if !config.is_single_node() && !exposed.is_empty() {
-        tracing::warn!(
-            addresses = ?exposed,
-            "CLUSTER TRAFFIC IS NOT ENCRYPTED: mail bodies and Raft entries cross the network \
-             in clear to peers off loopback; set cluster.tls_cert, cluster.tls_key and cluster.tls_ca"
-        );
-    }
+        .collect()
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -379,4 +388,31 @@ fn admin_token(config: &Config) -> anyhow::Result<(String, TokenSource)> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     writeln!(f, "{token}")?;
     Ok((token, TokenSource::File(path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(peers: &str) -> Config {
+        Config::parse(&format!(
+            "node_id = 1\n[cluster]\nsecret = \"s\"\n[cluster.peers]\n{peers}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn peers_off_loopback_without_tls_are_named() {
+        let local =
+            cluster("1 = \"127.0.0.1:7100\"\n2 = \"127.0.0.2:7100\"\n3 = \"localhost:7100\"\n");
+        assert!(exposed_addresses(&local).is_empty());
+        let lan = cluster(
+            "1 = \"127.0.0.1:7100\"\n2 = \"10.0.0.2:7100\"\n3 = \"node3.example.com:7100\"\n",
+        );
+        assert_eq!(
+            exposed_addresses(&lan),
+            vec!["10.0.0.2:7100", "node3.example.com:7100"]
+        );
+        assert!(exposed_addresses(&Config::defaults()).is_empty());
+    }
 }
