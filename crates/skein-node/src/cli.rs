@@ -30,6 +30,9 @@ enum Cmd {
     CheckConfig,
     /// Read a password on stdin and print its argon2 hash for [smtp.users].
     HashPassword,
+    /// Exit 0 if the node of this config answers 200 on /readyz (its
+    /// metrics listener), 1 if not: a container health check without curl.
+    Ready,
 }
 
 pub fn main() -> ExitCode {
@@ -54,6 +57,9 @@ pub fn main() -> ExitCode {
         },
         None => Config::defaults(),
     };
+    if let Some(Cmd::Ready) = cli.command {
+        return ready(&config);
+    }
     if let Some(Cmd::CheckConfig) = cli.command {
         match &cli.config {
             Some(p) => println!("{}: valid", p.display()),
@@ -125,6 +131,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.shutdown(Duration::from_secs(10)).await;
     Ok(())
+}
+
+/// `GET /readyz` on the node's own metrics listener.
+fn ready(config: &Config) -> ExitCode {
+    let mut addr = config.metrics.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let probe = || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let timeout = Duration::from_secs(3);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: skeind\r\n\r\n")?;
+        let mut answer = String::new();
+        s.take(4096).read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    match probe() {
+        Ok(a) if a.starts_with("HTTP/1.1 200") || a.starts_with("HTTP/1.0 200") => {
+            println!("ready");
+            ExitCode::SUCCESS
+        }
+        Ok(a) => {
+            println!("not ready: {}", a.lines().next().unwrap_or(""));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            println!("not ready: http://{addr}/readyz: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

@@ -83,6 +83,17 @@ fn starts_prints_where_it_listens_and_stops_cleanly_on_sigterm() {
         ),
     )
     .unwrap();
+    let ready = || {
+        skeind()
+            .arg("ready")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let down = ready();
+    assert_eq!(down.status.code(), Some(1), "ready with nothing running");
+    assert!(String::from_utf8_lossy(&down.stdout).contains("not ready"));
     let mut child = skeind()
         .arg("--config")
         .arg(&path)
@@ -104,6 +115,17 @@ fn starts_prints_where_it_listens_and_stops_cleanly_on_sigterm() {
     assert!(banner.contains("admin.token"), "{banner}");
     let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
     assert_eq!(token.trim().len(), 32);
+    // Least privilege: the queue and the token are the node user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+    assert_eq!(mode(&dir.path().join("data/admin.token")), 0o600);
+    // The container health check turns healthy once the node is ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready().status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "skeind ready never succeeded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

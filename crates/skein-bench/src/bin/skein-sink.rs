@@ -1,0 +1,49 @@
+//! `skein-sink`: a receiving MTA for demos and the Docker tier. Answers 250
+//! to everything and prints one line per message received:
+//! `delivered <X-Token or Message-ID or -> <bytes>`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use skein_testkit::SinkMta;
+
+#[derive(Parser)]
+#[command(name = "skein-sink", about = "An SMTP sink that prints what it receives")]
+struct Args {
+    #[arg(long, default_value = "0.0.0.0:25")]
+    listen: SocketAddr,
+}
+
+fn header(data: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(data);
+    text.lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let sink = SinkMta::builder()
+        .ip(a.listen.ip())
+        .port(a.listen.port())
+        .start()
+        .await?;
+    println!("skein-sink listening on {}", sink.addr());
+    let mut printed = 0;
+    loop {
+        let messages = sink.messages();
+        for m in &messages[printed..] {
+            let id = header(&m.data, "X-Token")
+                .or_else(|| header(&m.data, "Message-ID"))
+                .unwrap_or_else(|| "-".into());
+            println!("delivered {id} {}", m.data.len());
+        }
+        printed = messages.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
