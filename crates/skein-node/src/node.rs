@@ -346,15 +346,25 @@ fn is_loopback(host: &str) -> bool {
 /// leases are handed back anyway.
 const DELIVERY_GRACE: Duration = Duration::from_secs(2);
 
-/// The data directory is the queue: readable by this user alone.
+/// The data directory is the queue: readable by this user alone. One that
+/// exists, belongs to this user and is open to others (a fresh container
+/// volume, say) is closed; one owned by someone else is left as it is, and
+/// reported at start (`crate::privilege`).
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() == crate::privilege::euid() && meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "data directory made private (mode 700)");
     }
     Ok(())
 }
@@ -399,6 +409,24 @@ mod tests {
             "node_id = 1\n[cluster]\nsecret = \"s\"\n[cluster.peers]\n{peers}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn an_open_data_directory_of_our_own_is_closed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&data).unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        create_private_dir(&dir.path().join("new/deeper")).unwrap();
+        let mode = std::fs::metadata(dir.path().join("new/deeper"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

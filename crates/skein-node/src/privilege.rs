@@ -52,11 +52,17 @@ pub fn findings(config: &Config, config_path: Option<&Path>, euid: u32) -> Vec<S
             ));
         }
     }
-    if let Some(m) = mode(&config.data_dir) {
-        if m & 0o077 != 0 {
+    // An open data directory of our own is closed at start; one owned by
+    // another user cannot be.
+    if let Ok(meta) = std::fs::metadata(&config.data_dir) {
+        use std::os::unix::fs::MetadataExt;
+        let m = meta.permissions().mode();
+        if m & 0o077 != 0 && meta.uid() != euid {
             out.push(format!(
-                "the data directory {} is open to other users (mode {:o}): chmod 700 it",
+                "the data directory {} belongs to uid {} and is open to other users (mode {:o}): \
+                 chown it to skeind's user and chmod 700 it",
                 config.data_dir.display(),
+                meta.uid(),
                 m & 0o777
             ));
         }
@@ -103,14 +109,22 @@ mod tests {
         chmod(&path, 0o644);
         chmod(&token, 0o644);
         chmod(&data, 0o755);
-        let found = findings(&config, Some(&path), 0).join("\n");
-        assert!(found.contains("runs as root"), "{found}");
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&data).unwrap().uid();
+        let as_root = findings(&config, Some(&path), 0).join("\n");
+        assert!(as_root.contains("runs as root"), "{as_root}");
+        let found = findings(&config, Some(&path), owner).join("\n");
+        assert!(!found.contains("runs as root") || owner == 0, "{found}");
         assert!(found.contains("holds cluster.secret"), "{found}");
         assert!(
             found.contains("admin.token is readable by every user"),
             "{found}"
         );
-        assert!(found.contains("mode 755"), "{found}");
+        // Open, but ours: the node closes it at start, nothing to report...
+        assert!(!found.contains("data directory"), "{found}");
+        // ...while another user's open directory is reported.
+        let as_other = findings(&config, Some(&path), owner + 1).join("\n");
+        assert!(as_other.contains("mode 755"), "{as_other}");
     }
 
     #[test]
