@@ -242,7 +242,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for w in 0..args.workers {
         let (stop, attempts, smtp) = (stop.clone(), attempts.clone(), smtp.clone());
         let seed = args.seed;
-        let mut wrng = StdRng::seed_from_u64(args.seed ^ (w as u64 + 1) * 0x9e37_79b9);
+        let mut wrng = StdRng::seed_from_u64(args.seed ^ ((w as u64 + 1) * 0x9e37_79b9));
         senders.push(tokio::spawn(async move {
             let mut k = 0u64;
             while !stop.load(Ordering::Relaxed) {

@@ -10,7 +10,10 @@ use skein_tests::mail::tokened;
 use skein_tests::send;
 
 #[derive(Parser)]
-#[command(name = "skein-mail", about = "Send tokened test mail through a DNS name")]
+#[command(
+    name = "skein-mail",
+    about = "Send tokened test mail through a DNS name"
+)]
 struct Args {
     /// HOST:PORT; HOST may have several A records.
     #[arg(long)]

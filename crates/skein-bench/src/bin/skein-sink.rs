@@ -9,7 +9,10 @@ use clap::Parser;
 use skein_testkit::SinkMta;
 
 #[derive(Parser)]
-#[command(name = "skein-sink", about = "An SMTP sink that prints what it receives")]
+#[command(
+    name = "skein-sink",
+    about = "An SMTP sink that prints what it receives"
+)]
 struct Args {
     #[arg(long, default_value = "0.0.0.0:25")]
     listen: SocketAddr,
@@ -17,12 +20,10 @@ struct Args {
 
 fn header(data: &[u8], name: &str) -> Option<String> {
     let text = String::from_utf8_lossy(data);
-    text.lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
+    text.lines().take_while(|l| !l.is_empty()).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
 }
 
 #[tokio::main]
