@@ -38,14 +38,6 @@ pub fn get(tree: &sled::Tree, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreErr
     Ok(out)
 }
 
-/// Remove the value under `prefix`.
-pub fn remove(batch: &mut sled::Batch, tree: &sled::Tree, prefix: &[u8]) -> Result<(), StoreError> {
-    for k in tree.scan_prefix(prefix).keys() {
-        batch.remove(k?);
-    }
-    Ok(())
-}
-
 /// Group the chunked values of an ordered key range by their prefix of
 /// `prefix_len` bytes: `(prefix, value)` in key order.
 pub fn group(

@@ -5,16 +5,38 @@
 //! one `flush` (an fsync) for all of them, and only then reports them durable.
 //! While one flush runs the next batch gathers: the group commit that makes
 //! replicated accepts fast without ever reporting an unflushed append.
+//!
+//! Bodies are taken out of each entry and appended to the body segments
+//! ([`super::bodies`]); sled keeps the entry with a reference per body, and
+//! reads put the bodies back. Every flush syncs the segments first.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{OptionalSend, StorageError, StorageIOError};
+use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{chunked, StoreError, KEY_LAST_PURGED, KEY_VOTE, LOG_TREE, META_TREE};
+use super::{
+    bodies_of_mut, chunked, flush_all, Bodies, BodyRef, StoreError, KEY_LAST_PURGED, KEY_VOTE,
+    LOG_TREE, META_TREE,
+};
 use crate::{Entry, LogId, NodeId, TypeConfig, Vote};
+
+/// An entry as sled holds it: bodies taken out, referenced in order.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Stored {
+    pub entry: Entry,
+    pub bodies: Vec<BodyRef>,
+}
+
+/// How often settled-but-unflushed body releases are flushed when no
+/// appends come to do it (an idle queue gives its disk space back).
+const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 type SErr = StorageError<NodeId>;
 
@@ -23,21 +45,63 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    bodies: Arc<Bodies>,
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
 
 impl LogStore {
-    pub(crate) fn open(db: sled::Db) -> Result<Self, StoreError> {
+    /// Open the log and count its references to bodies.
+    pub(crate) fn open(db: sled::Db, bodies: Arc<Bodies>) -> Result<Self, StoreError> {
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
+        for kv in chunked::group(log.iter(), 8) {
+            let (_, v) = kv?;
+            for r in decode_stored(&v)?.bodies {
+                bodies.retain(&r);
+            }
+        }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(db.clone(), rx));
+        tokio::spawn(flusher(db.clone(), bodies.clone(), rx));
         Ok(LogStore {
             db,
             log,
             meta,
+            bodies,
             flusher: tx,
         })
+    }
+
+    /// An entry read back whole, its bodies from their segments.
+    fn decode_entry(&self, v: &[u8]) -> Result<Entry, SErr> {
+        let Stored { mut entry, bodies } =
+            decode_stored(v).map_err(|e| StorageIOError::read_logs(&e))?;
+        if let EntryPayload::Normal(req) = &mut entry.payload {
+            let slots = bodies_of_mut(req);
+            if slots.len() != bodies.len() {
+                let e = StoreError::Corrupt(format!("entry {} lost its bodies", entry.log_id));
+                return Err(StorageIOError::read_logs(&e).into());
+            }
+            for (slot, r) in slots.into_iter().zip(&bodies) {
+                *slot = self
+                    .bodies
+                    .read(r)
+                    .map_err(|e| StorageIOError::read_logs(&e))?;
+            }
+        }
+        Ok(entry)
+    }
+
+    /// The body references of the entries in `range`, for releasing.
+    fn refs_in(
+        &self,
+        iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<Vec<BodyRef>, StoreError> {
+        let mut refs = Vec::new();
+        for kv in chunked::group(iter, 8) {
+            let (_, v) = kv?;
+            refs.extend(decode_stored(&v)?.bodies);
+        }
+        Ok(refs)
     }
 
     fn last_purged(&self) -> Result<Option<LogId>, SErr> {
@@ -53,35 +117,75 @@ impl LogStore {
         }
     }
 
-    async fn flush(&self) -> Result<(), sled::Error> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (db, bodies) = (self.db.clone(), self.bodies.clone());
+        tokio::task::spawn_blocking(move || flush_all(&db, &bodies))
             .await
-            .map_err(|e| sled::Error::ReportableBug(e.to_string()))?
-            .map(|_| ())
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
     }
 }
 
-/// The group-commit loop: one fsync for every append waiting.
-async fn flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+/// The group-commit loop: one sync of the body segments and one sled flush
+/// for every append waiting. When idle, it still flushes now and then so that
+/// released bodies can be unlinked.
+async fn flusher(
+    db: sled::Db,
+    bodies: Arc<Bodies>,
+    mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+) {
     let mut waiting = Vec::new();
-    while let Some(first) = rx.recv().await {
-        waiting.push(first);
+    let mut idle = tokio::time::interval(IDLE_FLUSH);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            first = rx.recv() => match first {
+                Some(first) => waiting.push(first),
+                None => return,
+            },
+            _ = idle.tick() => {
+                let (db, bodies) = (db.clone(), bodies.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    if bodies.has_releases() {
+                        if let Err(e) = flush_all(&db, &bodies) {
+                            tracing::warn!(error = %e, "idle flush failed");
+                        }
+                    } else {
+                        bodies.collect();
+                    }
+                })
+                .await;
+                continue;
+            }
+        }
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }
-        let db2 = db.clone();
-        let result = match tokio::task::spawn_blocking(move || db2.flush()).await {
-            Ok(Ok(_)) => Ok(()),
+        let settling = bodies.take_releases();
+        let (db2, bodies2) = (db.clone(), bodies.clone());
+        let flushed = tokio::task::spawn_blocking(move || {
+            bodies2.sync()?;
+            db2.flush()?;
+            Ok::<_, StoreError>(())
+        })
+        .await;
+        let result = match flushed {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
             Err(e) => Err(std::io::Error::other(e.to_string())),
         };
+        let ok = result.is_ok();
         for cb in waiting.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
             };
             cb.log_io_completed(r);
+        }
+        if ok {
+            let bodies = bodies.clone();
+            let _ = tokio::task::spawn_blocking(move || bodies.settle(settling)).await;
+        } else {
+            bodies.restore(settling);
         }
     }
 }
@@ -90,8 +194,19 @@ fn index_key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
 }
 
-fn decode_entry(v: &[u8]) -> Result<Entry, SErr> {
-    postcard::from_bytes(v).map_err(|e| StorageIOError::read_logs(&e).into())
+pub(crate) fn decode_stored(v: &[u8]) -> Result<Stored, StoreError> {
+    Ok(postcard::from_bytes(v)?)
+}
+
+/// The body references stored with the entry at `index`, if it is in the log.
+pub(crate) fn stored_refs(
+    log: &sled::Tree,
+    index: u64,
+) -> Result<Option<Vec<BodyRef>>, StoreError> {
+    Ok(match chunked::get(log, &index_key(index))? {
+        Some(v) => Some(decode_stored(&v)?.bodies),
+        None => None,
+    })
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -114,9 +229,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             None => self.log.range(index_key(lo)..),
         };
         let mut out = Vec::new();
+        // Purged entries' segments are not unlinked while this is held.
+        let _guard = self.bodies.guard();
         for kv in chunked::group(iter, 8) {
             let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(decode_entry(&v)?);
+            out.push(self.decode_entry(&v)?);
         }
         Ok(out)
     }
@@ -132,7 +249,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let v = chunked::get(&self.log, &k[..8])
                     .map_err(|e| StorageIOError::read_logs(&e))?
                     .unwrap_or_default();
-                Some(decode_entry(&v)?.log_id)
+                Some(
+                    decode_stored(&v)
+                        .map_err(|e| StorageIOError::read_logs(&e))?
+                        .entry
+                        .log_id,
+                )
             }
             None => None,
         };
@@ -177,15 +299,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
-        for e in entries {
-            let v = postcard::to_stdvec(&e)
-                .map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
-            // Chunked: sled would keep large values in memory.
-            chunked::insert(&mut batch, &index_key(e.log_id.index), &v);
+        let mut written = Vec::new();
+        let r = (|| {
+            for mut entry in entries {
+                let mut refs = Vec::new();
+                if let EntryPayload::Normal(req) = &mut entry.payload {
+                    for body in bodies_of_mut(req) {
+                        let r = self.bodies.append(body)?;
+                        written.push(r);
+                        refs.push(r);
+                        *body = Bytes::new();
+                    }
+                }
+                let index = entry.log_id.index;
+                let v = postcard::to_stdvec(&Stored {
+                    entry,
+                    bodies: refs,
+                })?;
+                // Chunked: sled would keep large values in memory.
+                chunked::insert(&mut batch, &index_key(index), &v);
+            }
+            self.log.apply_batch(batch)?;
+            Ok::<_, StoreError>(())
+        })();
+        if let Err(e) = r {
+            for w in &written {
+                self.bodies.release(w);
+            }
+            return Err(StorageIOError::write_logs(&e).into());
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
         // Readable now; durable when the flusher says so.
         if let Err(mpsc::error::SendError(cb)) = self.flusher.send(callback) {
             cb.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
@@ -194,6 +336,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), SErr> {
+        let refs = self
+            .refs_in(self.log.range(index_key(log_id.index)..))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         let mut batch = sled::Batch::default();
         for kv in self.log.range(index_key(log_id.index)..) {
             let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
@@ -202,6 +347,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        for r in &refs {
+            self.bodies.release(r);
+        }
         Ok(())
     }
 
@@ -212,18 +360,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(KEY_LAST_PURGED, v)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        let below = match log_id.index.checked_add(1) {
+        let below = || match log_id.index.checked_add(1) {
             Some(next) => self.log.range(..index_key(next)),
             None => self.log.range::<&[u8], _>(..),
         };
-        for kv in below {
+        let refs = self
+            .refs_in(below())
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for kv in below() {
             let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
             batch.remove(k);
         }
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        for r in &refs {
+            self.bodies.release(r);
+        }
         Ok(())
     }
 }

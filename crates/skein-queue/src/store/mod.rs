@@ -1,16 +1,21 @@
 //! sled storage for the Raft log, the vote and the state machine.
 //!
 //! One sled database per node, in `<data_dir>/db`:
-//! - tree `raft_log`: entry index (big endian) → postcard(Entry)
-//!   (large values are stored in 8 KiB chunks, see [`chunked`])
+//! - tree `raft_log`: entry index (big endian) → postcard(stored entry)
+//!   (large values are stored in 8 KiB chunks, see [`chunked`]).
+//!   A stored entry is the entry with its bodies taken out, plus a
+//!   [`BodyRef`] for each.
 //! - tree `raft_meta`: `vote`, `last_purged`, `sm_tree` (which state tree is live)
 //! - tree `sm.<gen>`: the state machine. `s` → [`SmHeader`]; `m<id>` → a
-//!   [`crate::Message`]; `b<id>` → the message body. Installing a snapshot
-//!   fills a fresh generation and switches `sm_tree` to it in one write, so a
-//!   crash mid-install leaves the old state whole.
+//!   [`crate::Message`]; `b<id>` → the [`BodyRef`] of its body. Installing a
+//!   snapshot fills a fresh generation and switches `sm_tree` to it in one
+//!   write, so a crash mid-install leaves the old state whole.
 //!
+//! Bodies are in segment files under `<data_dir>/bodies` (see [`bodies`]),
+//! written once and shared by the log entry and the queued message.
 //! Snapshots are files in `<data_dir>/snapshots` (see [`snapshot`]).
 
+pub mod bodies;
 mod chunked;
 mod log;
 mod sm;
@@ -23,9 +28,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use self::bodies::{Bodies, BodyRef};
 pub use self::log::LogStore;
 pub use self::sm::StateMachineStore;
-use crate::{LogId, Membership, MessageId, QueueState};
+use crate::{AdminCommand, Command, LogId, Membership, MessageId, QueueState, Request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -78,6 +84,52 @@ pub(crate) fn id_from_key(k: &[u8]) -> Option<MessageId> {
     Some(MessageId::from_bytes(b))
 }
 
+/// The bodies a request carries, in a fixed order, with their message ids.
+pub(crate) fn bodies_of(req: &Request) -> Vec<(MessageId, &Bytes)> {
+    match &req.cmd {
+        Command::Enqueue(m) => vec![(m.id, &m.body)],
+        Command::Admin(AdminCommand::Import { message, body }) => vec![(message.id, body)],
+        Command::Report { notices, .. } => notices
+            .iter()
+            .map(|n| (n.message.id, &n.message.body))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The bodies of a request, mutable, in the order of [`bodies_of`].
+pub(crate) fn bodies_of_mut(req: &mut Request) -> Vec<&mut Bytes> {
+    match &mut req.cmd {
+        Command::Enqueue(m) => vec![&mut m.body],
+        Command::Admin(AdminCommand::Import { body, .. }) => vec![body],
+        Command::Report { notices, .. } => {
+            notices.iter_mut().map(|n| &mut n.message.body).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Flush sled the only safe way: bodies synced first, and the body
+/// references dropped before the flush settled after it.
+pub(crate) fn flush_all(db: &sled::Db, bodies: &Bodies) -> Result<(), StoreError> {
+    let settling = bodies.take_releases();
+    let r = bodies.sync().and_then(|()| Ok(db.flush().map(|_| ())?));
+    match r {
+        Ok(()) => {
+            bodies.settle(settling);
+            Ok(())
+        }
+        Err(e) => {
+            bodies.restore(settling);
+            Err(e)
+        }
+    }
+}
+
+pub(crate) fn decode_ref(v: &[u8]) -> Result<BodyRef, StoreError> {
+    Ok(postcard::from_bytes(v)?)
+}
+
 /// What the state machine shares with the rest of the node: the queue in
 /// memory, the live state tree (for bodies), and a signal on every apply.
 pub(crate) struct Shared {
@@ -87,6 +139,7 @@ pub(crate) struct Shared {
     /// Readers of a consistent view (snapshot builders, backups). While any
     /// runs, bodies of removed messages stay on disk.
     pub pins: Arc<std::sync::atomic::AtomicUsize>,
+    pub bodies: Arc<Bodies>,
 }
 
 /// A read-only view of the local replica of the queue. Cheap to clone.
@@ -94,6 +147,7 @@ pub(crate) struct Shared {
 pub struct QueueReader {
     shared: Arc<Shared>,
     db: sled::Db,
+    snapshot_dir: PathBuf,
 }
 
 impl QueueReader {
@@ -110,7 +164,12 @@ impl QueueReader {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        Ok(chunked::get(&tree, &body_key(id))?.map(Bytes::from))
+        let bodies = &self.shared.bodies;
+        let _guard = bodies.guard();
+        match tree.get(body_key(id))? {
+            Some(v) => Ok(Some(bodies.read(&decode_ref(&v)?)?)),
+            None => Ok(None),
+        }
     }
 
     /// Write a consistent copy of the whole queue to `path`, in the snapshot
@@ -137,9 +196,15 @@ impl QueueReader {
             messages: state.len() as u64,
         };
         let file = std::fs::File::create(path)?;
-        let file = sm::write_queue(std::io::BufWriter::new(file), &header, &state, &tree)?
-            .into_inner()
-            .map_err(|e| e.into_error())?;
+        let file = sm::write_queue(
+            std::io::BufWriter::new(file),
+            &header,
+            &state,
+            &tree,
+            &self.shared.bodies,
+        )?
+        .into_inner()
+        .map_err(|e| e.into_error())?;
         file.sync_all()?;
         Ok(header.messages)
     }
@@ -156,13 +221,23 @@ impl QueueReader {
     /// Write everything applied so far to disk (the log store does this for
     /// every batch of appends; tools that apply directly call it).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        flush_all(&self.db, &self.shared.bodies)
     }
 
-    /// Bytes the database occupies on disk.
+    /// Bytes the store occupies on disk: sled, body segments, snapshots.
     pub fn disk_size(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        let snapshots: u64 = std::fs::read_dir(&self.snapshot_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        self.db.size_on_disk().unwrap_or(0) + self.shared.bodies.disk_size() + snapshots
+    }
+
+    /// Body segment files on disk.
+    pub fn body_segments(&self) -> usize {
+        self.shared.bodies.segments()
     }
 }
 
@@ -180,9 +255,17 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     let db = open_db(&dir.join("db"))?;
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
-    let log = LogStore::open(db.clone())?;
-    let (state_machine, shared) = StateMachineStore::open(db.clone(), snapshot_dir)?;
-    let reader = QueueReader { shared, db };
+    let bodies = Arc::new(Bodies::open(&dir.join("bodies"))?);
+    let log = LogStore::open(db.clone(), bodies.clone())?;
+    let (state_machine, shared) =
+        StateMachineStore::open(db.clone(), snapshot_dir.clone(), bodies.clone())?;
+    // Both stores have counted their references: drop what nothing names.
+    bodies.finish_open()?;
+    let reader = QueueReader {
+        shared,
+        db,
+        snapshot_dir,
+    };
     Ok(Stores {
         log,
         state_machine,

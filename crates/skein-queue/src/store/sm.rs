@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use bytes::Bytes;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageError, StorageIOError, StoredMembership,
@@ -15,15 +14,16 @@ use openraft::{
 use tokio::io::AsyncSeekExt;
 use tokio::sync::watch;
 
+use super::log::stored_refs;
 use super::snapshot::{SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::{
-    body_key, chunked, id_from_key, message_key, Shared, SmHeader, StoreError, KEY_HEADER,
-    KEY_SM_TREE, META_TREE,
+    bodies_of, body_key, decode_ref, flush_all, id_from_key, message_key, Bodies, BodyRef, Shared,
+    SmHeader, StoreError, KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE,
 };
 use crate::state::Touched;
 use crate::{
-    AdminCommand, Command, Entry, LogId, Membership, Message, MessageId, NodeId, QueueState,
-    Response, SnapshotMeta, TypeConfig,
+    Entry, LogId, Membership, Message, MessageId, NodeId, QueueState, Request, Response,
+    SnapshotMeta, TypeConfig,
 };
 
 type SErr = StorageError<NodeId>;
@@ -35,6 +35,9 @@ const INSTALL_BATCH_BYTES: usize = 32 << 20;
 pub struct StateMachineStore {
     db: sled::Db,
     meta: sled::Tree,
+    /// The Raft log: applied entries find their bodies' references there.
+    log: sled::Tree,
+    bodies: Arc<Bodies>,
     shared: Arc<Shared>,
     gen: u64,
     header: SmHeader,
@@ -71,8 +74,10 @@ impl StateMachineStore {
     pub(crate) fn open(
         db: sled::Db,
         snapshot_dir: PathBuf,
+        bodies: Arc<Bodies>,
     ) -> Result<(Self, Arc<Shared>), StoreError> {
         let meta = db.open_tree(META_TREE)?;
+        let log = db.open_tree(LOG_TREE)?;
         let gen = match meta.get(KEY_SM_TREE)? {
             Some(v) => u64::from_be_bytes(
                 v.as_ref()
@@ -96,11 +101,14 @@ impl StateMachineStore {
             messages.push(postcard::from_bytes::<Message>(&v)?);
         }
         let state = QueueState::restore(header.cluster_time, messages);
-        // Bodies whose deletion was deferred when the node stopped.
+        // Count the bodies of queued messages; forget those whose removal was
+        // deferred when the node stopped (nothing counts them, so their
+        // segments go unless the log still names them).
         for kv in tree.scan_prefix(b"b") {
-            let (k, _) = kv?;
-            if let Some(id) = id_from_key(&k) {
-                if state.get(&id).is_none() {
+            let (k, v) = kv?;
+            match id_from_key(&k) {
+                Some(id) if state.get(&id).is_some() => bodies.retain(&decode_ref(&v)?),
+                _ => {
                     tree.remove(k)?;
                 }
             }
@@ -113,10 +121,13 @@ impl StateMachineStore {
             tree: RwLock::new(tree),
             applied,
             pins: pins.clone(),
+            bodies: bodies.clone(),
         });
         let store = StateMachineStore {
             db,
             meta,
+            log,
+            bodies,
             shared: shared.clone(),
             gen,
             header,
@@ -136,12 +147,46 @@ impl StateMachineStore {
             .clone()
     }
 
+    /// The body references of a request's bodies, by message id: from the
+    /// stored log entry, or (an entry applied without being in this log, as
+    /// tools do) written now. The bool says whether the reference is already
+    /// counted for this caller (written now) or must be retained.
+    fn body_refs(
+        &self,
+        index: u64,
+        req: &Request,
+        out: &mut HashMap<MessageId, (BodyRef, bool)>,
+    ) -> Result<bool, StoreError> {
+        let bodies = bodies_of(req);
+        if bodies.is_empty() {
+            return Ok(false);
+        }
+        if let Some(refs) = stored_refs(&self.log, index)? {
+            if refs.len() == bodies.len() {
+                for ((id, _), r) in bodies.iter().zip(refs) {
+                    if let Some((old, true)) = out.insert(*id, (r, false)) {
+                        self.bodies.release(&old);
+                    }
+                }
+                return Ok(false);
+            }
+        }
+        for (id, body) in bodies {
+            let r = self.bodies.append(body)?;
+            if let Some((old, true)) = out.insert(id, (r, true)) {
+                self.bodies.release(&old);
+            }
+        }
+        Ok(true)
+    }
+
     fn apply_entries(
         &mut self,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<Vec<Response>, StoreError> {
         let mut touched = Touched::default();
-        let mut bodies: HashMap<MessageId, Bytes> = HashMap::new();
+        let mut bodies: HashMap<MessageId, (BodyRef, bool)> = HashMap::new();
+        let mut written = false;
         let mut responses = Vec::new();
         let tree = self.tree();
         let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
@@ -150,15 +195,7 @@ impl StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => responses.push(Response::Done),
                 EntryPayload::Normal(req) => {
-                    match &req.cmd {
-                        Command::Enqueue(m) => {
-                            bodies.insert(m.id, m.body.clone());
-                        }
-                        Command::Admin(AdminCommand::Import { message, body }) => {
-                            bodies.insert(message.id, body.clone());
-                        }
-                        _ => {}
-                    }
+                    written |= self.body_refs(entry.log_id.index, &req, &mut bodies)?;
                     responses.push(state.apply(&req, &mut touched));
                 }
                 EntryPayload::Membership(m) => {
@@ -171,42 +208,83 @@ impl StateMachineStore {
 
         let pinned = self.pins.load(Ordering::Acquire) > 0;
         let mut batch = sled::Batch::default();
+        let mut retained = Vec::new();
+        let mut released = Vec::new();
         touched.ids.sort_unstable();
         touched.ids.dedup();
         for id in &touched.ids {
             match state.get(id) {
                 Some(m) => {
                     batch.insert(&message_key(id), postcard::to_stdvec(m)?);
-                    if let Some(b) = bodies.remove(id) {
-                        chunked::insert(&mut batch, &body_key(id), &b);
+                    // A message queued before keeps the body it has.
+                    if let Some((r, counted)) = bodies.remove(id) {
+                        if tree.contains_key(body_key(id))? {
+                            if counted {
+                                released.push(r);
+                            }
+                        } else {
+                            batch.insert(&body_key(id), postcard::to_stdvec(&r)?);
+                            if !counted {
+                                retained.push(r);
+                            }
+                        }
                     }
                 }
                 None => {
                     batch.remove(&message_key(id));
                     if pinned {
                         self.deferred.push(*id);
-                    } else {
-                        chunked::remove(&mut batch, &tree, &body_key(id))?;
+                    } else if let Some(v) = tree.get(body_key(id))? {
+                        batch.remove(&body_key(id));
+                        released.push(decode_ref(&v)?);
                     }
                 }
             }
         }
+        // Written here but not kept (the message came and went in this batch).
+        released.extend(bodies.into_values().filter(|(_, c)| *c).map(|(r, _)| r));
         if !pinned {
             for id in self.deferred.drain(..) {
-                chunked::remove(&mut batch, &tree, &body_key(&id))?;
+                if state.get(&id).is_some() {
+                    continue;
+                }
+                if let Some(v) = tree.get(body_key(&id))? {
+                    batch.remove(&body_key(&id));
+                    released.push(decode_ref(&v)?);
+                }
             }
         }
         batch.insert(KEY_HEADER, postcard::to_stdvec(&self.header)?);
+        for r in &retained {
+            self.bodies.retain(r);
+        }
+        if written {
+            // Bodies this apply wrote must be on disk before sled can be.
+            self.bodies.sync()?;
+        }
         // The whole batch, with the applied log id, lands atomically.
         tree.apply_batch(batch)?;
         drop(state);
+        for r in &released {
+            self.bodies.release(r);
+        }
         if !pinned {
-            for name in self.stale_trees.drain(..) {
-                self.db.drop_tree(name.as_bytes())?;
-            }
+            self.drop_stale_trees()?;
         }
         self.shared.applied.send_replace(self.header.applied);
         Ok(responses)
+    }
+
+    /// Drop state trees an installed snapshot replaced, releasing their bodies.
+    fn drop_stale_trees(&mut self) -> Result<(), StoreError> {
+        for name in self.stale_trees.drain(..) {
+            let old = self.db.open_tree(name.as_bytes())?;
+            for v in old.scan_prefix(b"b").values() {
+                self.bodies.release(&decode_ref(&v?)?);
+            }
+            self.db.drop_tree(name.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// Make an installed snapshot live in memory; `install_file` did the disk part.
@@ -219,9 +297,7 @@ impl StateMachineStore {
         *self.shared.tree.write().unwrap_or_else(|p| p.into_inner()) = installed.tree;
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = installed.state;
         if self.pins.load(Ordering::Acquire) == 0 {
-            for name in self.stale_trees.drain(..) {
-                self.db.drop_tree(name.as_bytes())?;
-            }
+            self.drop_stale_trees()?;
         }
         self.shared.applied.send_replace(self.header.applied);
         Ok(())
@@ -239,6 +315,7 @@ struct Installed {
 /// Load a received snapshot into a fresh tree generation and switch to it.
 fn install_file(
     db: &sled::Db,
+    bodies: &Bodies,
     meta_tree: &sled::Tree,
     snapshots: &SnapshotFiles,
     gen: u64,
@@ -248,6 +325,45 @@ fn install_file(
     let name = tree_name(gen);
     db.drop_tree(name.as_bytes())?;
     let tree = db.open_tree(&name)?;
+    let mut written: Vec<BodyRef> = Vec::new();
+    let r = fill_tree(
+        db,
+        bodies,
+        meta_tree,
+        snapshots,
+        gen,
+        meta,
+        file,
+        &tree,
+        &mut written,
+    );
+    if r.is_err() {
+        // The generation is never made live; its bodies are nobody's.
+        for w in &written {
+            bodies.release(w);
+        }
+    }
+    let (state, header) = r?;
+    Ok(Installed {
+        gen,
+        tree,
+        state,
+        header,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fill_tree(
+    db: &sled::Db,
+    bodies: &Bodies,
+    meta_tree: &sled::Tree,
+    snapshots: &SnapshotFiles,
+    gen: u64,
+    meta: &SnapshotMeta,
+    file: std::fs::File,
+    tree: &sled::Tree,
+    written: &mut Vec<BodyRef>,
+) -> Result<(QueueState, SmHeader), StoreError> {
     // Keep a copy of what we read as our own current snapshot.
     let (copy_path, copy) = snapshots.temp("install")?;
     let tee = Tee {
@@ -265,13 +381,14 @@ fn install_file(
     let mut batch_bytes = 0;
     while let Some((m, body)) = reader.next_message()? {
         batch_bytes += body.len();
+        let r = bodies.append(&body)?;
+        written.push(r);
         batch.insert(&message_key(&m.id), postcard::to_stdvec(&m)?);
-        chunked::insert(&mut batch, &body_key(&m.id), &body);
+        batch.insert(&body_key(&m.id), postcard::to_stdvec(&r)?);
         messages.push(m);
         if batch_bytes > INSTALL_BATCH_BYTES {
             tree.apply_batch(std::mem::take(&mut batch))?;
-            // sled holds written data in memory until it is flushed.
-            db.flush()?;
+            flush_all(db, bodies)?;
             batch_bytes = 0;
         }
     }
@@ -286,16 +403,14 @@ fn install_file(
     let copy = w.into_inner().map_err(|e| e.into_error())?;
     copy.sync_all()?;
     snapshots.publish(&copy_path, meta, true)?;
-    db.flush()?;
+    flush_all(db, bodies)?;
     // The switch: one write names the new generation live.
     meta_tree.insert(KEY_SM_TREE, &gen.to_be_bytes())?;
-    db.flush()?;
-    Ok(Installed {
-        gen,
-        tree,
-        state: QueueState::restore(header.cluster_time, messages),
-        header: new_header,
-    })
+    flush_all(db, bodies)?;
+    Ok((
+        QueueState::restore(header.cluster_time, messages),
+        new_header,
+    ))
 }
 
 impl SnapshotFiles {
@@ -377,6 +492,7 @@ pub struct SnapshotBuilder {
     state: QueueState,
     header: SmHeader,
     tree: sled::Tree,
+    bodies: Arc<Bodies>,
     snapshots: Arc<SnapshotFiles>,
     pin: Option<Pin>,
 }
@@ -385,6 +501,7 @@ fn build_file(
     state: QueueState,
     header: SmHeader,
     tree: sled::Tree,
+    bodies: &Bodies,
     snapshots: &SnapshotFiles,
 ) -> Result<(SnapshotMeta, std::fs::File), StoreError> {
     let last = header.applied;
@@ -403,7 +520,7 @@ fn build_file(
         cluster_time: state.cluster_time(),
         messages: state.len() as u64,
     };
-    let file = write_queue(BufWriter::new(file), &snap_header, &state, &tree)?
+    let file = write_queue(BufWriter::new(file), &snap_header, &state, &tree, bodies)?
         .into_inner()
         .map_err(|e| e.into_error())?;
     file.sync_all()?;
@@ -414,19 +531,21 @@ fn build_file(
     Ok((meta, read))
 }
 
-/// Write the queue `state` (bodies from `tree`) in the snapshot format. The
-/// caller holds a pin, so every body the state names is still there.
+/// Write the queue `state` (body references from `tree`) in the snapshot
+/// format. The caller holds a pin, so every body the state names is still there.
 pub(crate) fn write_queue<W: std::io::Write>(
     w: W,
     header: &SnapshotHeader,
     state: &QueueState,
     tree: &sled::Tree,
+    bodies: &Bodies,
 ) -> Result<W, StoreError> {
     let mut w = SnapshotWriter::new(w, header)?;
     for m in state.messages() {
-        let body = chunked::get(tree, &body_key(&m.id))?
+        let r = tree
+            .get(body_key(&m.id))?
             .ok_or_else(|| StoreError::Corrupt(format!("body of {} missing", m.id)))?;
-        w.add(m, &body)?;
+        w.add(m, &bodies.read(&decode_ref(&r)?)?)?;
     }
     w.finish()
 }
@@ -444,10 +563,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let state = std::mem::take(&mut self.state);
         let header = self.header.clone();
         let tree = self.tree.clone();
+        let bodies = self.bodies.clone();
         let snapshots = self.snapshots.clone();
         let pin = self.pin.take();
         let (meta, file) = tokio::task::spawn_blocking(move || {
-            let r = build_file(state, header, tree, &snapshots);
+            let r = build_file(state, header, tree, &bodies, &snapshots);
             drop(pin);
             r
         })
@@ -489,6 +609,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .clone(),
             header: self.header.clone(),
             tree: self.tree(),
+            bodies: self.bodies.clone(),
             snapshots: self.snapshots.clone(),
             pin: Some(Pin(self.pins.clone())),
         }
@@ -509,15 +630,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .await
             .map_err(snap_err)?;
         let file = file.into_std().await;
-        let (db, meta_tree, snapshots, gen) = (
+        let (db, bodies, meta_tree, snapshots, gen) = (
             self.db.clone(),
+            self.bodies.clone(),
             self.meta.clone(),
             self.snapshots.clone(),
             self.gen + 1,
         );
         let meta2 = meta.clone();
         let installed = tokio::task::spawn_blocking(move || {
-            install_file(&db, &meta_tree, &snapshots, gen, &meta2, file)
+            install_file(&db, &bodies, &meta_tree, &snapshots, gen, &meta2, file)
         })
         .await
         .map_err(snap_err)?

@@ -440,3 +440,162 @@ async fn backup_and_import_carry_the_queue_over() {
         assert_eq!(b.reader.body(&m.id).unwrap(), a.reader.body(&m.id).unwrap());
     }
 }
+
+fn body_of(len: usize, seed: u128) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u128 * 31 + seed) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn enqueue_body(id: u128, body: Bytes) -> Request {
+    let mut req = enqueue(id, b"");
+    if let Command::Enqueue(m) = &mut req.cmd {
+        m.body = body;
+    }
+    req
+}
+
+/// Wait (with a deadline) until the store gives its body segments back.
+async fn until_segments(s: &Stores, want: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.reader.body_segments() > want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} body segments left, want {want}",
+            s.reader.body_segments()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The soak property in small: once every message is delivered and the log
+/// purged, the body segments are unlinked and the data directory comes back
+/// to about its size when empty, however much mail passed through.
+#[tokio::test(flavor = "multi_thread")]
+async fn space_comes_back_once_the_queue_drains_and_the_log_is_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    let empty = s.reader.disk_size();
+    let mut index = 0;
+    let n: u128 = 4000; // 40 MB of 10 KB bodies: several segments.
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(200) {
+        let entries: Vec<Entry> = chunk
+            .iter()
+            .map(|id| {
+                index += 1;
+                entry(index, enqueue_body(*id, body_of(10_000, *id)))
+            })
+            .collect();
+        append(&mut s.log, entries.clone()).await;
+        s.state_machine.apply(entries).await.unwrap();
+    }
+    assert!(s.reader.body_segments() >= 3);
+    let full = s.reader.disk_size();
+    assert!(full > 40_000_000, "{full} bytes on disk holding 40 MB");
+    // Each body is written once: bodies, not sled, hold the bulk.
+    assert_eq!(
+        s.reader.body(&MessageId(77)).unwrap().unwrap(),
+        body_of(10_000, 77)
+    );
+
+    // Deliver everything; the log still names the bodies, so they stay.
+    for id in 1..=n {
+        index += 1;
+        let e = vec![entry(index, deliver(id))];
+        append(&mut s.log, e.clone()).await;
+        s.state_machine.apply(e).await.unwrap();
+    }
+    assert_eq!(s.reader.read().len(), 0);
+    let back = s.log.try_get_log_entries(77..78).await.unwrap();
+    assert_eq!(back, vec![entry(77, enqueue_body(77, body_of(10_000, 77)))]);
+
+    // Purge the log: now nothing names them.
+    s.log.purge(log_id(index)).await.unwrap();
+    until_segments(&s, 1).await;
+    let end = s.reader.disk_size();
+    assert!(
+        end < empty + 16_000_000,
+        "data dir {empty} bytes empty, {full} full, {end} drained"
+    );
+    drop(s);
+    // And the store reopens whole, on a fresh segment.
+    let s = open(dir.path()).unwrap();
+    assert_eq!(s.reader.read().len(), 0);
+    assert!(s.reader.body_segments() <= 2);
+}
+
+/// A body a log entry still names survives its message's delivery; a body
+/// a queued message names survives the purge of its log entry, and a reopen.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_lives_while_the_log_or_the_queue_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    let mut entries = Vec::new();
+    for id in 1..=1700u128 {
+        entries.push(entry(id as u64, enqueue_body(id, body_of(10_000, id))));
+    }
+    append(&mut s.log, entries.clone()).await;
+    s.state_machine.apply(entries).await.unwrap();
+    // Message 1 (first segment) stays queued; the rest are delivered.
+    let mut index = 1700;
+    for id in 2..=1700u128 {
+        index += 1;
+        let e = vec![entry(index, deliver(id))];
+        append(&mut s.log, e.clone()).await;
+        s.state_machine.apply(e).await.unwrap();
+    }
+    s.log.purge(log_id(index)).await.unwrap();
+    // Segments whose every body is gone go; the first one stays for message 1.
+    until_segments(&s, 2).await;
+    assert_eq!(
+        s.reader.body(&MessageId(1)).unwrap().unwrap(),
+        body_of(10_000, 1)
+    );
+    drop(s);
+    let s = open(dir.path()).unwrap();
+    assert_eq!(
+        s.reader.body(&MessageId(1)).unwrap().unwrap(),
+        body_of(10_000, 1)
+    );
+    assert_eq!(s.reader.body(&MessageId(2)).unwrap(), None);
+}
+
+/// A delivery status notification queued by a report keeps its own body,
+/// on the node that reported and on every replica applying the report.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_enqueued_by_a_report_has_its_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    let mut fail = deliver(1);
+    if let Command::Report {
+        outcomes, notices, ..
+    } = &mut fail.cmd
+    {
+        outcomes[0].recipients[0].1 = RcptOutcome::Failed {
+            reply: "550 no".into(),
+        };
+        let Command::Enqueue(mut dsn) = enqueue_body(2, Bytes::from_static(b"bounce")).cmd else {
+            unreachable!()
+        };
+        dsn.sender = ReversePath::Null;
+        notices.push(Notice {
+            about: MessageId(1),
+            kind: NoticeKind::Failure,
+            message: dsn,
+        });
+    }
+    let entries = vec![entry(1, enqueue(1, b"orig")), entry(2, fail)];
+    append(&mut s.log, entries.clone()).await;
+    s.state_machine.apply(entries.clone()).await.unwrap();
+    assert_eq!(s.reader.read().len(), 1);
+    assert_eq!(
+        s.reader.body(&MessageId(2)).unwrap().as_deref(),
+        Some(&b"bounce"[..])
+    );
+    assert_eq!(s.log.try_get_log_entries(1..3).await.unwrap(), entries);
+    // A snapshot (which reads every queued body) builds.
+    let mut b = s.state_machine.get_snapshot_builder().await;
+    b.build_snapshot().await.unwrap();
+}

@@ -1,0 +1,379 @@
+//! Message bodies in append-only segment files beside sled.
+//!
+//! A queue writes every body once and deletes it soon after; sled 0.34 keeps
+//! the space such insert-then-delete traffic frees (its files plateau at a few
+//! times the live data). Bodies therefore live in `<data_dir>/bodies/<n>.seg`,
+//! appended in order, and a segment file is unlinked whole once nothing refers
+//! to it: when the queue drains, the disk space comes back.
+//!
+//! Each body is written once per node. The Raft log entry that carried it and
+//! the queued message (state machine) both hold a [`BodyRef`] to the same
+//! bytes; references are counted per segment in memory and recounted from sled
+//! when the store opens.
+//!
+//! Two rules keep this crash-safe:
+//! - Segments are synced before every sled flush ([`Bodies::sync`]), so sled
+//!   never durably names a body that is not on disk.
+//! - A dropped reference counts only once a sled flush begun after the drop
+//!   has finished ([`Bodies::release`] queues it, [`Bodies::take_releases`]
+//!   takes the queue before a flush, [`Bodies::settle`] applies it after). A crash can bring back a reference
+//!   sled had not yet written away; its segment is then still there.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// A segment takes new bodies until it reaches this size.
+pub const SEGMENT_BYTES: u64 = 16 << 20;
+
+/// Where a body lives: segment, offset, length and CRC-32 of the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyRef {
+    pub seg: u32,
+    pub off: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+pub struct Bodies {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    /// Readers hold it from looking a reference up in sled until they have
+    /// read the bytes; unlinking waits for them (see [`Bodies::guard`]).
+    gc: RwLock<()>,
+    /// Held for the life of this value: one owner of the directory at a time.
+    _lock: File,
+}
+
+struct Inner {
+    active: u32,
+    active_len: u64,
+    files: HashMap<u32, Segment>,
+    /// References per segment.
+    refs: HashMap<u32, u64>,
+    /// Releases not yet known to be durable in sled.
+    released: Vec<u32>,
+    /// Segments written since the last sync, and whether the directory changed.
+    dirty: Vec<u32>,
+    dir_dirty: bool,
+}
+
+struct Segment {
+    file: Arc<File>,
+    len: u64,
+}
+
+fn seg_name(n: u32) -> String {
+    format!("{n:08}.seg")
+}
+
+/// Lock `dir`, waiting a little for a previous owner in this process (a
+/// store being dropped while a node restarts in place) to let go.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Io(std::io::Error::other(format!(
+                    "{} is in use by another process",
+                    dir.display()
+                ))))
+            }
+            Err(TryLockError::Error(e)) => return Err(e.into()),
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Releases taken before one flush; hand them to [`Bodies::settle`] after it.
+#[must_use]
+pub struct Settling(Vec<u32>);
+
+impl Bodies {
+    /// Open the segments under `dir`. Counts start at zero: the stores add
+    /// theirs ([`Bodies::retain`]) and then [`Bodies::finish_open`] removes
+    /// every segment nothing refers to.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
+        let mut files = HashMap::new();
+        let mut last = 0;
+        for e in std::fs::read_dir(dir)? {
+            let path = e?.path();
+            let Some(n) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let len = file.metadata()?.len();
+            files.insert(
+                n,
+                Segment {
+                    file: Arc::new(file),
+                    len,
+                },
+            );
+            last = last.max(n);
+        }
+        let bodies = Bodies {
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(Inner {
+                active: last,
+                active_len: 0,
+                files,
+                refs: HashMap::new(),
+                released: Vec::new(),
+                dirty: Vec::new(),
+                dir_dirty: false,
+            }),
+            gc: RwLock::new(()),
+            _lock: lock,
+        };
+        // New bodies always go to a fresh segment: the end of the old one may
+        // hold a torn write.
+        bodies.roll(&mut bodies.lock())?;
+        Ok(bodies)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn roll(&self, inner: &mut Inner) -> Result<(), StoreError> {
+        let n = inner
+            .active
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("body segment numbers exhausted".into()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(seg_name(n)))?;
+        inner.files.insert(
+            n,
+            Segment {
+                file: Arc::new(file),
+                len: 0,
+            },
+        );
+        inner.active = n;
+        inner.active_len = 0;
+        inner.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Remove the segments no store counted at open.
+    pub fn finish_open(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let unused: Vec<u32> = inner
+            .files
+            .keys()
+            .copied()
+            .filter(|n| *n != inner.active && !inner.refs.contains_key(n))
+            .collect();
+        for n in unused {
+            inner.files.remove(&n);
+            std::fs::remove_file(self.dir.join(seg_name(n)))?;
+        }
+        sync_dir(&self.dir)?;
+        inner.dir_dirty = false;
+        Ok(())
+    }
+
+    /// Append a body; the returned reference is counted once (for the
+    /// record that will hold it). Durable after the next [`Bodies::sync`].
+    pub fn append(&self, body: &[u8]) -> Result<BodyRef, StoreError> {
+        let len = u32::try_from(body.len())
+            .map_err(|_| StoreError::Corrupt("a body over 4 GiB".into()))?;
+        let mut inner = self.lock();
+        if inner.active_len > 0 && inner.active_len + body.len() as u64 > SEGMENT_BYTES {
+            self.roll(&mut inner)?;
+        }
+        let (seg, off) = (inner.active, inner.active_len);
+        let s = inner
+            .files
+            .get_mut(&seg)
+            .ok_or_else(|| StoreError::Corrupt("active body segment missing".into()))?;
+        if let Err(e) = s.file.write_all_at(body, off) {
+            // Nothing names the bytes; the next append starts over them.
+            return Err(e.into());
+        }
+        s.len = off + body.len() as u64;
+        inner.active_len = off + body.len() as u64;
+        *inner.refs.entry(seg).or_insert(0) += 1;
+        if inner.dirty.last() != Some(&seg) {
+            inner.dirty.push(seg);
+        }
+        Ok(BodyRef {
+            seg,
+            off,
+            len,
+            crc: crc32fast::hash(body),
+        })
+    }
+
+    /// Count one more holder of `r`.
+    pub fn retain(&self, r: &BodyRef) {
+        *self.lock().refs.entry(r.seg).or_insert(0) += 1;
+    }
+
+    /// A holder of `r` is gone from sled's memory; it counts as gone once the
+    /// next flush has finished.
+    pub fn release(&self, r: &BodyRef) {
+        self.lock().released.push(r.seg);
+    }
+
+    /// Hold while reading a reference from sled and then its bytes.
+    pub fn guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.gc.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bytes of `r`, checked against its CRC.
+    pub fn read(&self, r: &BodyRef) -> Result<Bytes, StoreError> {
+        let file = {
+            let inner = self.lock();
+            inner.files.get(&r.seg).map(|s| s.file.clone())
+        };
+        let file = file.ok_or_else(|| {
+            StoreError::Corrupt(format!("body segment {} is missing", seg_name(r.seg)))
+        })?;
+        let mut buf = vec![0u8; r.len as usize];
+        file.read_exact_at(&mut buf, r.off)?;
+        if crc32fast::hash(&buf) != r.crc {
+            return Err(StoreError::Corrupt(format!(
+                "body at {}+{} fails its checksum",
+                seg_name(r.seg),
+                r.off
+            )));
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    /// The releases so far, to apply once the sled flush that starts after
+    /// this call has finished ([`Bodies::settle`]).
+    pub fn take_releases(&self) -> Settling {
+        Settling(std::mem::take(&mut self.lock().released))
+    }
+
+    /// Releases whose flush failed: they wait for the next one.
+    pub fn restore(&self, settling: Settling) {
+        self.lock().released.extend(settling.0);
+    }
+
+    /// Make every appended body durable. Call before each sled flush.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let (files, dir_dirty) = {
+            let mut inner = self.lock();
+            let dirty = std::mem::take(&mut inner.dirty);
+            let files: Vec<Arc<File>> = dirty
+                .iter()
+                .filter_map(|n| inner.files.get(n).map(|s| s.file.clone()))
+                .collect();
+            (files, std::mem::replace(&mut inner.dir_dirty, false))
+        };
+        let r = (|| {
+            for f in &files {
+                f.sync_data()?;
+            }
+            if dir_dirty {
+                sync_dir(&self.dir)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })();
+        if let Err(e) = r {
+            self.lock().dir_dirty |= dir_dirty;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The flush after [`Bodies::take_releases`] has finished: apply them
+    /// and unlink the segments nothing refers to any more.
+    pub fn settle(&self, settling: Settling) {
+        let mut inner = self.lock();
+        for seg in settling.0 {
+            if let Some(c) = inner.refs.get_mut(&seg) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    inner.refs.remove(&seg);
+                }
+            }
+        }
+        let unused: Vec<u32> = inner
+            .files
+            .keys()
+            .copied()
+            .filter(|n| *n != inner.active && !inner.refs.contains_key(n))
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        // A reader between sled and the file keeps the segment for now; the
+        // next settle tries again.
+        let Ok(_gc) = self.gc.try_write() else { return };
+        for n in unused {
+            inner.files.remove(&n);
+            if let Err(e) = std::fs::remove_file(self.dir.join(seg_name(n))) {
+                tracing::warn!(segment = n, error = %e, "could not remove a body segment");
+            }
+        }
+        inner.dir_dirty = true;
+    }
+
+    /// Releases are waiting for a flush.
+    pub fn has_releases(&self) -> bool {
+        !self.lock().released.is_empty()
+    }
+
+    /// Try again to unlink segments a reader kept at the last settle.
+    pub fn collect(&self) {
+        self.settle(Settling(Vec::new()));
+    }
+
+    /// Bytes the segments occupy.
+    pub fn disk_size(&self) -> u64 {
+        self.lock().files.values().map(|s| s.len).sum()
+    }
+
+    /// Segment files present (for tests and metrics).
+    pub fn segments(&self) -> usize {
+        self.lock().files.len()
+    }
+}
+
+impl Drop for Bodies {
+    fn drop(&mut self) {
+        // Appends since the last sync are not promised to anyone; still, a
+        // clean stop leaves them on disk.
+        let inner = self.lock();
+        for n in &inner.dirty {
+            if let Some(s) = inner.files.get(n) {
+                let _ = s.file.sync_data();
+            }
+        }
+    }
+}
