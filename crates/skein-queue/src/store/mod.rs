@@ -285,9 +285,9 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
             // Flushes are ours: one per batch of appends (group commit), and
             // before every vote is reported saved.
             .flush_every_ms(None)
-            // sled caches 1 GiB by default; message bodies are written once
-            // and read once, so a small cache keeps memory bounded whatever
-            // the queue size.
+            // sled caches 1 GiB by default; it holds only metadata and log
+            // entries (bodies are in segments), so a small cache keeps
+            // memory bounded whatever the queue size.
             .cache_capacity(CACHE_BYTES)
             .open();
         match r {
