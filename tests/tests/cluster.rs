@@ -668,3 +668,76 @@ async fn draining_the_leader_hands_over_and_refuses_nothing() {
     assert_eq!(r.reply.code, 421, "a drained node takes no mail");
     shutdown(nodes).await;
 }
+
+/// The soak property on a live cluster: once the mail is delivered and the
+/// cluster goes quiet, each node snapshots, purges its log and unlinks the
+/// body segments, so its data directory comes back near its starting size.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_cluster_gives_the_space_of_delivered_mail_back() {
+    let dns = skein_tests::mail::example_org_dns().await;
+    let sink = SinkMta::builder().start().await.unwrap();
+    let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |_| {})
+        .await
+        .unwrap();
+    let nodes = plan.start_all().await;
+    let start: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.cluster().reader().disk_size())
+        .collect();
+
+    // 300 messages of 60 KB: 18 MB through every node, more than a segment.
+    let padding = format!("{}\r\n", "x".repeat(998)).repeat(60);
+    let mut senders = tokio::task::JoinSet::new();
+    for t in 0..10 {
+        let (addr, padding) = (nodes[t % 3].smtp_addrs[0], padding.clone());
+        senders.spawn(async move {
+            let mut tokens = Vec::new();
+            for i in 0..30 {
+                let token = format!("soak-{t}-{i}");
+                let mut body = tokened(&token);
+                body.extend_from_slice(padding.as_bytes());
+                let s = send(addr, "a@client.test", &["b@example.org"], &body)
+                    .await
+                    .unwrap();
+                assert!(s.accepted(), "refused: {}", s.reply);
+                tokens.push(token);
+            }
+            tokens
+        });
+    }
+    let mut tokens = Vec::new();
+    while let Some(t) = senders.join_next().await {
+        tokens.extend(t.unwrap());
+    }
+    wait_all_arrived(&sink, &tokens, Duration::from_secs(60))
+        .await
+        .expect("all delivered");
+    let peak: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.cluster().reader().disk_size())
+        .collect();
+    queues_empty(&nodes.iter().collect::<Vec<_>>()).await;
+
+    for (i, n) in nodes.iter().enumerate() {
+        let reader = n.cluster().reader().clone();
+        let (s, p) = (start[i], peak[i]);
+        assert!(p > s + 15_000_000, "node {}: {s} → {p} bytes", i + 1);
+        let r = wait_for(
+            Duration::from_secs(60),
+            "the node to give the space back",
+            || {
+                let r = reader.clone();
+                async move { r.body_segments() == 1 && r.disk_size() < s + (p - s) / 4 }
+            },
+        )
+        .await;
+        assert!(
+            r.is_ok(),
+            "node {}: data dir {s} → peak {p} → {} bytes, {} body segments",
+            i + 1,
+            reader.disk_size(),
+            reader.body_segments()
+        );
+    }
+    shutdown(nodes).await;
+}

@@ -106,6 +106,8 @@ impl Node {
         let smtp_stop = Arc::new(smtp_stop);
         let mut tasks = JoinSet::new();
 
+        tasks.spawn(cluster.clone().compact_when_quiet(shutdown_rx.clone()));
+
         let metrics_addr = metrics_listener.local_addr()?;
         tasks.spawn(metrics::serve(
             metrics_listener,

@@ -20,6 +20,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use skein_proto::v1::{propose_reply, ProposeRequest};
 use skein_queue::{Command, NodeId, QueueReader, Raft, Response, Stores};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use control::{role_name, Change, ControlError};
@@ -27,6 +28,12 @@ pub use network::{Network, PeerChannels};
 pub use service::{control_status, RaftService, RequireSecret};
 
 use crate::clock::now_ms;
+
+/// How often a node looks whether it has gone quiet (see
+/// [`Cluster::compact_when_quiet`]).
+const QUIET_COMPACT: Duration = Duration::from_secs(5);
+/// Fewer unpurged entries than this are not worth a snapshot.
+const QUIET_COMPACT_MIN_ENTRIES: u64 = 64;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +128,46 @@ impl Cluster {
                 leader_contact: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// When no entry has been applied for a while, snapshot and purge the
+    /// whole log: the bodies it names, and their disk space, go now rather
+    /// than after `cluster.snapshot_every` more entries. Only when the queue
+    /// is smaller than the log, since a snapshot writes the whole queue.
+    pub async fn compact_when_quiet(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(QUIET_COMPACT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let m = self.inner.raft.metrics().borrow().clone();
+            let applied = m.last_applied.map(|l| l.index);
+            let quiet = applied == seen;
+            seen = applied;
+            let Some(applied) = applied else { continue };
+            if !quiet {
+                continue;
+            }
+            let purged = m.purged.map_or(0, |l| l.index);
+            let in_log = applied.saturating_sub(purged);
+            let queued = self.inner.reader.read().len() as u64;
+            if in_log < QUIET_COMPACT_MIN_ENTRIES || queued > in_log {
+                continue;
+            }
+            let r = if m.snapshot.is_none_or(|s| s.index < applied) {
+                tracing::debug!(applied, "quiet: snapshot");
+                self.inner.raft.trigger().snapshot().await
+            } else {
+                tracing::debug!(applied, "quiet: purge the log");
+                self.inner.raft.trigger().purge_log(applied).await
+            };
+            if r.is_err() {
+                return;
+            }
+        }
     }
 
     pub fn id(&self) -> NodeId {

@@ -323,6 +323,13 @@ impl Bodies {
                 }
             }
         }
+        // A drained active segment is swapped for an empty one, so an idle
+        // queue keeps no dead bodies at all.
+        if inner.active_len > 0 && !inner.refs.contains_key(&inner.active) {
+            if let Err(e) = self.roll(&mut inner) {
+                tracing::warn!(error = %e, "could not start a new body segment");
+            }
+        }
         let unused: Vec<u32> = inner
             .files
             .keys()
