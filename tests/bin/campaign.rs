@@ -553,11 +553,29 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
-    let end_sizes: BTreeMap<u64, u64> = plan
-        .configs
-        .iter()
-        .map(|c| (c.node_id, dir_size(&c.data_dir)))
-        .collect();
+    // Soak: quiet nodes compact (a snapshot, a log purge, body segments
+    // unlinked). The end size is taken once no data directory has changed
+    // for 15 s (at most 90 s after the queues drained).
+    let sizes = || -> BTreeMap<u64, u64> {
+        plan.configs
+            .iter()
+            .map(|c| (c.node_id, dir_size(&c.data_dir)))
+            .collect()
+    };
+    let settle_start = Instant::now();
+    let mut end_sizes = sizes();
+    let mut changed = Instant::now();
+    while changed.elapsed() < Duration::from_secs(15)
+        && settle_start.elapsed() < Duration::from_secs(90)
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = sizes();
+        if now != end_sizes {
+            end_sizes = now;
+            changed = Instant::now();
+        }
+    }
+    let settled = changed.duration_since(settle_start);
     let mut counts: BTreeMap<Fault, usize> = BTreeMap::new();
     for f in &injected {
         *counts.entry(f.fault).or_default() += 1;
@@ -609,6 +627,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         healed.as_secs_f64()
     );
     println!("| queues empty at the end | {drained} |");
+    println!(
+        "| data directories settled after the drain | {:.0} s |",
+        settled.as_secs_f64()
+    );
     for c in &plan.configs {
         let id = c.node_id;
         println!(

@@ -54,11 +54,34 @@ impl LogStore {
     pub(crate) fn open(db: sled::Db, bodies: Arc<Bodies>) -> Result<Self, StoreError> {
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
+        // Count the references, and check every body: after a power cut,
+        // sled may hold entries it wrote back on its own whose bodies never
+        // reached the disk. Such entries were never reported durable (every
+        // flush syncs the bodies first), so the log is cut before the first.
+        let mut torn = None;
         for kv in chunked::group(log.iter(), 8) {
-            let (_, v) = kv?;
-            for r in decode_stored(&v)?.bodies {
-                bodies.retain(&r);
+            let (k, v) = kv?;
+            let refs = decode_stored(&v)?.bodies;
+            if torn.is_none() && refs.iter().any(|r| bodies.read(r).is_err()) {
+                torn = Some(k);
             }
+            if torn.is_none() {
+                for r in &refs {
+                    bodies.retain(r);
+                }
+            }
+        }
+        if let Some(from) = torn {
+            tracing::warn!(
+                index = u64::from_be_bytes(from[..8].try_into().unwrap_or_default()),
+                "log entries past a body that never reached the disk are dropped"
+            );
+            let mut batch = sled::Batch::default();
+            for k in log.range(from..).keys() {
+                batch.remove(k?);
+            }
+            log.apply_batch(batch)?;
+            db.flush()?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(flusher(db.clone(), bodies.clone(), rx));
