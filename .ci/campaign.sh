@@ -14,6 +14,7 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
     fi
 fi
 cargo build --locked -p skein-tests --bin skein-campaign --bin skeind-under-test
+cargo build --locked -p skein-faultfs
 for seed in ${CAMPAIGN_SEEDS:-7}; do
     target/debug/skein-campaign --seed "$seed" --duration "${CAMPAIGN_SECONDS:-60}s"
 done

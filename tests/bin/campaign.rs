@@ -59,9 +59,14 @@ enum Fault {
     IsolateFollower,
     CanSendNotReceive,
     MajorityPaused,
+    /// Every fsync of one node takes 100–600 ms longer.
+    SlowDisk,
+    /// One node's writes fail with ENOSPC; a node whose storage failed
+    /// exits, and is started again once there is space (its supervisor's job).
+    DiskFull,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 9] = [
     Fault::Kill,
     Fault::Pause,
     Fault::GracefulRestart,
@@ -69,7 +74,19 @@ const FAULTS: [Fault; 7] = [
     Fault::IsolateFollower,
     Fault::CanSendNotReceive,
     Fault::MajorityPaused,
+    Fault::SlowDisk,
+    Fault::DiskFull,
 ];
+
+/// Set a node's disk fault through its control file (see `tests/faultfs`):
+/// 0 none, 1 full, n ≥ 2 each fsync n ms slower.
+fn set_disk(control: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(control)?
+        .write_all_at(&mode.to_le_bytes(), 0)
+}
 
 /// One message submission: every node tried in turn, as an MTA with equal
 /// MX records would, until one answers.
@@ -89,6 +106,8 @@ struct Injected {
     end: Instant,
     /// A killed node's leased messages at the kill (ids).
     leased: Vec<String>,
+    /// The node stopped itself on the fault (a full disk) and was restarted.
+    stopped: bool,
 }
 
 fn main() -> ExitCode {
@@ -192,20 +211,46 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     .await?;
 
     let faketime = Path::new(FAKETIME_LIB).exists() && !args.max_clock_offset.is_zero();
+    // Disk faults need the preload library built beside this binary.
+    let faultfs = std::env::current_exe()?.with_file_name("libskein_faultfs.so");
+    let disk_faults = faultfs.exists();
+    let faults: Vec<Fault> = FAULTS
+        .into_iter()
+        .filter(|f| disk_faults || !matches!(f, Fault::SlowDisk | Fault::DiskFull))
+        .collect();
+    let mut controls: BTreeMap<u64, PathBuf> = BTreeMap::new();
     let mut offsets = BTreeMap::new();
     let mut nodes: BTreeMap<u64, ProcessNode> = BTreeMap::new();
     for c in &plan.configs {
         let mut env = Vec::new();
+        let mut preload = Vec::new();
         if faketime {
             let max = args.max_clock_offset.as_millis() as i64;
             let off = rng.random_range(-max..=max);
             offsets.insert(c.node_id, off);
-            env = vec![
-                ("LD_PRELOAD".to_string(), FAKETIME_LIB.to_string()),
+            preload.push(FAKETIME_LIB.to_string());
+            env.extend([
                 ("FAKETIME".to_string(), format!("{:+}", off as f64 / 1000.0)),
                 ("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string()),
                 ("FAKETIME_DONT_RESET".to_string(), "1".to_string()),
-            ];
+            ]);
+        }
+        if disk_faults {
+            let control = c.data_dir.with_file_name(format!("faultfs-{}", c.node_id));
+            std::fs::write(&control, [0u8; 4096])?;
+            preload.push(faultfs.to_string_lossy().into_owned());
+            env.push((
+                "SKEIN_FAULTFS".to_string(),
+                control.to_string_lossy().into_owned(),
+            ));
+            env.push((
+                "SKEIN_FAULTFS_DIR".to_string(),
+                c.data_dir.to_string_lossy().into_owned(),
+            ));
+            controls.insert(c.node_id, control);
+        }
+        if !preload.is_empty() {
+            env.push(("LD_PRELOAD".to_string(), preload.join(":")));
         }
         let node = ProcessNode::start_with_env(&skeind.to_string_lossy(), c.clone(), env)?;
         nodes.insert(c.node_id, node);
@@ -222,7 +267,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .map(|c| (c.node_id, dir_size(&c.data_dir)))
         .collect();
     println!(
-        "campaign: seed {}, {} nodes, {} senders, faults for {}, clock offsets {}",
+        "campaign: seed {}, {} nodes, {} senders, faults for {}, clock offsets {}, disk faults {}",
         args.seed,
         n,
         args.workers,
@@ -231,6 +276,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             format!("{offsets:?} ms")
         } else {
             "off (no libfaketime)".into()
+        },
+        if disk_faults {
+            "on"
+        } else {
+            "off (no libskein_faultfs.so)"
         }
     );
 
@@ -319,7 +369,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let began = Instant::now();
     while began.elapsed() < args.duration {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
-        let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+        let fault = faults[rng.random_range(0..faults.len())];
         let hold = Duration::from_millis(rng.random_range(1500..6000));
         let leader = status(admin_of(ids[0]))
             .await
@@ -342,6 +392,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             start: Instant::now(),
             end: Instant::now(),
             leased: Vec::new(),
+            stopped: false,
         };
         match fault {
             Fault::Kill => {
@@ -397,6 +448,37 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 tokio::time::sleep(hold).await;
                 plan.fabric.heal();
             }
+            Fault::SlowDisk => {
+                record.nodes = vec![any];
+                record.start = Instant::now();
+                set_disk(&controls[&any], rng.random_range(100..600))?;
+                tokio::time::sleep(hold).await;
+                set_disk(&controls[&any], 0)?;
+            }
+            Fault::DiskFull => {
+                record.nodes = vec![any];
+                record.start = Instant::now();
+                set_disk(&controls[&any], 1)?;
+                tokio::time::sleep(hold).await;
+                set_disk(&controls[&any], 0)?;
+                // A node that stopped on the failed writes may still be on
+                // its way out: give it a moment, then start it again.
+                let until = Instant::now() + Duration::from_secs(3);
+                loop {
+                    let mut all = nodes.lock().await;
+                    let node = all.get_mut(&any).unwrap();
+                    if !node.is_running() {
+                        record.stopped = true;
+                        node.start_again()?;
+                        break;
+                    }
+                    drop(all);
+                    if Instant::now() > until {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             Fault::MajorityPaused => {
                 let mut victims = ids.clone();
                 while victims.len() > ids.len() / 2 + 1 {
@@ -416,11 +498,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         record.end = Instant::now();
         println!(
-            "  {:>6.1}s {:?} on {:?} for {:.1}s",
+            "  {:>6.1}s {:?} on {:?} for {:.1}s{}",
             (record.start - began).as_secs_f64(),
             record.fault,
             record.nodes,
-            (record.end - record.start).as_secs_f64()
+            (record.end - record.start).as_secs_f64(),
+            if record.stopped {
+                " (the node stopped on it and was started again)"
+            } else {
+                ""
+            }
         );
         injected.push(record);
     }

@@ -144,7 +144,14 @@ impl ProcessNode {
         self.signal(libc::SIGCONT);
     }
 
-    pub fn is_running(&self) -> bool {
+    /// Whether the process runs: started and not exited (an exit is reaped
+    /// here, so that [`ProcessNode::start_again`] can follow).
+    pub fn is_running(&mut self) -> bool {
+        if let Some(c) = &mut self.child {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                self.child = None;
+            }
+        }
         self.child.is_some()
     }
 

@@ -125,12 +125,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
     }
 
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let cluster = node.cluster().clone();
+    let failed = tokio::select! {
+        _ = term.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        why = cluster.failed() => Some(why),
+    };
+    if let Some(why) = &failed {
+        // Crash-only: a node whose storage failed stops, and its supervisor
+        // starts it again (recovering from what is on disk) once it can.
+        tracing::error!(error = %why, "Raft stopped on a storage error; exiting");
     }
-    node.shutdown(Duration::from_secs(10)).await;
-    Ok(())
+    node.shutdown(Duration::from_secs(if failed.is_some() { 1 } else { 10 }))
+        .await;
+    match failed {
+        Some(why) => anyhow::bail!("storage failed, node stopped: {why}"),
+        None => Ok(()),
+    }
 }
 
 /// `GET /readyz` on the node's own metrics listener.

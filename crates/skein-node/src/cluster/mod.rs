@@ -170,6 +170,20 @@ impl Cluster {
         }
     }
 
+    /// Resolves when Raft has stopped on its own, on a storage error (a
+    /// full or failing disk): the node must not live on half-alive.
+    pub async fn failed(&self) -> String {
+        let mut m = self.inner.raft.metrics();
+        loop {
+            if let Err(f) = &m.borrow_and_update().running_state {
+                return f.to_string();
+            }
+            if m.changed().await.is_err() {
+                return "Raft stopped".into();
+            }
+        }
+    }
+
     pub fn id(&self) -> NodeId {
         self.inner.id
     }

@@ -51,6 +51,9 @@ pub struct SmtpConfig {
     pub submission_listen: Vec<SocketAddr>,
     pub hostname: String,
     pub max_message_size: usize,
+    /// New mail is refused (`452 4.3.1`) while the data directory's file
+    /// system has less free space than this, or than two maximum messages.
+    pub queue_minfree: u64,
     pub max_recipients: usize,
     pub relay_networks: Vec<IpNet>,
     /// Lowercase domain names anyone may send to.

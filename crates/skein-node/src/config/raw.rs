@@ -31,6 +31,7 @@ pub struct RawSmtp {
     pub submission_listen: Option<Vec<String>>,
     pub hostname: Option<String>,
     pub max_message_size: Option<u64>,
+    pub queue_minfree: Option<u64>,
     pub max_recipients: Option<u64>,
     pub relay_networks: Option<Vec<String>>,
     pub accept_domains: Option<Vec<String>>,

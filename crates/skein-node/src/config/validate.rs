@@ -253,6 +253,7 @@ fn check_smtp(c: &mut Checker, r: &RawSmtp) -> SmtpConfig {
     if max_message_size < 1024 {
         c.problem("smtp.max_message_size", "must be at least 1024 bytes");
     }
+    let queue_minfree = r.queue_minfree.unwrap_or(256 << 20);
     let max_recipients = r.max_recipients.unwrap_or(1000);
     if max_recipients == 0 {
         c.problem("smtp.max_recipients", "must be 1 or more");
@@ -344,6 +345,7 @@ fn check_smtp(c: &mut Checker, r: &RawSmtp) -> SmtpConfig {
         submission_listen,
         hostname,
         max_message_size: max_message_size as usize,
+        queue_minfree,
         max_recipients: max_recipients as usize,
         relay_networks,
         accept_domains,

@@ -48,9 +48,6 @@ pub struct SmtpContext {
     pub data_dir: PathBuf,
 }
 
-/// Free bytes below which new mail is refused with 452 4.3.1.
-const MIN_FREE_BYTES: u64 = 256 << 20;
-
 impl SmtpContext {
     /// Relay control. Clients in `relay_networks` and authenticated users
     /// may send anywhere. Everyone else only to `accept_domains`, by domain
@@ -83,8 +80,12 @@ impl SmtpContext {
 
     /// Whether the disk of the data directory is nearly full.
     pub fn storage_low(&self) -> bool {
-        free_bytes(&self.data_dir)
-            .is_some_and(|free| free < MIN_FREE_BYTES.max(2 * self.config.max_message_size as u64))
+        free_bytes(&self.data_dir).is_some_and(|free| {
+            free < self
+                .config
+                .queue_minfree
+                .max(2 * self.config.max_message_size as u64)
+        })
     }
 }
 

@@ -362,3 +362,37 @@ async fn relay_rules_follow_the_client_address_and_accept_domains() {
         ]
     );
 }
+
+/// A data directory on a file system with less free space than
+/// `smtp.queue_minfree` refuses new mail with 452 4.3.1 (the disk is real:
+/// the reserve is set above what it has free), and takes it again once the
+/// reserve is met.
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_is_refused_with_452_while_the_disk_is_below_its_reserve() {
+    let mut h = harness("").await;
+    let mut config = (*h.ctx.config).clone();
+    config.queue_minfree = u64::MAX;
+    h.ctx.config = Arc::new(config.clone());
+    let input = format!("{HELLO}MAIL FROM:<a@client.test>\r\nQUIT\r\n");
+    let replies = session(&h, LOCAL, input.as_bytes()).await;
+    assert_eq!(codes(&replies), ["220", "250", "452 4.3.1", "221 2.0.0"]);
+
+    config.queue_minfree = 0;
+    h.ctx.config = Arc::new(config);
+    let input =
+        format!("{HELLO}MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n");
+    let replies = session(&h, LOCAL, input.as_bytes()).await;
+    assert_eq!(
+        codes(&replies),
+        [
+            "220",
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]
+    );
+    assert!(h.queued.try_recv().is_ok());
+}
