@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::admin::{AdminService, NodeControl};
 use crate::cluster::{Cluster, PeerChannels, RaftService, RequireSecret};
@@ -181,7 +182,15 @@ impl Node {
                     router.serve_with_incoming_shutdown(incoming, stopped).await
                 }
                 None => {
-                    let incoming = TcpListenerStream::new(cluster_listener);
+                    // Server::tcp_nodelay applies only to listeners tonic
+                    // binds itself: without it, small replies (append acks,
+                    // forwarded commits) wait out Nagle and delayed ACKs.
+                    let incoming = TcpListenerStream::new(cluster_listener).map(|conn| {
+                        if let Ok(c) = &conn {
+                            let _ = c.set_nodelay(true);
+                        }
+                        conn
+                    });
                     router.serve_with_incoming_shutdown(incoming, stopped).await
                 }
             };
