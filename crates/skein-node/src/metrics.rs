@@ -84,6 +84,11 @@ pub struct Metrics {
     pub commit_failures: Counter,
     pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub draining: Gauge,
+    log_flushes: Counter,
+    log_flushed_appends: Counter,
+    log_flush_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// The store's totals at the last render, to turn them into increments.
+    store_seen: std::sync::Mutex<(u64, u64, u64)>,
 }
 
 impl Metrics {
@@ -108,6 +113,10 @@ impl Metrics {
             commit_failures: Counter::default(),
             leader_contact: Gauge::default(),
             draining: Gauge::default(),
+            log_flushes: Counter::default(),
+            log_flushed_appends: Counter::default(),
+            log_flush_seconds: Counter::default(),
+            store_seen: std::sync::Mutex::new((0, 0, 0)),
             registry: Registry::default(),
         };
         r.register(
@@ -182,6 +191,21 @@ impl Metrics {
             m.data_dir_bytes.clone(),
         );
         r.register(
+            "skein_log_flushes",
+            "Group commits of the Raft log: one body sync and one sled flush each",
+            m.log_flushes.clone(),
+        );
+        r.register(
+            "skein_log_flushed_appends",
+            "Log appends made durable by the group commits (appends per flush is the batching)",
+            m.log_flushed_appends.clone(),
+        );
+        r.register(
+            "skein_log_flush_seconds",
+            "Time spent syncing bodies and flushing the log",
+            m.log_flush_seconds.clone(),
+        );
+        r.register(
             "skein_commit_failures",
             "Proposals that did not commit in time",
             m.commit_failures.clone(),
@@ -249,6 +273,22 @@ impl Metrics {
                 .set(n as i64);
         }
         self.data_dir_bytes.set(cluster.reader().disk_size() as i64);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let st = cluster.reader().stats();
+            let now = (
+                st.flushes.load(Relaxed),
+                st.appends.load(Relaxed),
+                st.flush_micros.load(Relaxed),
+            );
+            let mut seen = self.store_seen.lock().unwrap_or_else(|p| p.into_inner());
+            self.log_flushes.inc_by(now.0.saturating_sub(seen.0));
+            self.log_flushed_appends
+                .inc_by(now.1.saturating_sub(seen.1));
+            self.log_flush_seconds
+                .inc_by(now.2.saturating_sub(seen.2) as f64 / 1e6);
+            *seen = now;
+        }
         self.leader_contact
             .set(cluster.since_leader_contact().unwrap_or(-1.0));
         self.draining.set(i64::from(cluster.is_draining()));

@@ -12,6 +12,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    bodies_of_mut, chunked, flush_all, Bodies, BodyRef, StoreError, KEY_LAST_PURGED, KEY_VOTE,
-    LOG_TREE, META_TREE,
+    bodies_of_mut, chunked, flush_all, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED,
+    KEY_VOTE, LOG_TREE, META_TREE,
 };
 use crate::{Entry, LogId, NodeId, TypeConfig, Vote};
 
@@ -51,7 +52,11 @@ pub struct LogStore {
 
 impl LogStore {
     /// Open the log and count its references to bodies.
-    pub(crate) fn open(db: sled::Db, bodies: Arc<Bodies>) -> Result<Self, StoreError> {
+    pub(crate) fn open(
+        db: sled::Db,
+        bodies: Arc<Bodies>,
+        stats: Arc<StoreStats>,
+    ) -> Result<Self, StoreError> {
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
         // Count the references, and check every body: after a power cut,
@@ -84,7 +89,7 @@ impl LogStore {
             db.flush()?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(db.clone(), bodies.clone(), rx));
+        tokio::spawn(flusher(db.clone(), bodies.clone(), stats, rx));
         Ok(LogStore {
             db,
             log,
@@ -154,6 +159,7 @@ impl LogStore {
 async fn flusher(
     db: sled::Db,
     bodies: Arc<Bodies>,
+    stats: Arc<StoreStats>,
     mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
 ) {
     let mut waiting = Vec::new();
@@ -185,6 +191,7 @@ async fn flusher(
         }
         let settling = bodies.take_releases();
         let (db2, bodies2) = (db.clone(), bodies.clone());
+        let began = std::time::Instant::now();
         let flushed = tokio::task::spawn_blocking(move || {
             bodies2.sync()?;
             db2.flush()?;
@@ -197,6 +204,13 @@ async fn flusher(
             Err(e) => Err(std::io::Error::other(e.to_string())),
         };
         let ok = result.is_ok();
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats
+            .appends
+            .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        stats
+            .flush_micros
+            .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
         for cb in waiting.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),

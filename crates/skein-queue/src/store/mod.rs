@@ -130,6 +130,17 @@ pub(crate) fn decode_ref(v: &[u8]) -> Result<BodyRef, StoreError> {
     Ok(postcard::from_bytes(v)?)
 }
 
+/// Counters of the log's group commit (read by the node's metrics).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Group commits: one body sync and one sled flush each.
+    pub flushes: std::sync::atomic::AtomicU64,
+    /// Appends made durable by them.
+    pub appends: std::sync::atomic::AtomicU64,
+    /// Time spent in them, in microseconds.
+    pub flush_micros: std::sync::atomic::AtomicU64,
+}
+
 /// What the state machine shares with the rest of the node: the queue in
 /// memory, the live state tree (for bodies), and a signal on every apply.
 pub(crate) struct Shared {
@@ -148,6 +159,7 @@ pub struct QueueReader {
     shared: Arc<Shared>,
     db: sled::Db,
     snapshot_dir: PathBuf,
+    stats: Arc<StoreStats>,
 }
 
 impl QueueReader {
@@ -235,6 +247,11 @@ impl QueueReader {
         self.db.size_on_disk().unwrap_or(0) + self.shared.bodies.disk_size() + snapshots
     }
 
+    /// Counters of the group commit.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
     /// Body segment files on disk.
     pub fn body_segments(&self) -> usize {
         self.shared.bodies.segments()
@@ -256,7 +273,8 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
     let bodies = Arc::new(Bodies::open(&dir.join("bodies"))?);
-    let log = LogStore::open(db.clone(), bodies.clone())?;
+    let stats = Arc::new(StoreStats::default());
+    let log = LogStore::open(db.clone(), bodies.clone(), stats.clone())?;
     let (state_machine, shared) =
         StateMachineStore::open(db.clone(), snapshot_dir.clone(), bodies.clone())?;
     // Both stores have counted their references: drop what nothing names.
@@ -265,6 +283,7 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
         shared,
         db,
         snapshot_dir,
+        stats,
     };
     Ok(Stores {
         log,
