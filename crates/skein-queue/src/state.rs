@@ -108,7 +108,16 @@ impl QueueState {
     pub fn apply(&mut self, req: &Request, touched: &mut Touched) -> Response {
         self.observe_time(req.now);
         let now = self.cluster_time;
-        match &req.cmd {
+        self.apply_command(now, &req.cmd, touched)
+    }
+
+    fn apply_command(&mut self, now: Millis, cmd: &Command, touched: &mut Touched) -> Response {
+        match cmd {
+            Command::Batch(cmds) => Response::Batch(
+                cmds.iter()
+                    .map(|c| self.apply_command(now, c, touched))
+                    .collect(),
+            ),
             Command::Enqueue(m) => self.enqueue(now, m, touched),
             Command::Claim {
                 node,

@@ -51,6 +51,23 @@ pub enum Command {
     },
     /// Operator actions.
     Admin(AdminCommand),
+    /// Commands proposed together, applied in order as if one after another.
+    /// The leader batches concurrent proposals so that many messages share
+    /// one log entry: one fsync and one replication round for all of them.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Bytes of message bodies the command carries.
+    pub fn body_bytes(&self) -> usize {
+        match self {
+            Command::Enqueue(m) => m.body.len(),
+            Command::Admin(AdminCommand::Import { body, .. }) => body.len(),
+            Command::Report { notices, .. } => notices.iter().map(|n| n.message.body.len()).sum(),
+            Command::Batch(cmds) => cmds.iter().map(Command::body_bytes).sum(),
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -141,6 +158,8 @@ pub enum Response {
     Changed(u64),
     /// The notices a report enqueued (the rest were not called for).
     Reported(Vec<MessageId>),
+    /// The answers to a batch, in its order.
+    Batch(Vec<Response>),
 }
 
 /// A queued message as every node's state machine holds it. The body is stored

@@ -7,6 +7,7 @@
 //! same. The call returns once the entry is committed and applied, or fails
 //! when that does not happen within the commit timeout.
 
+mod batch;
 mod control;
 mod network;
 mod service;
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use skein_proto::v1::{propose_reply, ProposeRequest};
 use skein_queue::{Command, NodeId, QueueReader, Raft, Response, Stores};
@@ -28,15 +28,15 @@ pub use network::{Network, PeerChannels};
 pub use service::{control_status, RaftService, RequireSecret};
 
 use crate::clock::now_ms;
+use crate::config::Config;
 
 /// How often a node looks whether it has gone quiet (see
 /// [`Cluster::compact_when_quiet`]).
 const QUIET_COMPACT: Duration = Duration::from_secs(5);
 /// Fewer unpurged entries than this are not worth a snapshot.
 const QUIET_COMPACT_MIN_ENTRIES: u64 = 64;
-use crate::config::Config;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     /// No commit within the commit timeout: no leader, or no majority.
     #[error("not committed in time")]
@@ -57,6 +57,7 @@ pub struct Cluster {
 struct Inner {
     id: NodeId,
     raft: Raft,
+    batcher: batch::Batcher,
     reader: QueueReader,
     peers: PeerChannels,
     commit_timeout: Duration,
@@ -119,6 +120,7 @@ impl Cluster {
         Ok(Cluster {
             inner: Arc::new(Inner {
                 id: config.node_id,
+                batcher: batch::Batcher::start(raft.clone()),
                 raft,
                 reader: stores.reader,
                 peers,
@@ -287,17 +289,7 @@ impl Cluster {
             // Handing leadership over: the proposer waits for the next leader.
             return Err(Step::Forward(None));
         }
-        let req = skein_queue::Request { now: now_ms(), cmd };
-        match self.inner.raft.client_write(req).await {
-            Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(Step::Forward(f.leader_id))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Step::Fail(ProposeError::Refused(e.to_string())))
-            }
-            Err(RaftError::Fatal(f)) => Err(Step::Fail(ProposeError::Fatal(f.to_string()))),
-        }
+        self.inner.batcher.propose(cmd).await
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Response, Step> {
@@ -377,7 +369,7 @@ impl Cluster {
 }
 
 /// What to do after one try of a proposal.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Step {
     Forward(Option<NodeId>),
     Retry,

@@ -678,3 +678,45 @@ fn delay_notices_go_once_and_relayed_notices_only_for_new_deliveries() {
         "recipient 0 was already delivered"
     );
 }
+
+/// A batch applies its commands in order, exactly as one entry each would,
+/// and answers each in its place.
+#[test]
+fn a_batch_is_its_commands_one_after_another() {
+    let cmds = vec![
+        Command::Enqueue(new_message(1, 1, &["a@example.org"])),
+        Command::Enqueue(new_message(2, 2, &["b@example.org"])),
+        Command::Enqueue(new_message(1, 1, &["a@example.org"])),
+        Command::Release {
+            node: 2,
+            ids: vec![MessageId(2)],
+        },
+        Command::Claim {
+            node: 3,
+            max: 10,
+            lease_ms: LEASE,
+        },
+        Command::Report {
+            notices: vec![],
+            node: 1,
+            outcomes: vec![Outcome {
+                id: MessageId(1),
+                recipients: vec![delivered(0)],
+                retry_after_ms: 0,
+            }],
+        },
+    ];
+    let mut one_by_one = QueueState::new();
+    let answers: Vec<Response> = cmds
+        .iter()
+        .map(|c| apply(&mut one_by_one, 1000, c.clone()))
+        .collect();
+    let mut batched = QueueState::new();
+    let mut touched = Touched::default();
+    let got = batched.apply(&req(1000, Command::Batch(cmds)), &mut touched);
+    assert_eq!(got, Response::Batch(answers.clone()));
+    assert_eq!(batched, one_by_one);
+    assert_eq!(answers[2], Response::Enqueued { duplicate: true });
+    assert_eq!(answers[4], Response::Leased(vec![MessageId(2)]));
+    assert!(touched.ids.contains(&MessageId(1)) && touched.ids.contains(&MessageId(2)));
+}

@@ -86,26 +86,47 @@ pub(crate) fn id_from_key(k: &[u8]) -> Option<MessageId> {
 
 /// The bodies a request carries, in a fixed order, with their message ids.
 pub(crate) fn bodies_of(req: &Request) -> Vec<(MessageId, &Bytes)> {
-    match &req.cmd {
-        Command::Enqueue(m) => vec![(m.id, &m.body)],
-        Command::Admin(AdminCommand::Import { message, body }) => vec![(message.id, body)],
-        Command::Report { notices, .. } => notices
-            .iter()
-            .map(|n| (n.message.id, &n.message.body))
-            .collect(),
-        _ => Vec::new(),
+    let mut out = Vec::new();
+    command_bodies(&req.cmd, &mut out);
+    out
+}
+
+fn command_bodies<'a>(cmd: &'a Command, out: &mut Vec<(MessageId, &'a Bytes)>) {
+    match cmd {
+        Command::Enqueue(m) => out.push((m.id, &m.body)),
+        Command::Admin(AdminCommand::Import { message, body }) => out.push((message.id, body)),
+        Command::Report { notices, .. } => {
+            out.extend(notices.iter().map(|n| (n.message.id, &n.message.body)))
+        }
+        Command::Batch(cmds) => {
+            for c in cmds {
+                command_bodies(c, out);
+            }
+        }
+        _ => {}
     }
 }
 
 /// The bodies of a request, mutable, in the order of [`bodies_of`].
 pub(crate) fn bodies_of_mut(req: &mut Request) -> Vec<&mut Bytes> {
-    match &mut req.cmd {
-        Command::Enqueue(m) => vec![&mut m.body],
-        Command::Admin(AdminCommand::Import { body, .. }) => vec![body],
+    let mut out = Vec::new();
+    command_bodies_mut(&mut req.cmd, &mut out);
+    out
+}
+
+fn command_bodies_mut<'a>(cmd: &'a mut Command, out: &mut Vec<&'a mut Bytes>) {
+    match cmd {
+        Command::Enqueue(m) => out.push(&mut m.body),
+        Command::Admin(AdminCommand::Import { body, .. }) => out.push(body),
         Command::Report { notices, .. } => {
-            notices.iter_mut().map(|n| &mut n.message.body).collect()
+            out.extend(notices.iter_mut().map(|n| &mut n.message.body))
         }
-        _ => Vec::new(),
+        Command::Batch(cmds) => {
+            for c in cmds {
+                command_bodies_mut(c, out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -634,3 +634,40 @@ async fn log_entries_whose_bodies_never_reached_the_disk_are_dropped() {
     assert_eq!(back.len(), 3);
     assert_eq!(back[2], entry(3, enqueue_body(3, body_of(5000, 3))));
 }
+
+/// The bodies of a batched entry are each written once, read back in their
+/// places, and stored for the messages that stay queued.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_entry_keeps_every_body_in_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap();
+    let batch = Request {
+        now: 2000,
+        cmd: Command::Batch(vec![
+            enqueue_body(1, body_of(3000, 1)).cmd,
+            enqueue_body(2, body_of(4000, 2)).cmd,
+            deliver(1).cmd,
+            enqueue_body(3, body_of(5000, 3)).cmd,
+        ]),
+    };
+    let entries = vec![entry(1, batch)];
+    append(&mut s.log, entries.clone()).await;
+    assert_eq!(s.log.try_get_log_entries(1..2).await.unwrap(), entries);
+    let out = s.state_machine.apply(entries).await.unwrap();
+    assert!(matches!(&out[0], Response::Batch(v) if v.len() == 4));
+    assert_eq!(s.reader.body(&MessageId(1)).unwrap(), None);
+    assert_eq!(
+        s.reader.body(&MessageId(2)).unwrap().unwrap(),
+        body_of(4000, 2)
+    );
+    assert_eq!(
+        s.reader.body(&MessageId(3)).unwrap().unwrap(),
+        body_of(5000, 3)
+    );
+    drop(s);
+    let s = open(dir.path()).unwrap();
+    assert_eq!(
+        s.reader.body(&MessageId(3)).unwrap().unwrap(),
+        body_of(5000, 3)
+    );
+}

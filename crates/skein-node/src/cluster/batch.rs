@@ -1,0 +1,120 @@
+//! Proposals batched into log entries.
+//!
+//! openraft 0.9 appends the leader's entries one at a time and waits for each
+//! append to be flushed before it takes the next, so one entry per message
+//! would cost one fsync per message on the leader whatever the load. The
+//! batcher instead gathers every proposal that arrives while earlier writes
+//! are under way (from this node's sessions and workers, and forwarded by
+//! followers) into one `Command::Batch` entry: one append, one fsync and one
+//! replication round for all of them. Under light load a batch is a single
+//! command and nothing waits; under heavy load batches grow by themselves.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use skein_queue::{Command, Raft, Request, Response};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{ProposeError, Step};
+use crate::clock::now_ms;
+
+/// Client writes under way at once; proposals arriving meanwhile gather.
+const IN_FLIGHT: usize = 2;
+/// A batch stops growing at this many commands or bytes of bodies.
+const MAX_COMMANDS: usize = 512;
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub(crate) struct Proposal {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Response, Step>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::UnboundedSender<Proposal>,
+}
+
+impl Batcher {
+    pub(crate) fn start(raft: Raft) -> Batcher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(raft, rx));
+        Batcher { tx }
+    }
+
+    /// Write `cmd` through this node's Raft (it must be the leader) in the
+    /// next batch, and return its answer.
+    pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, Step> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Proposal { cmd, reply }).is_err() {
+            return Err(Step::Fail(ProposeError::Fatal("raft stopped".into())));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Step::Fail(ProposeError::Fatal("raft stopped".into()))))
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        // Take a slot first: while none is free, proposals queue up and
+        // leave together in the next batch.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut bytes = first.cmd.body_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMMANDS && bytes < MAX_BODY_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.cmd.body_bytes();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            write(&raft, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
+    let cmd = if batch.len() == 1 {
+        batch[0].cmd.clone()
+    } else {
+        Command::Batch(batch.iter().map(|p| p.cmd.clone()).collect())
+    };
+    let result = raft.client_write(Request { now: now_ms(), cmd }).await;
+    let answers: Result<Vec<Response>, Step> = match result {
+        Ok(r) => match r.data {
+            Response::Batch(v) if batch.len() > 1 && v.len() == batch.len() => Ok(v),
+            other if batch.len() == 1 => Ok(vec![other]),
+            other => Err(Step::Fail(ProposeError::Refused(format!(
+                "a batch of {} got the answer {other:?}",
+                batch.len()
+            )))),
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(Step::Forward(f.leader_id))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(Step::Fail(ProposeError::Refused(e.to_string())))
+        }
+        Err(RaftError::Fatal(f)) => Err(Step::Fail(ProposeError::Fatal(f.to_string()))),
+    };
+    match answers {
+        Ok(v) => {
+            for (p, a) in batch.drain(..).zip(v) {
+                let _ = p.reply.send(Ok(a));
+            }
+        }
+        Err(step) => {
+            for p in batch.drain(..) {
+                let _ = p.reply.send(Err(step.clone()));
+            }
+        }
+    }
+}
