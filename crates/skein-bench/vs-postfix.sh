@@ -72,6 +72,7 @@ measure() {
         rate=$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["accepted_per_second"]))' "$T/load.json")
         p50=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["latency_ms"]["p50"])' "$T/load.json")
         p99=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["latency_ms"]["p99"])' "$T/load.json")
+        LAST_RATE=$rate
     else
         # smtp-source: one process per target, the sessions and messages split.
         local n=$# each_s each_m pids=()
@@ -95,6 +96,29 @@ measure() {
     ROWS+=("$name|$gen|$accepted|$rate|$p50|$p99|$e2e")
     printf '  %-14s %-11s accepted %6s  %6s/s  p50 %6s ms  p99 %6s ms  end-to-end %6s/s\n' \
         "$name" "$gen" "$accepted" "$rate" "$p50" "$p99" "$e2e"
+}
+
+HALF_ROWS=()
+# half_load NAME TARGET...: acceptance latency (end of DATA to 250) with
+# skein-load offering, open loop, half the rate the last skein-load row reached.
+half_load() {
+    local name=$1 half msgs p50 p99
+    shift
+    half=$((LAST_RATE / 2))
+    msgs=$((half * 10))
+    local args=()
+    for t in "$@"; do args+=(--target "$t"); done
+    local before
+    before=$(delivered)
+    "$BIN/skein-load" "${args[@]}" --sessions "$SESSIONS" --messages "$msgs" --rate "$half" \
+        --size "$SIZE" --rcpt sink@example.org --json >"$T/half.json"
+    p50=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["latency_ms"]["p50"])' "$T/half.json")
+    p99=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["latency_ms"]["p99"])' "$T/half.json")
+    local acc
+    acc=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["accepted"])' "$T/half.json")
+    wait_delivered $((before + acc))
+    HALF_ROWS+=("$name|$half|$acc|$p50|$p99")
+    printf '  %-14s half load %6s/s  accepted %6s  p50 %6s ms  p99 %6s ms\n' "$name" "$half" "$acc" "$p50" "$p99"
 }
 
 # ---------------------------------------------------------------- Postfix
@@ -154,6 +178,7 @@ until (exec 3<>"/dev/tcp/127.0.0.1/$PF_PORT") 2>/dev/null; do sleep 0.1; done
 
 echo "$SESSIONS sessions, $MESSAGES messages of $SIZE bytes, one sink"
 measure postfix skein-load "127.0.0.1:$PF_PORT"
+half_load postfix "127.0.0.1:$PF_PORT"
 measure postfix smtp-source "127.0.0.1:$PF_PORT"
 postfix -c "$PF/conf" stop >/dev/null 2>&1
 
@@ -198,7 +223,7 @@ tls = "none"
 [metrics]
 listen = "127.0.0.$i:${mp[$i]}"
 EOF
-        SKEIN_LOG=warn "$BIN/skeind" --config "$base/node$i.toml" >"$base/node$i.log" 2>&1 &
+        "$BIN/skeind" --config "$base/node$i.toml" >"$base/node$i.log" 2>&1 &
         NODE_PIDS+=($!)
         PIDS+=($!)
         TARGETS+=("127.0.0.$i:${sp[$i]}")
@@ -219,6 +244,7 @@ stop_skein() {
 for n in 1 3; do
     start_skein "$n"
     measure "skein $n-node" skein-load "${TARGETS[@]}"
+    half_load "skein $n-node" "${TARGETS[@]}"
     measure "skein $n-node" smtp-source "${TARGETS[@]}"
     stop_skein
 done
@@ -236,4 +262,14 @@ for row in "${ROWS[@]}"; do
     done
     ratio=$(python3 -c "print(f'{$e2e / $base:.2f}x')")
     echo "| $name | $gen | $acc | $rate | $p50 | $p99 | $e2e | $ratio |"
+done
+
+echo
+echo "Acceptance latency at half the maximum load (skein-load, open loop):"
+echo
+echo "| system | offered/s | accepted | p50 ms | p99 ms |"
+echo "|---|---:|---:|---:|---:|"
+for row in "${HALF_ROWS[@]}"; do
+    IFS='|' read -r name half acc p50 p99 <<<"$row"
+    echo "| $name | $half | $acc | $p50 | $p99 |"
 done

@@ -21,6 +21,10 @@ pub struct LoadSpec {
     pub size: usize,
     pub from: String,
     pub rcpt: String,
+    /// Open loop: message `n` starts no earlier than `n / rate` seconds
+    /// after the start (all sessions together). `None`: each session sends
+    /// its next message as soon as the last is answered.
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -174,6 +178,10 @@ pub async fn run(spec: LoadSpec) -> LoadReport {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= spec.messages {
                     break;
+                }
+                if let Some(rate) = spec.rate {
+                    let due = started + Duration::from_secs_f64(n as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
                 }
                 if conn.is_none() {
                     match Conn::open(addr).await {

@@ -112,6 +112,7 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         size: a.size,
         from: "load@bench.test".into(),
         rcpt: "sink@example.org".into(),
+        rate: None,
     })
     .await;
     // End to end: first byte sent to the last accepted message at the sink.

@@ -25,6 +25,10 @@ struct Args {
     from: String,
     #[arg(long, default_value = "sink@example.org")]
     rcpt: String,
+    /// Offered load in messages per second over all sessions (open loop);
+    /// without it each session sends as fast as it is answered.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -40,6 +44,7 @@ async fn main() {
         size: a.size,
         from: a.from,
         rcpt: a.rcpt,
+        rate: a.rate,
     })
     .await;
     if a.json {
