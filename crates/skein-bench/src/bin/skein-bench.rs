@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use skein_bench::load::{ms, run, LoadSpec};
+use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::{DnsServer, SinkMta};
 use skein_tests::{wait_for_leader, ProcessNode, TestConfig};
 
@@ -35,6 +36,10 @@ struct Args {
     /// Print one JSON object per cluster size.
     #[arg(long)]
     json: bool,
+    /// Keep the whole load queued (the receiving MTA defers every
+    /// recipient) and report each node's memory and disk with it queued.
+    #[arg(long)]
+    hold: bool,
 }
 
 #[tokio::main]
@@ -72,7 +77,14 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         .a("mx.example.org", Ipv4Addr::LOCALHOST)
         .start()
         .await?;
-    let sink = SinkMta::builder().start().await?;
+    let sink = if a.hold {
+        SinkMta::builder()
+            .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 3, 0)), "held"))
+            .start()
+            .await?
+    } else {
+        SinkMta::builder().start().await?
+    };
     let mut configs: Vec<TestConfig> = (1..=n)
         .map(|id| {
             let mut c = TestConfig::new(
@@ -115,6 +127,9 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         rate: None,
     })
     .await;
+    if a.hold {
+        return report_held(&report, &nodes, &configs, n).await;
+    }
     // End to end: first byte sent to the last accepted message at the sink.
     let deadline = Instant::now() + Duration::from_secs(300);
     while sink.messages().len() < report.accepted && Instant::now() < deadline {
@@ -158,12 +173,58 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
     Ok(())
 }
 
+/// With `--hold`: every accepted message is still queued; report each
+/// node's resident memory (now and peak) and data directory.
+async fn report_held(
+    report: &skein_bench::load::LoadReport,
+    nodes: &[ProcessNode],
+    configs: &[TestConfig],
+    n: u64,
+) -> anyhow::Result<()> {
+    // Let the first delivery attempts finish (each is deferred).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "{n} node(s): {} messages accepted and held in the queue ({} refused, {} errors)",
+        report.accepted, report.refused, report.errors
+    );
+    for (node, c) in nodes.iter().zip(configs) {
+        let pid = node.pid().unwrap_or(0);
+        println!(
+            "  node {}: RSS {:.1} MiB now, {:.1} MiB peak; data dir {:.1} MiB",
+            c.node_id,
+            proc_mib(pid, "VmRSS:").unwrap_or(0.0),
+            proc_mib(pid, "VmHWM:").unwrap_or(0.0),
+            dir_bytes(&c.data_dir) as f64 / (1 << 20) as f64
+        );
+    }
+    // The caller drops the nodes, which stops them.
+    Ok(())
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// Peak resident memory of a process, from /proc.
 fn max_rss_mib(pid: u32) -> Option<f64> {
+    proc_mib(pid, "VmHWM:")
+}
+
+/// A memory figure of a process from /proc, in MiB.
+fn proc_mib(pid: u32, field: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = s
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
