@@ -5,6 +5,9 @@
 //! one `flush` (an fsync) for all of them, and only then reports them durable.
 //! While one flush runs the next batch gathers: the group commit that makes
 //! replicated accepts fast without ever reporting an unflushed append.
+//! (Followers get many entries per append. openraft 0.9 waits for each of
+//! the leader's appends before the next, so there the batching happens one
+//! level up: many proposals in one entry, see skein-node's `cluster/batch.rs`.)
 //!
 //! Bodies are taken out of each entry and appended to the body segments
 //! ([`super::bodies`]); sled keeps the entry with a reference per body, and
