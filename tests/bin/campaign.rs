@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::SinkMta;
 use skein_tests::mail::example_org_dns;
-use skein_tests::{list_queue, send, status, wait_for_leader, ClusterPlan, ProcessNode};
+use skein_tests::{dir_size, list_queue, send, status, wait_for_leader, ClusterPlan, ProcessNode};
 
 #[derive(Debug, Parser)]
 #[command(name = "skein-campaign")]
@@ -155,20 +155,6 @@ fn token_of(data: &[u8]) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("X-Token: "))
         .map(str::to_string)
-}
-
-fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn mib(bytes: u64) -> String {

@@ -15,4 +15,4 @@ pub use client::{send, Submission};
 pub use cluster::{add_node, drain, list_queue, status, wait_for_leader, ClusterPlan};
 pub use config::{free_addr, free_port, TestConfig, TOKEN};
 pub use fabric::Fabric;
-pub use process::ProcessNode;
+pub use process::{dir_size, ProcessNode};

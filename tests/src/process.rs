@@ -200,3 +200,18 @@ impl Drop for ProcessNode {
         self.kill9();
     }
 }
+
+/// Bytes of the files under `path` (a data directory), recursively.
+pub fn dir_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -16,7 +16,7 @@ use clap::Parser;
 use skein_bench::load::{ms, run, LoadSpec};
 use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::{DnsServer, SinkMta};
-use skein_tests::{wait_for_leader, ProcessNode, TestConfig};
+use skein_tests::{dir_size, wait_for_leader, ProcessNode, TestConfig};
 
 #[derive(Parser)]
 #[command(name = "skein-bench", about = "Measure Skein clusters on this machine")]
@@ -194,24 +194,11 @@ async fn report_held(
             c.node_id,
             proc_mib(pid, "VmRSS:").unwrap_or(0.0),
             proc_mib(pid, "VmHWM:").unwrap_or(0.0),
-            dir_bytes(&c.data_dir) as f64 / (1 << 20) as f64
+            dir_size(&c.data_dir) as f64 / (1 << 20) as f64
         );
     }
     // The caller drops the nodes, which stops them.
     Ok(())
-}
-
-fn dir_bytes(path: &std::path::Path) -> u64 {
-    std::fs::read_dir(path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Peak resident memory of a process, from /proc.

@@ -71,6 +71,17 @@ struct Segment {
     len: u64,
 }
 
+impl Inner {
+    /// Segments nothing refers to, besides the active one.
+    fn unused(&self) -> Vec<u32> {
+        self.files
+            .keys()
+            .copied()
+            .filter(|n| *n != self.active && !self.refs.contains_key(n))
+            .collect()
+    }
+}
+
 fn seg_name(n: u32) -> String {
     format!("{n:08}.seg")
 }
@@ -189,13 +200,7 @@ impl Bodies {
     /// Remove the segments no store counted at open.
     pub fn finish_open(&self) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let unused: Vec<u32> = inner
-            .files
-            .keys()
-            .copied()
-            .filter(|n| *n != inner.active && !inner.refs.contains_key(n))
-            .collect();
-        for n in unused {
+        for n in inner.unused() {
             inner.files.remove(&n);
             std::fs::remove_file(self.dir.join(seg_name(n)))?;
         }
@@ -330,12 +335,7 @@ impl Bodies {
                 tracing::warn!(error = %e, "could not start a new body segment");
             }
         }
-        let unused: Vec<u32> = inner
-            .files
-            .keys()
-            .copied()
-            .filter(|n| *n != inner.active && !inner.refs.contains_key(n))
-            .collect();
+        let unused = inner.unused();
         if unused.is_empty() {
             return;
         }

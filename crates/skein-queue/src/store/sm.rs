@@ -326,17 +326,56 @@ fn install_file(
     db.drop_tree(name.as_bytes())?;
     let tree = db.open_tree(&name)?;
     let mut written: Vec<BodyRef> = Vec::new();
-    let r = fill_tree(
-        db,
-        bodies,
-        meta_tree,
-        snapshots,
-        gen,
-        meta,
-        file,
-        &tree,
-        &mut written,
-    );
+    let fill = || -> Result<(QueueState, SmHeader), StoreError> {
+        // Keep a copy of what we read as our own current snapshot.
+        let (copy_path, copy) = snapshots.temp("install")?;
+        let tee = Tee {
+            r: BufReader::new(file),
+            w: BufWriter::new(copy),
+        };
+        let (header, mut reader) = SnapshotReader::open(tee)?;
+        if header.meta.last_log_id != meta.last_log_id {
+            return Err(StoreError::Corrupt(
+                "snapshot data does not match its metadata".into(),
+            ));
+        }
+        let mut messages = Vec::with_capacity(header.messages.min(1 << 20) as usize);
+        let mut batch = sled::Batch::default();
+        let mut batch_bytes = 0;
+        while let Some((m, body)) = reader.next_message()? {
+            batch_bytes += body.len();
+            let r = bodies.append(&body)?;
+            written.push(r);
+            batch.insert(&message_key(&m.id), postcard::to_stdvec(&m)?);
+            batch.insert(&body_key(&m.id), postcard::to_stdvec(&r)?);
+            messages.push(m);
+            if batch_bytes > INSTALL_BATCH_BYTES {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+                flush_all(db, bodies)?;
+                batch_bytes = 0;
+            }
+        }
+        let new_header = SmHeader {
+            applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            cluster_time: header.cluster_time,
+        };
+        batch.insert(KEY_HEADER, postcard::to_stdvec(&new_header)?);
+        tree.apply_batch(batch)?;
+        let Tee { w, .. } = reader.into_inner();
+        let copy = w.into_inner().map_err(|e| e.into_error())?;
+        copy.sync_all()?;
+        snapshots.publish(&copy_path, meta, true)?;
+        flush_all(db, bodies)?;
+        // The switch: one write names the new generation live.
+        meta_tree.insert(KEY_SM_TREE, &gen.to_be_bytes())?;
+        flush_all(db, bodies)?;
+        Ok((
+            QueueState::restore(header.cluster_time, messages),
+            new_header,
+        ))
+    };
+    let r = fill();
     if r.is_err() {
         // The generation is never made live; its bodies are nobody's.
         for w in &written {
@@ -350,67 +389,6 @@ fn install_file(
         state,
         header,
     })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn fill_tree(
-    db: &sled::Db,
-    bodies: &Bodies,
-    meta_tree: &sled::Tree,
-    snapshots: &SnapshotFiles,
-    gen: u64,
-    meta: &SnapshotMeta,
-    file: std::fs::File,
-    tree: &sled::Tree,
-    written: &mut Vec<BodyRef>,
-) -> Result<(QueueState, SmHeader), StoreError> {
-    // Keep a copy of what we read as our own current snapshot.
-    let (copy_path, copy) = snapshots.temp("install")?;
-    let tee = Tee {
-        r: BufReader::new(file),
-        w: BufWriter::new(copy),
-    };
-    let (header, mut reader) = SnapshotReader::open(tee)?;
-    if header.meta.last_log_id != meta.last_log_id {
-        return Err(StoreError::Corrupt(
-            "snapshot data does not match its metadata".into(),
-        ));
-    }
-    let mut messages = Vec::with_capacity(header.messages.min(1 << 20) as usize);
-    let mut batch = sled::Batch::default();
-    let mut batch_bytes = 0;
-    while let Some((m, body)) = reader.next_message()? {
-        batch_bytes += body.len();
-        let r = bodies.append(&body)?;
-        written.push(r);
-        batch.insert(&message_key(&m.id), postcard::to_stdvec(&m)?);
-        batch.insert(&body_key(&m.id), postcard::to_stdvec(&r)?);
-        messages.push(m);
-        if batch_bytes > INSTALL_BATCH_BYTES {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            flush_all(db, bodies)?;
-            batch_bytes = 0;
-        }
-    }
-    let new_header = SmHeader {
-        applied: meta.last_log_id,
-        membership: meta.last_membership.clone(),
-        cluster_time: header.cluster_time,
-    };
-    batch.insert(KEY_HEADER, postcard::to_stdvec(&new_header)?);
-    tree.apply_batch(batch)?;
-    let Tee { w, .. } = reader.into_inner();
-    let copy = w.into_inner().map_err(|e| e.into_error())?;
-    copy.sync_all()?;
-    snapshots.publish(&copy_path, meta, true)?;
-    flush_all(db, bodies)?;
-    // The switch: one write names the new generation live.
-    meta_tree.insert(KEY_SM_TREE, &gen.to_be_bytes())?;
-    flush_all(db, bodies)?;
-    Ok((
-        QueueState::restore(header.cluster_time, messages),
-        new_header,
-    ))
 }
 
 impl SnapshotFiles {
