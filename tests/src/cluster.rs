@@ -89,10 +89,24 @@ impl ClusterPlan {
         c.cluster = free_addr(real_ip);
         c.advertise = Some(free_addr(pub_ip));
         tweak(&mut c);
-        self.fabric
-            .add_node(id, real_ip, c.advertise.unwrap(), c.cluster)
-            .await
-            .context("fabric proxy")?;
+        // A port free a moment ago can be taken before the proxy binds it
+        // (another test's connection): draw another a few times.
+        let mut tries = 0;
+        loop {
+            let advertise = c.advertise.context("an advertised address")?;
+            match self
+                .fabric
+                .add_node(id, real_ip, advertise, c.cluster)
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if tries < 5 && in_use(&e) => {
+                    tries += 1;
+                    c.advertise = Some(free_addr(pub_ip));
+                }
+                Err(e) => return Err(e.context("fabric proxy")),
+            }
+        }
         Ok(c)
     }
 
@@ -265,4 +279,9 @@ pub async fn wait_for_leader(admins: &[SocketAddr], timeout: Duration) -> anyhow
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn in_use(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
 }
