@@ -211,6 +211,11 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
             return Ok(None);
         };
         let line = rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]);
+        // Measured as written back, with CRLF: a bare-LF line one byte
+        // under the limit would otherwise be accepted and re-encoded over it.
+        if line.len() + 2 > MAX_REPLY_LINE {
+            return Err(ReplyError::LineTooLong);
+        }
         pos += lf + 1;
         let (this_code, last, text) = split_line(line)?;
         if *code.get_or_insert(this_code) != this_code {
@@ -289,6 +294,22 @@ fn split_enhanced(class: u8, text: &str) -> Option<(EnhancedCode, &str)> {
 
 #[cfg(test)]
 mod tests {
+    /// The longest line takes the same room whether it ended in LF or CRLF,
+    /// so whatever parses also parses again once encoded (found by fuzzing).
+    #[test]
+    fn the_line_limit_counts_the_line_as_it_is_written_back() {
+        let text = "x".repeat(MAX_REPLY_LINE - 6);
+        let crlf = format!("250 {text}\r\n");
+        assert_eq!(crlf.len(), MAX_REPLY_LINE);
+        let (r, _) = parse_reply(crlf.as_bytes()).unwrap().unwrap();
+        assert_eq!(r.to_bytes(), crlf.as_bytes());
+        let lf = format!("250 {text}\n");
+        let (r, _) = parse_reply(lf.as_bytes()).unwrap().unwrap();
+        assert_eq!(parse_reply(&r.to_bytes()).unwrap().unwrap().0, r);
+        let over = format!("250 {text}x\n");
+        assert_eq!(parse_reply(over.as_bytes()), Err(ReplyError::LineTooLong));
+    }
+
     use super::*;
 
     #[test]
