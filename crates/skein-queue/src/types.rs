@@ -58,15 +58,48 @@ pub enum Command {
 }
 
 impl Command {
+    /// The message bodies the command carries, in a fixed order, with the
+    /// id of the message each belongs to.
+    pub fn bodies(&self) -> Vec<(MessageId, &Bytes)> {
+        let mut out = Vec::new();
+        self.visit_bodies(&mut out);
+        out
+    }
+
+    fn visit_bodies<'a>(&'a self, out: &mut Vec<(MessageId, &'a Bytes)>) {
+        match self {
+            Command::Enqueue(m) => out.push((m.id, &m.body)),
+            Command::Admin(AdminCommand::Import { message, body }) => out.push((message.id, body)),
+            Command::Report { notices, .. } => {
+                out.extend(notices.iter().map(|n| (n.message.id, &n.message.body)))
+            }
+            Command::Batch(cmds) => cmds.iter().for_each(|c| c.visit_bodies(out)),
+            _ => {}
+        }
+    }
+
+    /// The same bodies, mutable, in the order of [`Command::bodies`].
+    pub fn bodies_mut(&mut self) -> Vec<&mut Bytes> {
+        let mut out = Vec::new();
+        self.visit_bodies_mut(&mut out);
+        out
+    }
+
+    fn visit_bodies_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Bytes>) {
+        match self {
+            Command::Enqueue(m) => out.push(&mut m.body),
+            Command::Admin(AdminCommand::Import { body, .. }) => out.push(body),
+            Command::Report { notices, .. } => {
+                out.extend(notices.iter_mut().map(|n| &mut n.message.body))
+            }
+            Command::Batch(cmds) => cmds.iter_mut().for_each(|c| c.visit_bodies_mut(out)),
+            _ => {}
+        }
+    }
+
     /// Bytes of message bodies the command carries.
     pub fn body_bytes(&self) -> usize {
-        match self {
-            Command::Enqueue(m) => m.body.len(),
-            Command::Admin(AdminCommand::Import { body, .. }) => body.len(),
-            Command::Report { notices, .. } => notices.iter().map(|n| n.message.body.len()).sum(),
-            Command::Batch(cmds) => cmds.iter().map(Command::body_bytes).sum(),
-            _ => 0,
-        }
+        self.bodies().iter().map(|(_, b)| b.len()).sum()
     }
 }
 

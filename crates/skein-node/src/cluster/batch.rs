@@ -81,20 +81,22 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     }
 }
 
-async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
-    let cmd = if batch.len() == 1 {
-        batch[0].cmd.clone()
+async fn write(raft: &Raft, batch: Vec<Proposal>) {
+    let (mut cmds, replies): (Vec<Command>, Vec<_>) =
+        batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let n = cmds.len();
+    let cmd = if n == 1 {
+        cmds.remove(0)
     } else {
-        Command::Batch(batch.iter().map(|p| p.cmd.clone()).collect())
+        Command::Batch(cmds)
     };
     let result = raft.client_write(Request { now: now_ms(), cmd }).await;
     let answers: Result<Vec<Response>, Step> = match result {
         Ok(r) => match r.data {
-            Response::Batch(v) if batch.len() > 1 && v.len() == batch.len() => Ok(v),
-            other if batch.len() == 1 => Ok(vec![other]),
+            Response::Batch(v) if n > 1 && v.len() == n => Ok(v),
+            other if n == 1 => Ok(vec![other]),
             other => Err(Step::Fail(ProposeError::Refused(format!(
-                "a batch of {} got the answer {other:?}",
-                batch.len()
+                "a batch of {n} got the answer {other:?}"
             )))),
         },
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -107,13 +109,13 @@ async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
     };
     match answers {
         Ok(v) => {
-            for (p, a) in batch.drain(..).zip(v) {
-                let _ = p.reply.send(Ok(a));
+            for (reply, a) in replies.into_iter().zip(v) {
+                let _ = reply.send(Ok(a));
             }
         }
         Err(step) => {
-            for p in batch.drain(..) {
-                let _ = p.reply.send(Err(step.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(step.clone()));
             }
         }
     }

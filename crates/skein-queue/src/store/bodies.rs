@@ -371,16 +371,3 @@ impl Bodies {
         self.lock().files.len()
     }
 }
-
-impl Drop for Bodies {
-    fn drop(&mut self) {
-        // Appends since the last sync are not promised to anyone; still, a
-        // clean stop leaves them on disk.
-        let inner = self.lock();
-        for n in &inner.dirty {
-            if let Some(s) = inner.files.get(n) {
-                let _ = s.file.sync_data();
-            }
-        }
-    }
-}

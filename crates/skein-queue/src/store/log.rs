@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    bodies_of_mut, chunked, flush_all, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED,
+    chunked, flush_all, flush_durable, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED,
     KEY_VOTE, LOG_TREE, META_TREE,
 };
 use crate::{Entry, LogId, NodeId, TypeConfig, Vote};
@@ -107,7 +107,7 @@ impl LogStore {
         let Stored { mut entry, bodies } =
             decode_stored(v).map_err(|e| StorageIOError::read_logs(&e))?;
         if let EntryPayload::Normal(req) = &mut entry.payload {
-            let slots = bodies_of_mut(req);
+            let slots = req.cmd.bodies_mut();
             if slots.len() != bodies.len() {
                 let e = StoreError::Corrupt(format!("entry {} lost its bodies", entry.log_id));
                 return Err(StorageIOError::read_logs(&e).into());
@@ -192,21 +192,14 @@ async fn flusher(
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }
-        let settling = bodies.take_releases();
         let (db2, bodies2) = (db.clone(), bodies.clone());
         let began = std::time::Instant::now();
-        let flushed = tokio::task::spawn_blocking(move || {
-            bodies2.sync()?;
-            db2.flush()?;
-            Ok::<_, StoreError>(())
-        })
-        .await;
-        let result = match flushed {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-            Err(e) => Err(std::io::Error::other(e.to_string())),
+        let flushed = tokio::task::spawn_blocking(move || flush_durable(&db2, &bodies2)).await;
+        let (result, settling) = match flushed {
+            Ok(Ok(settling)) => (Ok(()), Some(settling)),
+            Ok(Err(e)) => (Err(std::io::Error::other(e.to_string())), None),
+            Err(e) => (Err(std::io::Error::other(e.to_string())), None),
         };
-        let ok = result.is_ok();
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats
             .appends
@@ -221,11 +214,10 @@ async fn flusher(
             };
             cb.log_io_completed(r);
         }
-        if ok {
+        // Unlink what the flush made unreferenced, once the appends are out.
+        if let Some(settling) = settling {
             let bodies = bodies.clone();
             let _ = tokio::task::spawn_blocking(move || bodies.settle(settling)).await;
-        } else {
-            bodies.restore(settling);
         }
     }
 }
@@ -344,7 +336,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for mut entry in entries {
                 let mut refs = Vec::new();
                 if let EntryPayload::Normal(req) = &mut entry.payload {
-                    for body in bodies_of_mut(req) {
+                    for body in req.cmd.bodies_mut() {
                         let r = self.bodies.append(body)?;
                         written.push(r);
                         refs.push(r);

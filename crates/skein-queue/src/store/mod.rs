@@ -28,10 +28,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use self::bodies::{Bodies, BodyRef};
+pub use self::bodies::{Bodies, BodyRef, Settling};
 pub use self::log::LogStore;
 pub use self::sm::StateMachineStore;
-use crate::{AdminCommand, Command, LogId, Membership, MessageId, QueueState, Request};
+use crate::{LogId, Membership, MessageId, QueueState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -84,67 +84,26 @@ pub(crate) fn id_from_key(k: &[u8]) -> Option<MessageId> {
     Some(MessageId::from_bytes(b))
 }
 
-/// The bodies a request carries, in a fixed order, with their message ids.
-pub(crate) fn bodies_of(req: &Request) -> Vec<(MessageId, &Bytes)> {
-    let mut out = Vec::new();
-    command_bodies(&req.cmd, &mut out);
-    out
-}
-
-fn command_bodies<'a>(cmd: &'a Command, out: &mut Vec<(MessageId, &'a Bytes)>) {
-    match cmd {
-        Command::Enqueue(m) => out.push((m.id, &m.body)),
-        Command::Admin(AdminCommand::Import { message, body }) => out.push((message.id, body)),
-        Command::Report { notices, .. } => {
-            out.extend(notices.iter().map(|n| (n.message.id, &n.message.body)))
-        }
-        Command::Batch(cmds) => {
-            for c in cmds {
-                command_bodies(c, out);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// The bodies of a request, mutable, in the order of [`bodies_of`].
-pub(crate) fn bodies_of_mut(req: &mut Request) -> Vec<&mut Bytes> {
-    let mut out = Vec::new();
-    command_bodies_mut(&mut req.cmd, &mut out);
-    out
-}
-
-fn command_bodies_mut<'a>(cmd: &'a mut Command, out: &mut Vec<&'a mut Bytes>) {
-    match cmd {
-        Command::Enqueue(m) => out.push(&mut m.body),
-        Command::Admin(AdminCommand::Import { body, .. }) => out.push(body),
-        Command::Report { notices, .. } => {
-            out.extend(notices.iter_mut().map(|n| &mut n.message.body))
-        }
-        Command::Batch(cmds) => {
-            for c in cmds {
-                command_bodies_mut(c, out);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Flush sled the only safe way: bodies synced first, and the body
-/// references dropped before the flush settled after it.
-pub(crate) fn flush_all(db: &sled::Db, bodies: &Bodies) -> Result<(), StoreError> {
+/// Flush sled the only safe way: bodies synced first. The body references
+/// dropped before the flush come back, to be settled once the caller has
+/// done what the flush was for (see [`Bodies::settle`]); on an error they
+/// wait for the next flush.
+pub(crate) fn flush_durable(db: &sled::Db, bodies: &Bodies) -> Result<Settling, StoreError> {
     let settling = bodies.take_releases();
-    let r = bodies.sync().and_then(|()| Ok(db.flush().map(|_| ())?));
-    match r {
-        Ok(()) => {
-            bodies.settle(settling);
-            Ok(())
-        }
+    match bodies.sync().and_then(|()| Ok(db.flush().map(|_| ())?)) {
+        Ok(()) => Ok(settling),
         Err(e) => {
             bodies.restore(settling);
             Err(e)
         }
     }
+}
+
+/// [`flush_durable`], settled at once.
+pub(crate) fn flush_all(db: &sled::Db, bodies: &Bodies) -> Result<(), StoreError> {
+    let settling = flush_durable(db, bodies)?;
+    bodies.settle(settling);
+    Ok(())
 }
 
 pub(crate) fn decode_ref(v: &[u8]) -> Result<BodyRef, StoreError> {

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use super::log::stored_refs;
 use super::snapshot::{SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::{
-    bodies_of, body_key, decode_ref, flush_all, id_from_key, message_key, Bodies, BodyRef, Shared,
-    SmHeader, StoreError, KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE,
+    body_key, decode_ref, flush_all, id_from_key, message_key, Bodies, BodyRef, Shared, SmHeader,
+    StoreError, KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE,
 };
 use crate::state::Touched;
 use crate::{
@@ -157,7 +157,7 @@ impl StateMachineStore {
         req: &Request,
         out: &mut HashMap<MessageId, (BodyRef, bool)>,
     ) -> Result<bool, StoreError> {
-        let bodies = bodies_of(req);
+        let bodies = req.cmd.bodies();
         if bodies.is_empty() {
             return Ok(false);
         }
