@@ -80,10 +80,11 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
     let sink = if a.hold {
         SinkMta::builder()
             .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 3, 0)), "held"))
+            .forget_commands()
             .start()
             .await?
     } else {
-        SinkMta::builder().start().await?
+        SinkMta::builder().forget_commands().start().await?
     };
     let mut configs: Vec<TestConfig> = (1..=n)
         .map(|id| {
@@ -132,10 +133,10 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
     }
     // End to end: first byte sent to the last accepted message at the sink.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while sink.messages().len() < report.accepted && Instant::now() < deadline {
+    while sink.message_count() < report.accepted && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let delivered = sink.messages().len();
+    let delivered = sink.message_count();
     let e2e = delivered as f64 / started.elapsed().as_secs_f64();
     let rss = nodes
         .iter()

@@ -79,6 +79,8 @@ pub(crate) struct Script {
     /// Speak LMTP: LHLO instead of EHLO, and after the body one reply per
     /// accepted recipient from this function.
     pub lmtp: Option<OnAddress>,
+    /// Keep every command line (and pipelined batch) for inspection.
+    pub keep_commands: bool,
 }
 
 /// What a sink saw, across all its connections.
@@ -145,6 +147,7 @@ impl Default for SinkMtaBuilder {
                 broken_tls: false,
                 auth: None,
                 lmtp: None,
+                keep_commands: true,
             },
             refuse: false,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -268,6 +271,12 @@ impl SinkMtaBuilder {
     }
 
     /// Listen on this port instead of a random one.
+    /// Keep no command lines: for long runs (a benchmark's receiving MTA),
+    /// whose memory would otherwise grow with every command.
+    pub fn forget_commands(mut self) -> Self {
+        self.script.keep_commands = false;
+        self
+    }
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
@@ -363,6 +372,17 @@ impl SinkMta {
         self.shared.record().messages.clone()
     }
 
+    /// How many messages were accepted so far (and not taken).
+    pub fn message_count(&self) -> usize {
+        self.shared.record().messages.len()
+    }
+
+    /// Messages accepted since the last take, leaving none kept: for long
+    /// runs that report messages as they come.
+    pub fn take_messages(&self) -> Vec<Received> {
+        std::mem::take(&mut self.shared.record().messages)
+    }
+
     /// Every command line received so far, over all connections.
     pub fn commands(&self) -> Vec<String> {
         self.shared.record().commands.clone()
@@ -391,7 +411,7 @@ impl SinkMta {
     /// Waits until at least `n` messages were accepted, then returns them all.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
         let what = format!("{n} message(s) at the sink");
-        wait_for(timeout, &what, || async { self.messages().len() >= n }).await?;
+        wait_for(timeout, &what, || async { self.message_count() >= n }).await?;
         Ok(self.messages())
     }
 }

@@ -179,7 +179,7 @@ impl Session {
         };
         input.drain(..pos);
         let batch = std::mem::take(&mut self.batch);
-        if !batch.is_empty() {
+        if !batch.is_empty() && self.shared.script.keep_commands {
             self.shared.record().batches.push(batch);
         }
         next
@@ -189,8 +189,10 @@ impl Session {
     fn command(&mut self, line: &[u8], output: &mut Vec<u8>) -> u16 {
         let text = String::from_utf8_lossy(line).into_owned();
         tracing::debug!(command = %text, "sink received");
-        self.shared.record().commands.push(text.clone());
-        self.batch.push(text);
+        if self.shared.script.keep_commands {
+            self.shared.record().commands.push(text.clone());
+            self.batch.push(text);
+        }
         let shared = self.shared.clone();
         let script = &shared.script;
         let offer_tls = (script.tls.is_some() || script.broken_tls) && !self.tls;
