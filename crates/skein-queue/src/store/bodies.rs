@@ -64,6 +64,9 @@ struct Inner {
     /// Segments written since the last sync, and whether the directory changed.
     dirty: Vec<u32>,
     dir_dirty: bool,
+    /// Every store has counted its references ([`Bodies::finish_open`]);
+    /// until then a count of zero means nothing and no segment may go.
+    counted: bool,
 }
 
 struct Segment {
@@ -160,6 +163,7 @@ impl Bodies {
                 released: Vec::new(),
                 dirty: Vec::new(),
                 dir_dirty: false,
+                counted: false,
             }),
             gc: RwLock::new(()),
             _lock: lock,
@@ -206,6 +210,7 @@ impl Bodies {
         }
         sync_dir(&self.dir)?;
         inner.dir_dirty = false;
+        inner.counted = true;
         Ok(())
     }
 
@@ -320,6 +325,12 @@ impl Bodies {
     /// and unlink the segments nothing refers to any more.
     pub fn settle(&self, settling: Settling) {
         let mut inner = self.lock();
+        if !inner.counted {
+            // Not all references are counted yet: keep the releases for a
+            // settle after the open.
+            inner.released.extend(settling.0);
+            return;
+        }
         for seg in settling.0 {
             if let Some(c) = inner.refs.get_mut(&seg) {
                 *c = c.saturating_sub(1);

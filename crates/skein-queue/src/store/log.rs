@@ -166,7 +166,9 @@ async fn flusher(
     mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
 ) {
     let mut waiting = Vec::new();
-    let mut idle = tokio::time::interval(IDLE_FLUSH);
+    // Not at once: the first tick would come while the stores are still
+    // counting their references (settling waits for that anyway).
+    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + IDLE_FLUSH, IDLE_FLUSH);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -671,3 +671,29 @@ async fn a_batch_entry_keeps_every_body_in_its_place() {
         body_of(5000, 3)
     );
 }
+
+/// Reopening, the body store knows its segments before any store has
+/// counted the references in them: a settle in that window (the log
+/// flusher's idle tick came there) must not take a segment the queue names.
+#[test]
+fn no_segment_goes_before_every_store_has_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = {
+        let b = Bodies::open(dir.path()).unwrap();
+        b.finish_open().unwrap();
+        let r = b.append(b"a queued body").unwrap();
+        b.sync().unwrap();
+        r
+    };
+    // Segment 1 now holds a body that sled names; it is not the active one.
+    let b = Bodies::open(dir.path()).unwrap();
+    b.collect();
+    b.settle(b.take_releases());
+    b.retain(&r);
+    b.finish_open().unwrap();
+    assert_eq!(&b.read(&r).unwrap()[..], b"a queued body");
+    // Once counted, a settle works as before: released, then gone.
+    b.release(&r);
+    b.settle(b.take_releases());
+    assert!(b.read(&r).is_err(), "an unreferenced segment is unlinked");
+}
