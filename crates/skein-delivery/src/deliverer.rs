@@ -22,7 +22,7 @@ use crate::error::DeliveryError;
 use crate::job::{Job, RcptResult};
 use crate::route::{host_addrs, route, Host, Route};
 use crate::tls::{TlsClients, TlsPolicy};
-use crate::transaction::{open, reset, transact, After, Dial, HostOutcome, OpenError};
+use crate::transaction::{open, transact, After, Dial, HostOutcome, OpenError};
 
 /// Responses kept by the resolver's cache. Small: MX answers are cheap to
 /// ask again, and TTLs are honoured anyway.
@@ -129,18 +129,13 @@ impl Deliverer {
         }
         let dest = self.destination(&job.domain);
         let _slot = self.inner.pool.slot(&dest.key).await;
-        while let Some(mut conn) = self.inner.pool.take(&dest.key) {
+        while let Some(conn) = self.inner.pool.take(&dest.key) {
             let span = tracing::info_span!("smtp", peer = %conn.peer, reused = conn.uses);
-            if reset(&mut conn, &self.inner.cfg)
-                .instrument(span.clone())
-                .await
-            {
-                if let HostOutcome::Done(results) =
-                    self.carry(conn, job, &dest).instrument(span).await
-                {
-                    return results;
-                }
-                break;
+            match self.carry(conn, job, &dest, true).instrument(span).await {
+                HostOutcome::Done(results) => return results,
+                // Dead or confused: the next pooled one, or a new one.
+                HostOutcome::Stale => continue,
+                HostOutcome::NextHost(_) => break,
             }
         }
         let all = |r: RcptResult| vec![r; job.recipients.len()];
@@ -187,6 +182,8 @@ impl Deliverer {
                         tracing::info!(%peer, %reason, "trying next host");
                         last = reason;
                     }
+                    // A new connection is never probed.
+                    HostOutcome::Stale => {}
                 }
             }
         }
@@ -195,8 +192,14 @@ impl Deliverer {
 
     /// Runs `job` on `conn`, then keeps the connection for the next message
     /// or closes it.
-    async fn carry(&self, mut conn: Conn, job: &Job, dest: &Destination<'_>) -> HostOutcome {
-        let (outcome, after) = transact(&mut conn, job, &self.inner.cfg).await;
+    async fn carry(
+        &self,
+        mut conn: Conn,
+        job: &Job,
+        dest: &Destination<'_>,
+        reused: bool,
+    ) -> HostOutcome {
+        let (outcome, after) = transact(&mut conn, job, &self.inner.cfg, reused).await;
         match after {
             After::Clean if matches!(outcome, HostOutcome::Done(_)) => {
                 self.inner.pool.put(&dest.key, conn)
@@ -249,7 +252,7 @@ impl Deliverer {
                 peer,
             };
             match open(tcp, &dial).await {
-                Ok(conn) => return self.carry(conn, job, dest).await,
+                Ok(conn) => return self.carry(conn, job, dest, false).await,
                 Err(OpenError::NextHost(reason)) => return HostOutcome::NextHost(reason),
                 Err(OpenError::RetryPlain(reason)) => {
                     tracing::info!(%peer, %reason, "TLS failed under policy may; trying plaintext");

@@ -33,6 +33,9 @@ pub(crate) enum HostOutcome {
     Done(Vec<RcptResult>),
     /// This host could not take the message; the text says why.
     NextHost(String),
+    /// A pooled connection failed its RSET probe: nothing was sent for
+    /// this message, another connection may carry it.
+    Stale,
 }
 
 /// Why [`open`] gave no connection.
@@ -285,7 +288,7 @@ where
 
 /// Whether the body needs an 8-bit clean path.
 fn eight_bit(job: &Job) -> bool {
-    job.params.body == Some(BodyType::EightBitMime) || job.body.iter().any(|&b| b >= 0x80)
+    job.params.body == Some(BodyType::EightBitMime) || !job.body.is_ascii()
 }
 
 /// Checks that need no command: what the peer cannot take fails at once.
@@ -302,7 +305,7 @@ fn refuse_early(c: &Conn, job: &Job) -> Option<String> {
             "554 5.6.3 {peer}: binary content cannot be relayed with DATA"
         ));
     }
-    if eight_bit(job) && !ext.eight_bit_mime() {
+    if !ext.eight_bit_mime() && eight_bit(job) {
         return Some(format!(
             "554 5.6.3 {peer} does not offer 8BITMIME and the message has 8-bit content; \
              Skein does not convert it"
@@ -318,11 +321,20 @@ fn refuse_early(c: &Conn, job: &Job) -> Option<String> {
 
 /// One message on an open connection. Every recipient gets a result, or
 /// the whole message moves on to the next host.
+///
+/// A reused connection (`probe`) is checked with RSET first; with PIPELINING
+/// the RSET leads the MAIL/RCPT/DATA batch instead of costing a round trip
+/// of its own.
 pub(crate) async fn transact(
     c: &mut Conn,
     job: &Job,
     cfg: &DeliveryConfig,
+    probe: bool,
 ) -> (HostOutcome, After) {
+    let pipelined = c.ext.pipelining() || c.lmtp;
+    if probe && !pipelined && !reset(c, cfg).await {
+        return (HostOutcome::Stale, After::Closed);
+    }
     if let Some(text) = refuse_early(c, job) {
         return (HostOutcome::Done(all(job, failed(text))), After::Clean);
     }
@@ -355,7 +367,6 @@ pub(crate) async fn transact(
             After::Clean,
         );
     }
-    let pipelined = c.ext.pipelining() || c.lmtp;
     let s = &mut c.session;
     let broken = |e: &SessionError, results: Results| {
         (
@@ -367,8 +378,23 @@ pub(crate) async fn transact(
     // MAIL, then RCPTs (and DATA when pipelining).
     if pipelined {
         commands.push(Command::Data);
+        if probe {
+            commands.insert(0, Command::Rset);
+        }
         if let Err(e) = s.send_batch(&commands, Stage::Mail, t.mail).await {
+            if probe {
+                return (HostOutcome::Stale, After::Closed);
+            }
             return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed);
+        }
+        if probe {
+            // Anything but 2xx: the peer is not in the state we think, and
+            // the commands behind it cannot be trusted; closing abandons them
+            // (DATA never gets its body).
+            match s.read_reply(Stage::Rset, t.mail).await {
+                Ok(r) if r.is_success() => commands.remove(0),
+                _ => return (HostOutcome::Stale, After::Closed),
+            };
         }
     } else if let Err(e) = s.send(&commands[0], Stage::Mail, t.mail).await {
         return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed);
@@ -502,7 +528,9 @@ pub(crate) async fn transact(
             }
         } else {
             if outcome.is_delivered() {
-                tracing::info!(%reply, recipients = accepted.len(), tls = c.tls, "delivered");
+                // The node logs each recipient's outcome once (Postfix's
+                // status=sent line); this is the transaction's view of it.
+                tracing::debug!(%reply, recipients = accepted.len(), tls = c.tls, "delivered");
             }
             for &i in &accepted {
                 results.set(i, outcome.clone());
@@ -549,7 +577,7 @@ async fn end_unwanted_data(s: &mut Session<Stream>, t: Duration) -> After {
 }
 
 /// A pooled connection is probed with RSET before it carries a message.
-pub(crate) async fn reset(c: &mut Conn, cfg: &DeliveryConfig) -> bool {
+async fn reset(c: &mut Conn, cfg: &DeliveryConfig) -> bool {
     matches!(
         c.session.command(&Command::Rset, Stage::Rset, cfg.timeouts.mail).await,
         Ok(r) if r.is_success()

@@ -263,6 +263,13 @@ async fn many_messages_share_connections_within_the_concurrency_limit() {
         rsets >= 37,
         "a reused connection is probed with RSET ({rsets})"
     );
+    // With PIPELINING the probe leads the envelope: no round trip of its own.
+    let led = sink
+        .batches()
+        .iter()
+        .filter(|b| b.len() >= 2 && b[0] == "RSET" && b[1].starts_with("MAIL FROM"))
+        .count();
+    assert_eq!(led, rsets, "every RSET is pipelined with the envelope");
     // A later message reuses an idle connection without a new greeting.
     let before = sink.connections();
     let r = d.deliver(&job(&["late@example.org"], b"x\r\n")).await;

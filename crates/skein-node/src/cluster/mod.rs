@@ -259,7 +259,9 @@ impl Cluster {
         cmd: Command,
         deadline: Instant,
     ) -> Result<Response, ProposeError> {
-        let mut hint: Option<NodeId> = None;
+        // Straight to the leader this node knows of: a follower's own Raft
+        // would only answer "forward to" after a trip through its core.
+        let mut hint = self.current_leader();
         loop {
             let target = match hint.take() {
                 Some(id) if id != self.inner.id => Some(id),

@@ -1,31 +1,20 @@
-//! Large values stored as runs of small ones.
+//! Log entries under `index ++ u32 chunk number` keys.
 //!
-//! sled 0.34 keeps pages holding large values (from about 64 KiB) in memory
-//! whatever its cache size, so a queue of big messages would sit in RAM. Split
-//! into chunks of at most [`CHUNK`] bytes, the same data stays within the
-//! cache (measured: 1 GiB and 3 GiB of 1 MiB values use ~1 GiB resident whole,
-//! ~80 MiB chunked). A value is stored under `prefix ++ u32 chunk number`.
+//! Entries were once split into 8 KiB chunks, for sled 0.34 keeps pages with
+//! large values in memory whatever its cache size; that mattered while bodies
+//! were in sled. Bodies now live in segments and entries leave the log soon,
+//! so an entry is written as chunk 0 alone (one insert, atomic, and no sled
+//! batch on the hot path). Reads still join every chunk under a prefix, so
+//! logs written either way read back the same.
 
 use super::StoreError;
 
-pub const CHUNK: usize = 8 << 10;
-
-fn key(prefix: &[u8], n: u32) -> Vec<u8> {
+/// The key of chunk `n` of the value under `prefix`.
+pub fn key(prefix: &[u8], n: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + 4);
     k.extend_from_slice(prefix);
     k.extend_from_slice(&n.to_be_bytes());
     k
-}
-
-/// Write `value` under `prefix` (at least one chunk, even when empty).
-pub fn insert(batch: &mut sled::Batch, prefix: &[u8], value: &[u8]) {
-    if value.is_empty() {
-        batch.insert(key(prefix, 0), &[][..]);
-        return;
-    }
-    for (n, c) in value.chunks(CHUNK).enumerate() {
-        batch.insert(key(prefix, n as u32), c);
-    }
 }
 
 /// The value under `prefix`, or `None` when there is none.

@@ -332,7 +332,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
         let mut written = Vec::new();
         let r = (|| {
             for mut entry in entries {
@@ -350,10 +349,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     entry,
                     bodies: refs,
                 })?;
-                // Chunked: sled would keep large values in memory.
-                chunked::insert(&mut batch, &index_key(index), &v);
+                // One insert per entry, not a batch: sled writes out (and
+                // syncs) its buffer on every batch, which on the hot path
+                // cost more than the flush itself. An insert is atomic, and a
+                // crash keeps a prefix of them; none of this was reported
+                // durable before the flush anyway. One chunk, however large:
+                // entries leave the log soon, so sled holding a large one in
+                // memory for a while does no harm.
+                self.log.insert(chunked::key(&index_key(index), 0), v)?;
             }
-            self.log.apply_batch(batch)?;
             Ok::<_, StoreError>(())
         })();
         if let Err(e) = r {
