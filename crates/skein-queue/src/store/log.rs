@@ -13,6 +13,7 @@
 //! ([`super::bodies`]); sled keeps the entry with a reference per body, and
 //! reads put the bodies back. Every flush syncs the segments first.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::Ordering;
@@ -44,6 +45,74 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 type SErr = StorageError<NodeId>;
 
+/// How much the cache of recent entries holds at most: bytes of bodies and
+/// entries.
+const RECENT_BYTES: usize = 32 << 20;
+const RECENT_ENTRIES: usize = 4096;
+
+/// The entries appended lately, whole (bodies as shared buffers), with the
+/// references their bodies were stored under. openraft reads each entry back
+/// at once, to send it to every follower and to apply it; from here those
+/// reads cost no disk read, checksum or copy. Truncate and purge keep it
+/// equal to the log; past its bounds the oldest go (and are read from disk).
+#[derive(Default)]
+pub(crate) struct Recent {
+    entries: BTreeMap<u64, (Entry, Vec<BodyRef>, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn insert(&mut self, entry: Entry, refs: Vec<BodyRef>) {
+        let size = std::mem::size_of::<Entry>()
+            + match &entry.payload {
+                EntryPayload::Normal(req) => req.cmd.body_bytes(),
+                _ => 0,
+            };
+        let index = entry.log_id.index;
+        if let Some((_, _, old)) = self.entries.insert(index, (entry, refs, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+        while self.bytes > RECENT_BYTES || self.entries.len() > RECENT_ENTRIES {
+            match self.entries.pop_first() {
+                Some((_, (_, _, n))) => self.bytes -= n,
+                None => break,
+            }
+        }
+    }
+
+    /// Forget the entries in `range`.
+    fn remove(&mut self, range: impl RangeBounds<u64>) {
+        let gone: Vec<u64> = self.entries.range(range).map(|(i, _)| *i).collect();
+        for i in gone {
+            if let Some((_, _, n)) = self.entries.remove(&i) {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Every entry from `lo` up to `hi` (exclusive), if all are here.
+    fn get(&self, lo: u64, hi: u64) -> Option<Vec<Entry>> {
+        let len = usize::try_from(hi.checked_sub(lo)?).ok()?;
+        let out: Vec<Entry> = self
+            .entries
+            .range(lo..hi)
+            .map(|(_, (e, _, _))| e.clone())
+            .collect();
+        (out.len() == len).then_some(out)
+    }
+
+    pub(crate) fn refs(&self, index: u64) -> Option<Vec<BodyRef>> {
+        self.entries.get(&index).map(|(_, r, _)| r.clone())
+    }
+}
+
+pub(crate) type SharedRecent = Arc<std::sync::Mutex<Recent>>;
+
+fn lock_recent(r: &SharedRecent) -> std::sync::MutexGuard<'_, Recent> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
@@ -51,6 +120,7 @@ pub struct LogStore {
     meta: sled::Tree,
     bodies: Arc<Bodies>,
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
+    recent: SharedRecent,
 }
 
 impl LogStore {
@@ -99,7 +169,13 @@ impl LogStore {
             meta,
             bodies,
             flusher: tx,
+            recent: SharedRecent::default(),
         })
+    }
+
+    /// The cache of recent entries, for the state machine's body references.
+    pub(crate) fn recent(&self) -> SharedRecent {
+        self.recent.clone()
     }
 
     /// An entry read back whole, its bodies from their segments.
@@ -235,8 +311,12 @@ pub(crate) fn decode_stored(v: &[u8]) -> Result<Stored, StoreError> {
 /// The body references stored with the entry at `index`, if it is in the log.
 pub(crate) fn stored_refs(
     log: &sled::Tree,
+    recent: &SharedRecent,
     index: u64,
 ) -> Result<Option<Vec<BodyRef>>, StoreError> {
+    if let Some(refs) = lock_recent(recent).refs(index) {
+        return Ok(Some(refs));
+    }
     Ok(match chunked::get(log, &index_key(index))? {
         Some(v) => Some(decode_stored(&v)?.bodies),
         None => None,
@@ -258,6 +338,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
+        if let Some(hi) = hi {
+            if let Some(entries) = lock_recent(&self.recent).get(lo, hi) {
+                return Ok(entries);
+            }
+        }
         let iter = match hi {
             Some(hi) => self.log.range(index_key(lo)..index_key(hi)),
             None => self.log.range(index_key(lo)..),
@@ -334,7 +419,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut written = Vec::new();
         let r = (|| {
-            for mut entry in entries {
+            for whole in entries {
+                let mut entry = whole.clone();
                 let mut refs = Vec::new();
                 if let EntryPayload::Normal(req) = &mut entry.payload {
                     for body in req.cmd.bodies_mut() {
@@ -347,7 +433,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let index = entry.log_id.index;
                 let v = postcard::to_stdvec(&Stored {
                     entry,
-                    bodies: refs,
+                    bodies: refs.clone(),
                 })?;
                 // One insert per entry, not a batch: sled writes out (and
                 // syncs) its buffer on every batch, which on the hot path
@@ -357,6 +443,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 // entries leave the log soon, so sled holding a large one in
                 // memory for a while does no harm.
                 self.log.insert(chunked::key(&index_key(index), 0), v)?;
+                lock_recent(&self.recent).insert(whole, refs);
             }
             Ok::<_, StoreError>(())
         })();
@@ -374,6 +461,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), SErr> {
+        lock_recent(&self.recent).remove(log_id.index..);
         let refs = self
             .refs_in(self.log.range(index_key(log_id.index)..))
             .map_err(|e| StorageIOError::write_logs(&e))?;
@@ -392,6 +480,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), SErr> {
+        lock_recent(&self.recent).remove(..=log_id.index);
         // Record the purge point first: a crash part way leaves entries below
         // it, which are never read, rather than a hole above it.
         let v = postcard::to_stdvec(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;

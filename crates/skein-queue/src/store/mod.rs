@@ -255,8 +255,12 @@ pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     let bodies = Arc::new(Bodies::open(&dir.join("bodies"))?);
     let stats = Arc::new(StoreStats::default());
     let log = LogStore::open(db.clone(), bodies.clone(), stats.clone())?;
-    let (state_machine, shared) =
-        StateMachineStore::open(db.clone(), snapshot_dir.clone(), bodies.clone())?;
+    let (state_machine, shared) = StateMachineStore::open(
+        db.clone(),
+        snapshot_dir.clone(),
+        bodies.clone(),
+        log.recent(),
+    )?;
     // Both stores have counted their references: drop what nothing names.
     bodies.finish_open()?;
     let reader = QueueReader {

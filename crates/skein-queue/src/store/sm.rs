@@ -14,7 +14,7 @@ use openraft::{
 use tokio::io::AsyncSeekExt;
 use tokio::sync::watch;
 
-use super::log::stored_refs;
+use super::log::{stored_refs, SharedRecent};
 use super::snapshot::{SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::{
     body_key, decode_ref, flush_all, id_from_key, message_key, Bodies, BodyRef, Shared, SmHeader,
@@ -35,8 +35,10 @@ const INSTALL_BATCH_BYTES: usize = 32 << 20;
 pub struct StateMachineStore {
     db: sled::Db,
     meta: sled::Tree,
-    /// The Raft log: applied entries find their bodies' references there.
+    /// The Raft log: applied entries find their bodies' references there
+    /// (recent ones in its cache).
     log: sled::Tree,
+    recent: SharedRecent,
     bodies: Arc<Bodies>,
     shared: Arc<Shared>,
     gen: u64,
@@ -75,6 +77,7 @@ impl StateMachineStore {
         db: sled::Db,
         snapshot_dir: PathBuf,
         bodies: Arc<Bodies>,
+        recent: SharedRecent,
     ) -> Result<(Self, Arc<Shared>), StoreError> {
         let meta = db.open_tree(META_TREE)?;
         let log = db.open_tree(LOG_TREE)?;
@@ -127,6 +130,7 @@ impl StateMachineStore {
             db,
             meta,
             log,
+            recent,
             bodies,
             shared: shared.clone(),
             gen,
@@ -161,7 +165,7 @@ impl StateMachineStore {
         if bodies.is_empty() {
             return Ok(false);
         }
-        if let Some(refs) = stored_refs(&self.log, index)? {
+        if let Some(refs) = stored_refs(&self.log, &self.recent, index)? {
             if refs.len() == bodies.len() {
                 for ((id, _), r) in bodies.iter().zip(refs) {
                     if let Some((old, true)) = out.insert(*id, (r, false)) {

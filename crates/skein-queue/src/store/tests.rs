@@ -697,3 +697,27 @@ fn no_segment_goes_before_every_store_has_counted() {
     b.settle(b.take_releases());
     assert!(b.read(&r).is_err(), "an unreferenced segment is unlinked");
 }
+
+/// openraft reads fresh entries from the log's memory; they must be what a
+/// read from disk gives, through truncation and re-appending at an index.
+#[tokio::test(flavor = "multi_thread")]
+async fn recent_entries_read_the_same_from_memory_and_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (1..=5u64)
+        .map(|i| entry(i, enqueue_body(i as u128, body_of(20_000, i as u128))))
+        .collect();
+    let mut s = open(dir.path()).unwrap();
+    append(&mut s.log, entries.clone()).await;
+    assert_eq!(s.log.try_get_log_entries(1..6).await.unwrap(), entries);
+    s.log.truncate(log_id(4)).await.unwrap();
+    let four = entry(4, enqueue_body(99, body_of(3000, 99)));
+    append(&mut s.log, vec![four.clone()]).await;
+    let memory = s.log.try_get_log_entries(1..5).await.unwrap();
+    assert_eq!(memory[3], four);
+    assert!(s.log.try_get_log_entries(5..6).await.unwrap().is_empty());
+    drop(s);
+    let mut s = open(dir.path()).unwrap();
+    let disk = s.log.try_get_log_entries(1..5).await.unwrap();
+    assert_eq!(memory, disk);
+    assert_eq!(disk[..3], entries[..3]);
+}
