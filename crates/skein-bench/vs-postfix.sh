@@ -50,7 +50,7 @@ wait_delivered() { # wait_delivered N: until the sink has N messages (10 min at 
     local want=$1 until=$((SECONDS + 600))
     while [ "$(delivered)" -lt "$want" ]; do
         [ $SECONDS -lt $until ] || { echo "the sink got $(delivered) of $want" >&2; return 1; }
-        sleep 0.05
+        sleep 0.01
     done
 }
 
