@@ -188,11 +188,18 @@ async fn report_held(
         "{n} node(s): {} messages accepted and held in the queue ({} refused, {} errors)",
         report.accepted, report.refused, report.errors
     );
+    let admins: Vec<SocketAddr> = configs.iter().map(|c| c.cluster).collect();
+    let leader = wait_for_leader(&admins, Duration::from_secs(10)).await.ok();
     for (node, c) in nodes.iter().zip(configs) {
         let pid = node.pid().unwrap_or(0);
         println!(
-            "  node {}: RSS {:.1} MiB now, {:.1} MiB peak; data dir {:.1} MiB",
+            "  node {}{}: RSS {:.1} MiB now, {:.1} MiB peak; data dir {:.1} MiB",
             c.node_id,
+            if leader == Some(c.node_id) {
+                " (leader)"
+            } else {
+                ""
+            },
             proc_mib(pid, "VmRSS:").unwrap_or(0.0),
             proc_mib(pid, "VmHWM:").unwrap_or(0.0),
             dir_size(&c.data_dir) as f64 / (1 << 20) as f64

@@ -45,8 +45,8 @@ const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
 type SErr = StorageError<NodeId>;
 
-/// How much the cache of recent entries holds at most: bytes of bodies and
-/// entries.
+/// How much the cache of recent entries holds at most: bytes (entries as
+/// stored, plus their bodies) and entries.
 const RECENT_BYTES: usize = 32 << 20;
 const RECENT_ENTRIES: usize = 4096;
 
@@ -62,8 +62,9 @@ pub(crate) struct Recent {
 }
 
 impl Recent {
-    fn insert(&mut self, entry: Entry, refs: Vec<BodyRef>) {
-        let size = std::mem::size_of::<Entry>()
+    /// `stored`: the size of the entry without its bodies, as written.
+    fn insert(&mut self, entry: Entry, refs: Vec<BodyRef>, stored: usize) {
+        let size = stored
             + match &entry.payload {
                 EntryPayload::Normal(req) => req.cmd.body_bytes(),
                 _ => 0,
@@ -442,8 +443,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 // durable before the flush anyway. One chunk, however large:
                 // entries leave the log soon, so sled holding a large one in
                 // memory for a while does no harm.
+                let stored = v.len();
                 self.log.insert(chunked::key(&index_key(index), 0), v)?;
-                lock_recent(&self.recent).insert(whole, refs);
+                lock_recent(&self.recent).insert(whole, refs, stored);
             }
             Ok::<_, StoreError>(())
         })();
