@@ -37,7 +37,8 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Keep the whole load queued (the receiving MTA defers every
-    /// recipient) and report each node's memory and disk with it queued.
+    /// recipient, the next retry is an hour away) and report each node's
+    /// memory and disk with it queued.
     #[arg(long)]
     hold: bool,
 }
@@ -96,6 +97,12 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
             )
             .with_fixed_ports();
             c.lease = "30s".into();
+            if a.hold {
+                // A queue at rest, as between retries: the test kit's
+                // one-second retries would have every node claiming and
+                // re-sending the whole queue all through the measurement.
+                c.retry_schedule = vec!["1h".into()];
+            }
             c
         })
         .collect();

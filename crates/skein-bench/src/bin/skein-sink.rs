@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::SinkMta;
 
 #[derive(Parser)]
@@ -16,6 +17,10 @@ use skein_testkit::SinkMta;
 struct Args {
     #[arg(long, default_value = "0.0.0.0:25")]
     listen: SocketAddr,
+    /// Answer every recipient 451 (try again later): mail stays queued at
+    /// the sender, to measure a full queue.
+    #[arg(long)]
+    defer: bool,
 }
 
 fn header(data: &[u8], name: &str) -> Option<String> {
@@ -29,7 +34,17 @@ fn header(data: &[u8], name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let sink = SinkMta::builder()
+    let mut builder = SinkMta::builder();
+    if a.defer {
+        builder = builder.on_rcpt(|_| {
+            Reply::new(
+                451,
+                Some(EnhancedCode::new(4, 3, 0)),
+                "deferred by skein-sink",
+            )
+        });
+    }
+    let sink = builder
         .ip(a.listen.ip())
         .port(a.listen.port())
         .forget_commands()
