@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use skein_bench::load::{ms, run, LoadSpec};
-use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::{DnsServer, SinkMta};
 use skein_tests::{dir_size, wait_for_leader, ProcessNode, TestConfig};
 
@@ -78,15 +77,11 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         .a("mx.example.org", Ipv4Addr::LOCALHOST)
         .start()
         .await?;
-    let sink = if a.hold {
-        SinkMta::builder()
-            .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 3, 0)), "held"))
-            .forget_commands()
-            .start()
-            .await?
-    } else {
-        SinkMta::builder().forget_commands().start().await?
-    };
+    let mut sink = SinkMta::builder().forget_commands();
+    if a.hold {
+        sink = sink.defer_all();
+    }
+    let sink = sink.start().await?;
     let mut configs: Vec<TestConfig> = (1..=n)
         .map(|id| {
             let mut c = TestConfig::new(

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::SinkMta;
 
 #[derive(Parser)]
@@ -34,22 +33,14 @@ fn header(data: &[u8], name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let mut builder = SinkMta::builder();
-    if a.defer {
-        builder = builder.on_rcpt(|_| {
-            Reply::new(
-                451,
-                Some(EnhancedCode::new(4, 3, 0)),
-                "deferred by skein-sink",
-            )
-        });
-    }
-    let sink = builder
+    let mut builder = SinkMta::builder()
         .ip(a.listen.ip())
         .port(a.listen.port())
-        .forget_commands()
-        .start()
-        .await?;
+        .forget_commands();
+    if a.defer {
+        builder = builder.defer_all();
+    }
+    let sink = builder.start().await?;
     println!("skein-sink listening on {}", sink.addr());
     // Print and forget: a long run keeps no bodies.
     loop {

@@ -20,7 +20,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
@@ -37,6 +36,13 @@ use crate::{Entry, LogId, NodeId, TypeConfig, Vote};
 pub(crate) struct Stored {
     pub entry: Entry,
     pub bodies: Vec<BodyRef>,
+}
+
+/// [`Stored`] borrowed, for writing: the same encoding.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    entry: &'a Entry,
+    bodies: &'a [BodyRef],
 }
 
 /// How often settled-but-unflushed body releases are flushed when no
@@ -243,9 +249,7 @@ async fn flusher(
     mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
 ) {
     let mut waiting = Vec::new();
-    // Not at once: the first tick would come while the stores are still
-    // counting their references (settling waits for that anyway).
-    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + IDLE_FLUSH, IDLE_FLUSH);
+    let mut idle = tokio::time::interval(IDLE_FLUSH);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -420,22 +424,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut written = Vec::new();
         let r = (|| {
-            for whole in entries {
-                let mut entry = whole.clone();
+            for mut entry in entries {
+                // The bodies go to their segment; sled gets the entry without
+                // them, the cache gets it whole (they are put back).
                 let mut refs = Vec::new();
+                let mut taken = Vec::new();
                 if let EntryPayload::Normal(req) = &mut entry.payload {
                     for body in req.cmd.bodies_mut() {
                         let r = self.bodies.append(body)?;
                         written.push(r);
                         refs.push(r);
-                        *body = Bytes::new();
+                        taken.push(std::mem::take(body));
                     }
                 }
                 let index = entry.log_id.index;
-                let v = postcard::to_stdvec(&Stored {
-                    entry,
-                    bodies: refs.clone(),
+                let v = postcard::to_stdvec(&StoredRef {
+                    entry: &entry,
+                    bodies: &refs,
                 })?;
+                if let EntryPayload::Normal(req) = &mut entry.payload {
+                    for (slot, body) in req.cmd.bodies_mut().into_iter().zip(taken) {
+                        *slot = body;
+                    }
+                }
                 // One insert per entry, not a batch: sled writes out (and
                 // syncs) its buffer on every batch, which on the hot path
                 // cost more than the flush itself. An insert is atomic, and a
@@ -445,7 +456,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 // memory for a while does no harm.
                 let stored = v.len();
                 self.log.insert(chunked::key(&index_key(index), 0), v)?;
-                lock_recent(&self.recent).insert(whole, refs, stored);
+                lock_recent(&self.recent).insert(entry, refs, stored);
             }
             Ok::<_, StoreError>(())
         })();

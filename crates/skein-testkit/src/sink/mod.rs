@@ -270,13 +270,19 @@ impl SinkMtaBuilder {
         self
     }
 
-    /// Listen on this port instead of a random one.
     /// Keep no command lines: for long runs (a benchmark's receiving MTA),
     /// whose memory would otherwise grow with every command.
     pub fn forget_commands(mut self) -> Self {
         self.script.keep_commands = false;
         self
     }
+
+    /// Answer every RCPT 451 4.3.0: the sender keeps all its mail queued.
+    pub fn defer_all(self) -> Self {
+        self.on_rcpt(|_| new_reply(451, (4, 3, 0), "try again later"))
+    }
+
+    /// Listen on this port instead of a random one.
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
