@@ -287,7 +287,6 @@ impl Node {
     pub async fn shutdown(mut self, grace: Duration) {
         tracing::info!("shutting down");
         self.smtp_stop.send_replace(true);
-        self.shutdown.send_replace(true);
         let deadline = tokio::time::Instant::now() + grace;
         // Deliveries get a short grace: an attempt about to finish saves a
         // duplicate, but peers must not wait long for the rest.
@@ -300,6 +299,10 @@ impl Node {
         };
         tokio::join!(self.delivery.drain(grace.min(DELIVERY_GRACE)), sessions);
         self.delivery.shutdown();
+        // The cluster port serves Raft until now: handing leases back is a
+        // commit, and a node whose peers cannot reach it stops hearing its
+        // leader, starts an election and can commit nothing.
+        self.shutdown.send_replace(true);
         self.cluster.shutdown().await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
