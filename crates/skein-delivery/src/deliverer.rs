@@ -98,7 +98,8 @@ impl Deliverer {
             domain = %job.domain,
             recipients = job.recipients.len(),
         );
-        self.run(job).instrument(span).await
+        let results = self.run(job).instrument(span).await;
+        results.into_iter().map(RcptResult::bounded).collect()
     }
 
     fn destination<'a>(&'a self, domain: &str) -> Destination<'a> {

@@ -46,7 +46,35 @@ pub enum RcptResult {
     Failed { reply: String },
 }
 
+/// The longest result text kept, in bytes: a remote reply may be 128 lines
+/// of 4 KB, and the text goes into the replicated queue for every recipient,
+/// into logs and into notices.
+pub const MAX_RESULT_TEXT: usize = 800;
+
 impl RcptResult {
+    /// The result with its text made safe to keep and show: control
+    /// characters (a remote server's ESC or NUL) become spaces, and the text
+    /// is cut at [`MAX_RESULT_TEXT`] bytes.
+    pub fn bounded(mut self) -> Self {
+        let text = match &mut self {
+            RcptResult::Delivered { reply, .. }
+            | RcptResult::Deferred { reply }
+            | RcptResult::Failed { reply } => reply,
+        };
+        if text.len() > MAX_RESULT_TEXT || text.chars().any(char::is_control) {
+            let mut out = String::with_capacity(text.len().min(MAX_RESULT_TEXT));
+            for c in text.chars() {
+                if out.len() + c.len_utf8() > MAX_RESULT_TEXT - 3 {
+                    out.push_str("...");
+                    break;
+                }
+                out.push(if c.is_control() { ' ' } else { c });
+            }
+            *text = out;
+        }
+        self
+    }
+
     pub fn reply(&self) -> &str {
         match self {
             RcptResult::Delivered { reply, .. }
@@ -65,5 +93,29 @@ impl RcptResult {
 
     pub fn is_failed(&self) -> bool {
         matches!(self, RcptResult::Failed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_texts_are_bounded_and_one_line() {
+        let long = RcptResult::Failed {
+            reply: format!("550 5.1.1 {}", "é".repeat(2000)),
+        }
+        .bounded();
+        assert!(long.reply().len() <= MAX_RESULT_TEXT);
+        assert!(long.reply().ends_with("..."));
+        let ctl = RcptResult::Deferred {
+            reply: "451 a\x1b[31m\r\nb\0".into(),
+        }
+        .bounded();
+        assert_eq!(ctl.reply(), "451 a [31m  b ");
+        let fine = RcptResult::Deferred {
+            reply: "451 4.3.0 later".into(),
+        };
+        assert_eq!(fine.clone().bounded(), fine);
     }
 }

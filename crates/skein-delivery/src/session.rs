@@ -8,7 +8,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use skein_smtp::{dot_stuff, parse_reply, Command, Reply, ReplyError};
+use skein_smtp::{
+    dot_stuff, has_bare_line_endings, normalize_line_endings, parse_reply, Command, Reply,
+    ReplyError,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Body bytes written per timed write: a slow but live peer keeps the
@@ -64,6 +67,10 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
+    /// A command line to send held a CR, LF or NUL of its own: it is not
+    /// sent, so nothing we write can be read as two commands.
+    #[error("refused to send a command line with a line break inside at {stage}")]
+    Unsafe { stage: Stage },
     #[error("{source} at {stage}")]
     Protocol {
         stage: Stage,
@@ -135,6 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         timeout: Duration,
     ) -> Result<(), SessionError> {
         let line = command.to_bytes();
+        check_line(&line, stage)?;
         tracing::trace!(%stage, command = %String::from_utf8_lossy(&line).trim_end(), "send");
         self.write_timed(&line, stage, timeout).await
     }
@@ -149,7 +157,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(), SessionError> {
         let mut lines = Vec::new();
         for c in commands {
+            let start = lines.len();
             c.encode(&mut lines);
+            check_line(&lines[start..], stage)?;
         }
         tracing::trace!(%stage, commands = commands.len(), "send batch");
         self.write_timed(&lines, stage, timeout).await
@@ -184,11 +194,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Writes the body dot-stuffed and terminated by `.`, block by block,
     /// each block within `block_timeout`. The final reply is read separately.
+    ///
+    /// Nothing leaves with a bare CR or LF: the front door refuses such
+    /// mail, but a body that still holds one (from a restored backup, say)
+    /// has its line endings made CRLF first, so that no receiver can see
+    /// the data end somewhere else than we do.
     pub async fn send_body(
         &mut self,
         body: &[u8],
         block_timeout: Duration,
     ) -> Result<(), SessionError> {
+        let normalized;
+        let body = if has_bare_line_endings(body) {
+            let mut v = Vec::with_capacity(body.len() + 64);
+            normalize_line_endings(body, &mut v);
+            normalized = v;
+            &normalized[..]
+        } else {
+            body
+        };
         let mut wire = Vec::new();
         dot_stuff(body, &mut wire);
         for block in wire.chunks(BODY_BLOCK) {
@@ -216,6 +240,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }),
         }
     }
+}
+
+/// An encoded command line must hold no CR, LF or NUL but its final CRLF.
+fn check_line(line: &[u8], stage: Stage) -> Result<(), SessionError> {
+    let body = line.strip_suffix(b"\r\n").unwrap_or(line);
+    if body.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(SessionError::Unsafe { stage });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -272,6 +305,46 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"..a\r\nb\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_body_with_bare_line_endings_leaves_with_crlf_only() {
+        let (client, mut server) = duplex(1 << 20);
+        let mut session = Session::new(client);
+        session
+            .send_body(b"a\n.\r\nMAIL FROM:<x@y>\rb\r\n", Duration::from_secs(5))
+            .await
+            .unwrap();
+        drop(session);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"a\r\n..\r\nMAIL FROM:<x@y>\r\nb\r\n.\r\n");
+        assert!(!has_bare_line_endings(&got));
+    }
+
+    #[tokio::test]
+    async fn a_command_with_a_line_break_inside_is_never_sent() {
+        let (client, mut server) = duplex(1024);
+        let mut session = Session::new(client);
+        let forged = Command::Helo("a\r\nRCPT TO:<x@y.org>".into());
+        let err = session
+            .send(&forged, Stage::Helo, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Unsafe { .. }), "{err}");
+        let err = session
+            .send_batch(
+                &[Command::Noop, forged],
+                Stage::Mail,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SessionError::Unsafe { .. }), "{err}");
+        drop(session);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "nothing written: {got:?}");
     }
 
     #[tokio::test]

@@ -1,8 +1,15 @@
 //! xtext (RFC 3461 §4): how ENVID, ORCPT and AUTH= carry arbitrary text in
 //! a parameter value.
+//!
+//! What a sender writes here travels far: into the delivery status
+//! notifications Skein writes, into the logs, onto the wire to the next hop.
+//! So decoding is strict: a `+XX` escape must stand for printable US-ASCII
+//! (space through `~`); `+0D`, `+0A`, `+00`, DEL and 8-bit octets are
+//! refused, never passed on.
 
-/// Decodes xtext. `+XX` hex escapes must decode to valid UTF-8. Raw non-ASCII
-/// is passed through: it can only reach here when SMTPUTF8 allowed it.
+/// Decodes xtext, or `None` when it is malformed or decodes to anything but
+/// printable text. Raw non-ASCII is passed through (it can only reach here
+/// when SMTPUTF8 allowed it), but never a control character.
 pub fn xtext_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -15,7 +22,11 @@ pub fn xtext_decode(s: &str) -> Option<String> {
                 if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return None;
                 }
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                let b = u8::from_str_radix(hex, 16).ok()?;
+                if !(b' '..=b'~').contains(&b) {
+                    return None;
+                }
+                out.push(b);
                 i += 3;
             }
             b'=' => return None,
@@ -26,17 +37,29 @@ pub fn xtext_decode(s: &str) -> Option<String> {
             _ => return None,
         }
     }
-    String::from_utf8(out).ok()
+    let text = String::from_utf8(out).ok()?;
+    if text.chars().any(char::is_control) {
+        return None;
+    }
+    Some(text)
 }
 
-/// Appends the xtext form of `s`: `+`, `=`, and anything outside printable
-/// ASCII become `+XX`.
+/// Appends the xtext form of `s`: `+`, `=`, and ASCII outside the printable
+/// range become `+XX`. Non-ASCII characters stay as they are (RFC 6533
+/// allows them under SMTPUTF8, the only way they can have come in).
 pub fn xtext_encode(s: &str, out: &mut String) {
-    for b in s.bytes() {
-        match b {
-            b'+' | b'=' => push_hex(b, out),
-            33..=126 => out.push(b as char),
-            _ => push_hex(b, out),
+    for c in s.chars() {
+        match c {
+            '+' | '=' => push_hex(c as u8, out),
+            '!'..='~' => out.push(c),
+            c if c.is_ascii() => push_hex(c as u8, out),
+            c if c.is_control() => {
+                let mut buf = [0; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    push_hex(b, out);
+                }
+            }
+            c => out.push(c),
         }
     }
 }
@@ -60,8 +83,16 @@ mod tests {
             ("a+3Db", Some("a=b")),
             ("+2b", Some("+")),
             ("rfc822;u+40x.org", Some("rfc822;u@x.org")),
-            ("+C3+BC", Some("ü")),
-            ("+C3", None), // not UTF-8
+            ("ü", Some("ü")), // raw UTF-8, allowed by SMTPUTF8
+            ("+C3+BC", None), // escapes stand for printable ASCII only
+            ("+C3", None),
+            ("a+0Db", None), // CR
+            ("a+0Ab", None), // LF
+            ("a+00b", None), // NUL
+            ("a+09b", None), // TAB
+            ("a+7Fb", None), // DEL
+            ("a+20b", Some("a b")),
+            ("a\u{85}b", None), // a C1 control, raw
             ("a+2", None),
             ("a+ZZ", None),
             ("a=b", None),
@@ -78,7 +109,7 @@ mod tests {
             ("abc", "abc"),
             ("a+b=c", "a+2Bb+3Dc"),
             ("a b", "a+20b"),
-            ("ü", "+C3+BC"),
+            ("ü", "ü"),
         ];
         for (input, want) in cases {
             let mut out = String::new();

@@ -204,6 +204,11 @@ fn mail_from() {
             ("MAIL FROM:<a@b.org> BODY=foo", Err(Syntax("invalid BODY value"))),
             ("MAIL FROM:<a@b.org> RET=ALL", Err(Syntax("invalid RET value"))),
             ("MAIL FROM:<a@b.org> ENVID=a+2", Err(Syntax("invalid ENVID value"))),
+            // smuggling through a bounce: CR, LF, NUL never decode
+            ("MAIL FROM:<a@b.org> ENVID=a+0A.+0D+0AMAIL+20FROM:<x@y.org>", Err(Syntax("invalid ENVID value"))),
+            ("MAIL FROM:<a@b.org> ENVID=a+0Db", Err(Syntax("invalid ENVID value"))),
+            ("MAIL FROM:<a@b.org> ENVID=a+00b", Err(Syntax("invalid ENVID value"))),
+            ("MAIL FROM:<a@b.org> AUTH=a+0Ab", Err(Syntax("invalid AUTH value"))),
             ("MAIL FROM:<a@b.org> SMTPUTF8=yes", Err(Syntax("SMTPUTF8 takes no value"))),
             ("MAIL FROM:<a@b.org> SIZE=1 size=2", Err(Syntax("duplicate parameter"))),
             ("MAIL FROM:<a@b.org> X=1 X", Err(Syntax("duplicate parameter"))),
@@ -324,6 +329,10 @@ fn rcpt_to() {
             ),
             (
                 "RCPT TO:<a@b.org> ORCPT=;a@b.org",
+                Err(Syntax("invalid ORCPT value")),
+            ),
+            (
+                "RCPT TO:<a@b.org> ORCPT=rfc822;x+0D+0AInjected:+20yes",
                 Err(Syntax("invalid ORCPT value")),
             ),
             (

@@ -53,8 +53,9 @@ fn mail_params() -> impl Strategy<Value = MailParams> {
         body,
         any::<bool>(),
         ret,
-        proptest::option::of(".{1,20}"),
-        proptest::option::of(".{1,20}"),
+        // xtext carries printable text only: controls are refused on entry
+        proptest::option::of("[^\\p{Cc}]{1,20}"),
+        proptest::option::of("[^\\p{Cc}]{1,20}"),
         other_params(),
     )
         .prop_map(
@@ -91,7 +92,7 @@ fn rcpt_params() -> impl Strategy<Value = RcptParams> {
     (
         proptest::option::of(notify()),
         proptest::option::of(
-            ("[a-zA-Z0-9-]{1,8}", ".{1,30}").prop_map(|(t, a)| format!("{t};{a}")),
+            ("[a-zA-Z0-9-]{1,8}", "[^\\p{Cc}]{1,30}").prop_map(|(t, a)| format!("{t};{a}")),
         ),
         other_params(),
     )
@@ -290,6 +291,21 @@ proptest! {
         let _ = Mailbox::parse(&text);
         let _ = Domain::parse(&text);
         let _ = xtext_decode(&text);
+    }
+
+    #[test]
+    fn xtext_decodes_to_printable_text_only(text in "(\\+[0-9A-Fa-f]{2}|[ -~]|[äö\u{85}\u{2028}]){0,40}") {
+        if let Some(decoded) = xtext_decode(&text) {
+            prop_assert!(!decoded.chars().any(char::is_control), "{:?} -> {:?}", text, decoded);
+        }
+    }
+
+    #[test]
+    fn xtext_round_trips_printable_text(text in "[^\\p{Cc}]{0,40}") {
+        let mut wire = String::new();
+        xtext_encode(&text, &mut wire);
+        prop_assert!(!wire.contains(|c: char| c == ' ' || c == '=' || c.is_control()));
+        prop_assert_eq!(xtext_decode(&wire), Some(text));
     }
 
     #[test]

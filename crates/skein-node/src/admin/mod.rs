@@ -95,6 +95,7 @@ fn propose_status(e: ProposeError) -> Status {
             Status::unavailable("not committed in time: the cluster has no leader or no majority")
         }
         ProposeError::Refused(m) => Status::failed_precondition(m),
+        e @ ProposeError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
         ProposeError::Fatal(m) => Status::internal(m),
     }
 }

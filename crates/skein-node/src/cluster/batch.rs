@@ -20,32 +20,67 @@ use crate::clock::now_ms;
 
 /// Client writes under way at once; proposals arriving meanwhile gather.
 const IN_FLIGHT: usize = 2;
-/// A batch stops growing at this many commands or bytes of bodies.
+/// A batch stops growing at this many commands or encoded bytes; a command
+/// that would take it past the bytes leaves in the next batch, so no entry
+/// is larger than its largest command or this, whichever is more.
 const MAX_COMMANDS: usize = 512;
-const MAX_BODY_BYTES: usize = 4 << 20;
+const MAX_BATCH_BYTES: usize = 4 << 20;
 
 pub(crate) struct Proposal {
     cmd: Command,
+    /// The command's encoded size.
+    size: usize,
     reply: oneshot::Sender<Result<Response, Step>>,
 }
 
 #[derive(Clone)]
 pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Proposal>,
+    limits: EntryLimit,
+}
+
+/// The largest command one log entry may carry: what the cluster transport
+/// delivers (the gRPC message limit) less room for the request around it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EntryLimit(pub usize);
+
+/// Room left in a gRPC message for everything around one entry's command.
+const ENVELOPE: usize = 64 << 10;
+
+impl EntryLimit {
+    pub(crate) fn for_transport(max_grpc: usize) -> Self {
+        EntryLimit(max_grpc.saturating_sub(ENVELOPE))
+    }
+
+    /// The command's encoded size, or the refusal of a command that no log
+    /// entry can carry: it would never replicate, so it must never be
+    /// retried.
+    pub(crate) fn check(&self, cmd: &Command) -> Result<usize, ProposeError> {
+        let size = postcard::experimental::serialized_size(cmd)
+            .map_err(|e| ProposeError::Refused(format!("unencodable command: {e}")))?;
+        if size > self.0 {
+            return Err(ProposeError::TooLarge {
+                size,
+                limit: self.0,
+            });
+        }
+        Ok(size)
+    }
 }
 
 impl Batcher {
-    pub(crate) fn start(raft: Raft) -> Batcher {
+    pub(crate) fn start(raft: Raft, limits: EntryLimit) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(raft, rx));
-        Batcher { tx }
+        Batcher { tx, limits }
     }
 
     /// Write `cmd` through this node's Raft (it must be the leader) in the
     /// next batch, and return its answer.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, Step> {
+        let size = self.limits.check(&cmd).map_err(Step::Fail)?;
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Proposal { cmd, reply }).is_err() {
+        if self.tx.send(Proposal { cmd, size, reply }).is_err() {
             return Err(Step::Fail(ProposeError::Fatal("raft stopped".into())));
         }
         rx.await
@@ -55,19 +90,31 @@ impl Batcher {
 
 async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // A proposal that did not fit in the last batch starts the next.
+    let mut held: Option<Proposal> = None;
     loop {
         // Take a slot first: while none is free, proposals queue up and
         // leave together in the next batch.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else { return };
-        let mut bytes = first.cmd.body_bytes();
+        let first = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut bytes = first.size;
         let mut batch = vec![first];
-        while batch.len() < MAX_COMMANDS && bytes < MAX_BODY_BYTES {
+        while batch.len() < MAX_COMMANDS {
             match rx.try_recv() {
+                Ok(p) if bytes + p.size > MAX_BATCH_BYTES => {
+                    held = Some(p);
+                    break;
+                }
                 Ok(p) => {
-                    bytes += p.cmd.body_bytes();
+                    bytes += p.size;
                     batch.push(p);
                 }
                 Err(_) => break,
@@ -84,6 +131,8 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
 async fn write(raft: &Raft, batch: Vec<Proposal>) {
     let (mut cmds, replies): (Vec<Command>, Vec<_>) =
         batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    // Commands of at most MAX_BATCH_BYTES together, or one command alone
+    // that passed EntryLimit::check: never more than one entry can carry.
     let n = cmds.len();
     let cmd = if n == 1 {
         cmds.remove(0)

@@ -46,6 +46,10 @@ pub enum ProposeError {
     Fatal(String),
     #[error("leader refused the proposal: {0}")]
     Refused(String),
+    /// No log entry can carry the command: it could never be replicated,
+    /// so it is refused at once instead of retried.
+    #[error("the command is {size} bytes encoded, over the {limit} bytes a log entry may carry")]
+    TooLarge { size: usize, limit: usize },
 }
 
 /// One node's handle on the cluster. Cheap to clone.
@@ -60,6 +64,7 @@ struct Inner {
     batcher: batch::Batcher,
     reader: QueueReader,
     peers: PeerChannels,
+    limits: batch::EntryLimit,
     commit_timeout: Duration,
     /// Drained: no SMTP, no deliveries, no standing for election.
     draining: AtomicBool,
@@ -117,10 +122,12 @@ impl Cluster {
                 tracing::info!(error = %e, "cluster already formed");
             }
         }
+        let limits = batch::EntryLimit::for_transport(peers.max_message());
         Ok(Cluster {
             inner: Arc::new(Inner {
                 id: config.node_id,
-                batcher: batch::Batcher::start(raft.clone()),
+                batcher: batch::Batcher::start(raft.clone(), limits),
+                limits,
                 raft,
                 reader: stores.reader,
                 peers,
@@ -242,12 +249,19 @@ impl Cluster {
         r.ok().and_then(|m| m.current_leader)
     }
 
+    /// The largest encoded command one log entry may carry.
+    pub fn max_command_bytes(&self) -> usize {
+        self.inner.limits.0
+    }
+
     pub fn commit_timeout(&self) -> Duration {
         self.inner.commit_timeout
     }
 
-    /// Commit `cmd` and return the state machine's answer, within the commit timeout.
+    /// Commit `cmd` and return the state machine's answer, within the commit
+    /// timeout. A command too large for any log entry is refused at once.
     pub async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+        self.inner.limits.check(&cmd)?;
         let deadline = Instant::now() + self.inner.commit_timeout;
         tokio::time::timeout_at(deadline, self.propose_until(cmd, deadline))
             .await

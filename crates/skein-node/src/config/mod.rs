@@ -130,6 +130,9 @@ pub struct DeliveryConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// How long an idle outbound connection is kept for the next message.
     pub connection_reuse: Duration,
+    /// The most of an original message a notice returns (bytes); a larger
+    /// message comes back as its headers, whatever RET= asked.
+    pub bounce_size_limit: usize,
 }
 
 /// `[[route]]` entries are the delivery engine's own type.

@@ -84,6 +84,7 @@ pub struct RawDelivery {
     pub tls: Option<String>,
     pub tls_ca_file: Option<String>,
     pub connection_reuse: Option<String>,
+    pub bounce_size_limit: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

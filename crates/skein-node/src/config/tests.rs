@@ -179,7 +179,7 @@ tls = "none"
     let c = Config::parse(text).unwrap();
     assert_eq!(c.delivery.tls, TlsPolicy::Verify);
     assert_eq!(c.delivery.connection_reuse, Duration::from_secs(2));
-    assert_eq!(c.routes[0].tls, TlsPolicy::Encrypt, "AUTH implies encrypt");
+    assert_eq!(c.routes[0].tls, TlsPolicy::Verify, "AUTH implies verify");
     assert_eq!(
         c.routes[0].auth.as_ref().map(|a| a.user.as_str()),
         Some("skein")

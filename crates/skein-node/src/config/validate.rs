@@ -572,10 +572,19 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
         r.connection_reuse.as_ref(),
         Duration::from_secs(5),
     );
+    // Notices stay small whatever RET= asked: at most 16 MiB returned.
+    let bounce_size_limit = r.bounce_size_limit.unwrap_or(50_000);
+    if bounce_size_limit > 16 << 20 {
+        c.problem(
+            "delivery.bounce_size_limit",
+            "must be at most 16777216 (16 MiB)",
+        );
+    }
     DeliveryConfig {
         tls,
         tls_ca_file,
         connection_reuse,
+        bounce_size_limit: bounce_size_limit as usize,
         nameservers,
         port,
         retry_schedule,
@@ -657,10 +666,12 @@ fn check_route(c: &mut Checker, i: usize, r: &RawRoute) -> Option<Route> {
             None
         }
     };
-    // Credentials go only over TLS: a route with AUTH requires it unless
-    // the operator says tls = "none" outright (a relay on localhost).
+    // Credentials go only to a verified peer by default: a route with AUTH
+    // verifies the relay's certificate unless the operator says otherwise
+    // ("encrypt" for a relay with a self-signed certificate, "none" for a
+    // relay on localhost).
     let default_tls = if auth.is_some() {
-        TlsPolicy::Encrypt
+        TlsPolicy::Verify
     } else {
         TlsPolicy::May
     };

@@ -177,6 +177,7 @@ fn build(w: &Worker, m: &Message, action: Action, rcpts: &[(u32, String)]) -> Op
         id: &id_text,
         date: &date,
         retry_until: (action == Action::Delayed).then_some(until.as_str()),
+        return_limit: w.cfg.bounce_size_limit,
     };
     let rendered = notice.render();
     tracing::info!(queue_id = %m.id, notice_id = %id, action = ?action, to = %to, "notice built");

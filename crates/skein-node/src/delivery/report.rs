@@ -1,6 +1,14 @@
 //! Commits delivery outcomes in batches: one `Report` entry for everything
 //! that finished while the previous one was being committed, with the
 //! notices (bounces) those outcomes call for.
+//!
+//! Every entry is bounded. An outcome travels with its own notices, and the
+//! outcomes waiting are cut into reports of at most [`REPORT_BYTES`]
+//! encoded: however many large bounces one node has to send, each report
+//! replicates, and a report that cannot commit for now holds back nothing
+//! that came after it beyond the next retry. An outcome that no entry could
+//! ever carry (impossible with bounded notices and reply texts, but checked)
+//! is given up with an error at once rather than retried forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +17,14 @@ use skein_queue::{Command, Notice, Outcome, RcptOutcome, Response};
 use tokio::sync::mpsc;
 
 use super::{notices, Worker};
+use crate::cluster::ProposeError;
 
-/// Most outcomes in one entry.
+/// Most outcomes gathered before the next round of commits.
 const MAX_BATCH: usize = 256;
+/// A report stops growing at this many bytes encoded: well under what one
+/// log entry may carry, so that replication of a report is never the one
+/// that holds the log up.
+const REPORT_BYTES: usize = 4 << 20;
 
 /// One attempt's outcome, with the recipients whose successful delivery
 /// Skein must report itself if the sender asked (see `notices`).
@@ -20,67 +33,174 @@ pub(crate) struct Report {
     pub successes: Vec<(u32, super::dsn::Action)>,
 }
 
+/// An outcome waiting to be committed with the notices it calls for. The
+/// notices are built once and travel with the outcome on every retry.
+struct Pending {
+    outcome: Outcome,
+    notices: Vec<Notice>,
+    /// Encoded size of the outcome and its notices.
+    size: usize,
+}
+
 pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Report>) {
-    let mut batch: Vec<Report> = Vec::new();
-    let mut pending_notices: Vec<Notice> = Vec::new();
-    // Outcomes of the batch whose notices are already built: notices are
-    // built once per outcome and travel with it on every retry.
-    let mut built = 0;
+    let mut waiting: Vec<Pending> = Vec::new();
     loop {
-        if batch.is_empty() {
+        let mut fresh = Vec::new();
+        if waiting.is_empty() {
             match rx.recv().await {
-                Some(r) => batch.push(r),
+                Some(r) => fresh.push(r),
                 None => return,
             }
         }
-        while batch.len() < MAX_BATCH {
+        while waiting.len() + fresh.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(r) => fresh.push(r),
                 Err(_) => break,
             }
         }
-        for r in &batch[built..] {
-            pending_notices.extend(notices::for_outcome(&w, &r.outcome, &r.successes).await);
+        for r in fresh {
+            let notices = notices::for_outcome(&w, &r.outcome, &r.successes).await;
+            waiting.push(Pending::new(r.outcome, notices));
         }
-        built = batch.len();
-        let cmd = Command::Report {
-            node: w.cluster.id(),
-            outcomes: batch.iter().map(|r| r.outcome.clone()).collect(),
-            notices: pending_notices.clone(),
-        };
-        match w.cluster.propose(cmd).await {
-            Ok(resp) => {
-                if let Response::Reported(queued) = resp {
-                    for n in pending_notices
-                        .drain(..)
-                        .filter(|n| queued.contains(&n.message.id))
-                    {
-                        w.metrics.messages_bounced.inc();
-                        let _ = w.fresh.send(n.message);
-                    }
-                }
-                pending_notices.clear();
-                for r in &batch {
-                    let finished = r
-                        .outcome
-                        .recipients
-                        .iter()
-                        .all(|(_, r)| !matches!(r, RcptOutcome::Deferred { .. }));
-                    if finished {
-                        w.metrics.messages_delivered.inc();
-                    }
-                }
-                w.finish(batch.drain(..).map(|r| r.outcome.id));
-                built = 0;
+        let mut failed = false;
+        let mut kept = Vec::new();
+        for chunk in split(std::mem::take(&mut waiting)) {
+            if failed {
+                // A commit just failed: do not hammer the cluster with the
+                // rest; they go with the next round.
+                kept.extend(chunk);
+                continue;
             }
-            Err(e) => {
-                // Outcomes are facts: keep them and try again. If this node
-                // is cut off, the lease lapses and a peer redelivers; the
-                // remote side sees a duplicate, never a loss.
-                w.metrics.commit_failures.inc();
-                tracing::warn!(count = batch.len(), error = %e, "delivery outcomes not committed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            match commit(&w, &chunk).await {
+                Ok(()) => {}
+                Err(ProposeError::TooLarge { size, limit }) => {
+                    // Only a single outcome can be too large (a chunk of
+                    // several is never over REPORT_BYTES). Its lease lapses
+                    // and the message is tried again by whoever claims it.
+                    for p in &chunk {
+                        tracing::error!(queue_id = %p.outcome.id, size, limit, "delivery outcome too large for any log entry; given up");
+                    }
+                    w.finish(chunk.iter().map(|p| p.outcome.id));
+                }
+                Err(e) => {
+                    // Outcomes are facts: keep them and try again. If this
+                    // node is cut off, the lease lapses and a peer
+                    // redelivers; the remote side sees a duplicate, never a
+                    // loss.
+                    w.metrics.commit_failures.inc();
+                    tracing::warn!(count = chunk.len(), error = %e, "delivery outcomes not committed; retrying");
+                    failed = true;
+                    kept.extend(chunk);
+                }
             }
+        }
+        waiting = kept;
+        if failed {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Pending {
+    fn new(outcome: Outcome, notices: Vec<Notice>) -> Self {
+        let size = postcard::experimental::serialized_size(&(&outcome, &notices)).unwrap_or(0);
+        Pending {
+            outcome,
+            notices,
+            size,
+        }
+    }
+}
+
+/// Cuts the waiting outcomes into reports of at most [`REPORT_BYTES`]
+/// each (an outcome larger than that goes alone), in order.
+fn split(waiting: Vec<Pending>) -> Vec<Vec<Pending>> {
+    let mut chunks: Vec<Vec<Pending>> = Vec::new();
+    let mut bytes = 0;
+    for p in waiting {
+        match chunks.last_mut() {
+            Some(last) if !last.is_empty() && bytes + p.size <= REPORT_BYTES => {
+                bytes += p.size;
+                last.push(p);
+            }
+            _ => {
+                bytes = p.size;
+                chunks.push(vec![p]);
+            }
+        }
+    }
+    chunks
+}
+
+/// Commits one report; on success hands the notices it queued to delivery
+/// and marks its outcomes done.
+async fn commit(w: &Worker, chunk: &[Pending]) -> Result<(), ProposeError> {
+    let cmd = Command::Report {
+        node: w.cluster.id(),
+        outcomes: chunk.iter().map(|p| p.outcome.clone()).collect(),
+        notices: chunk.iter().flat_map(|p| p.notices.clone()).collect(),
+    };
+    let resp = w.cluster.propose(cmd).await?;
+    if let Response::Reported(queued) = resp {
+        for n in chunk
+            .iter()
+            .flat_map(|p| &p.notices)
+            .filter(|n| queued.contains(&n.message.id))
+        {
+            w.metrics.messages_bounced.inc();
+            let _ = w.fresh.send(n.message.clone());
+        }
+    }
+    for p in chunk {
+        let finished = p
+            .outcome
+            .recipients
+            .iter()
+            .all(|(_, r)| !matches!(r, RcptOutcome::Deferred { .. }));
+        if finished {
+            w.metrics.messages_delivered.inc();
+        }
+    }
+    w.finish(chunk.iter().map(|p| p.outcome.id));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_queue::MessageId;
+
+    fn pending(id: u128, size: usize) -> Pending {
+        Pending {
+            outcome: Outcome {
+                id: MessageId(id),
+                recipients: Vec::new(),
+                retry_after_ms: 0,
+            },
+            notices: Vec::new(),
+            size,
+        }
+    }
+
+    #[test]
+    fn reports_are_cut_by_size_in_order_and_a_large_outcome_goes_alone() {
+        let mb = 1 << 20;
+        let sizes = [mb, 2 * mb, 2 * mb, 9 * mb, 100, 100];
+        let chunks = split(
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| pending(i as u128, *s))
+                .collect(),
+        );
+        let ids: Vec<Vec<u128>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|p| p.outcome.id.0).collect())
+            .collect();
+        assert_eq!(ids, vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        for c in &chunks {
+            let total: usize = c.iter().map(|p| p.size).sum();
+            assert!(c.len() == 1 || total <= REPORT_BYTES);
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::replies;
 use super::session::{Flow, Session, Transaction};
+use crate::cluster::ProposeError;
 
 /// Received headers after which a message is taken to be looping.
 pub const MAX_HOPS: usize = 50;
@@ -225,6 +226,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     "queued"
                 );
                 self.reply(replies::queued(&id));
+            }
+            Err(e @ ProposeError::TooLarge { .. }) => {
+                // The envelope and data together are more than one log entry
+                // can carry: it would never replicate, so it is refused for
+                // good rather than deferred.
+                tracing::warn!(queue_id = %id, client = %self.peer, error = %e, "message refused: too large to replicate");
+                self.reply(replies::message_too_big());
             }
             Err(e) => {
                 self.ctx.metrics.commit_failures.inc();
