@@ -63,6 +63,18 @@ pub async fn send(
     to: &[&str],
     data: &[u8],
 ) -> anyhow::Result<Submission> {
+    let to: Vec<(&str, &str)> = to.iter().map(|t| (*t, "")).collect();
+    send_with_params(addr, (from, ""), &to, data).await
+}
+
+/// [`send`] with MAIL and RCPT parameters, written as they go on the wire
+/// (`"RET=FULL ENVID=x"`): `from` and each of `to` are (address, parameters).
+pub async fn send_with_params(
+    addr: SocketAddr,
+    from: (&str, &str),
+    to: &[(&str, &str)],
+    data: &[u8],
+) -> anyhow::Result<Submission> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .context("connect timed out")??;
@@ -79,12 +91,20 @@ pub async fn send(
     if r.code != 250 {
         return done(r);
     }
-    let r = c.command(&format!("MAIL FROM:<{from}>")).await?;
+    let line = |verb: &str, addr: &str, params: &str| {
+        let mut l = format!("{verb}<{addr}>");
+        if !params.is_empty() {
+            l.push(' ');
+            l.push_str(params);
+        }
+        l
+    };
+    let r = c.command(&line("MAIL FROM:", from.0, from.1)).await?;
     if r.code != 250 {
         return done(r);
     }
-    for rcpt in to {
-        let r = c.command(&format!("RCPT TO:<{rcpt}>")).await?;
+    for (rcpt, params) in to {
+        let r = c.command(&line("RCPT TO:", rcpt, params)).await?;
         if r.code != 250 {
             return done(r);
         }

@@ -34,6 +34,9 @@ pub struct TestConfig {
     pub lease: String,
     pub claim_interval: String,
     pub commit_timeout: String,
+    /// `cluster.heartbeat_interval` and `election_timeout`: quick in tests;
+    /// `None` leaves both at their defaults.
+    pub raft_timings: Option<(String, String)>,
     pub snapshot_every: u64,
     /// Extra lines for the `[delivery]` table.
     pub delivery_extra: String,
@@ -63,6 +66,7 @@ impl TestConfig {
             lease: "5s".into(),
             claim_interval: "200ms".into(),
             commit_timeout: "5s".into(),
+            raft_timings: Some(("50ms".into(), "300ms".into())),
             snapshot_every: 10_000,
             delivery_extra: String::new(),
             smtp_extra: String::new(),
@@ -95,6 +99,11 @@ impl TestConfig {
             .advertise
             .map(|a| format!("advertise = \"{a}\""))
             .unwrap_or_default();
+        let raft_timings = self
+            .raft_timings
+            .as_ref()
+            .map(|(hb, el)| format!("heartbeat_interval = \"{hb}\"\nelection_timeout = \"{el}\""))
+            .unwrap_or_default();
         let cluster_tls = self
             .cluster_tls
             .as_ref()
@@ -117,8 +126,7 @@ greet_pause = "{greet_pause}"
 listen = "{cluster}"
 {advertise}
 commit_timeout = "{commit}"
-heartbeat_interval = "50ms"
-election_timeout = "300ms"
+{raft_timings}
 secret = "test-secret"
 snapshot_every = {snapshot_every}
 {cluster_tls}
@@ -144,6 +152,7 @@ listen = "{metrics}"
             smtp = self.smtp,
             cluster = self.cluster,
             commit = self.commit_timeout,
+            raft_timings = raft_timings,
             snapshot_every = self.snapshot_every,
             token = TOKEN,
             dns = self.dns,

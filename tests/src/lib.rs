@@ -11,7 +11,7 @@ pub mod mail;
 pub mod process;
 pub mod tls;
 
-pub use client::{send, Submission};
+pub use client::{send, send_with_params, Submission};
 pub use cluster::{add_node, drain, list_queue, status, wait_for_leader, ClusterPlan};
 pub use config::{free_addr, free_port, TestConfig, TOKEN};
 pub use fabric::Fabric;

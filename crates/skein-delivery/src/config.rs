@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 
+use crate::own::OwnAddrs;
 use crate::tls::TlsPolicy;
 
 /// Settings for outbound delivery, shared by every job.
@@ -31,6 +32,9 @@ pub struct DeliveryConfig {
     /// How long an idle connection is kept for the next message to the same
     /// destination; zero turns reuse off.
     pub connection_reuse: Duration,
+    /// Where this cluster itself takes mail: MX hosts at these addresses
+    /// are never delivered to (mail loops back to myself).
+    pub own: OwnAddrs,
 }
 
 impl DeliveryConfig {
@@ -47,6 +51,7 @@ impl DeliveryConfig {
             routes: Vec::new(),
             concurrency_per_destination: 20,
             connection_reuse: Duration::from_secs(5),
+            own: OwnAddrs::new(),
         }
     }
 

@@ -158,35 +158,64 @@ impl Deliverer {
             Some(r) => format!("relay {} could not be reached", r.relay),
             None => format!("no mail exchanger for {} could be reached", job.domain),
         };
-        for host in &hosts {
-            let addrs = match &host.addrs {
-                Some(addrs) => addrs.clone(),
-                None => match host_addrs(&self.inner.resolver, &host.name).await {
+        // One preference at a time: every host of a preference has its
+        // addresses looked up before any is tried, so that where this
+        // cluster itself is among them the list ends there (RFC 5321 §5.1:
+        // a backup MX hands mail only to better ones, never to itself).
+        let mut better_tried = false;
+        for group in hosts.chunk_by(|a, b| a.pref == b.pref) {
+            let mut resolved = Vec::with_capacity(group.len());
+            for host in group {
+                let addrs = match &host.addrs {
+                    Some(addrs) => Ok(addrs.clone()),
+                    None => host_addrs(&self.inner.resolver, &host.name).await,
+                };
+                resolved.push((host, addrs));
+            }
+            let own = &self.inner.cfg.own;
+            let is_self = resolved.iter().any(|(_, addrs)| {
+                addrs.as_ref().is_ok_and(|a| {
+                    a.iter()
+                        .any(|ip| own.contains(SocketAddr::new(*ip, dest.port)))
+                })
+            });
+            if is_self {
+                if better_tried {
+                    tracing::info!(preference = group[0].pref, %last, "this cluster is the best MX left; deferring");
+                    break;
+                }
+                let reply = format!("554 5.4.6 mail for {} loops back to myself", job.domain);
+                tracing::warn!(%reply, "failing");
+                return all(RcptResult::Failed { reply });
+            }
+            for (host, addrs) in resolved {
+                let addrs = match addrs {
                     Ok(addrs) => addrs,
                     Err(e) => {
                         tracing::info!(host = %host.name, reason = e.text(), "skipping host");
                         last = format!("451 4.4.3 {}", e.text());
                         continue;
                     }
-                },
-            };
-            for ip in addrs {
-                let peer = peer_name(&host.name, ip);
-                let span = tracing::info_span!("smtp", host = %host.name, %ip);
-                match self
-                    .attempt(job, &dest, &host.name, &peer, ip)
-                    .instrument(span)
-                    .await
-                {
-                    HostOutcome::Done(results) => return results,
-                    HostOutcome::NextHost(reason) => {
-                        tracing::info!(%peer, %reason, "trying next host");
-                        last = reason;
+                };
+                for ip in addrs {
+                    let peer = peer_name(&host.name, ip);
+                    let span = tracing::info_span!("smtp", host = %host.name, %ip);
+                    match self
+                        .attempt(job, &dest, &host.name, &peer, ip)
+                        .instrument(span)
+                        .await
+                    {
+                        HostOutcome::Done(results) => return results,
+                        HostOutcome::NextHost(reason) => {
+                            tracing::info!(%peer, %reason, "trying next host");
+                            last = reason;
+                        }
+                        // A new connection is never probed.
+                        HostOutcome::Stale => {}
                     }
-                    // A new connection is never probed.
-                    HostOutcome::Stale => {}
                 }
             }
+            better_tried = true;
         }
         all(RcptResult::Deferred { reply: last })
     }
@@ -270,10 +299,12 @@ fn relay_host(host: &str) -> Host {
     match bare.parse::<IpAddr>() {
         Ok(ip) => Host {
             name: format!("[{ip}]"),
+            pref: 0,
             addrs: Some(vec![ip]),
         },
         Err(_) => Host {
             name: host.to_string(),
+            pref: 0,
             addrs: None,
         },
     }

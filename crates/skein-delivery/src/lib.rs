@@ -26,6 +26,7 @@
 //! - [`session`]: one client connection: commands out, replies in, timed.
 //! - `transaction`: the SMTP dialogue and what each reply means.
 //! - `deliverer`: destinations, the slot, the loop over hosts and addresses.
+//! - `own`: the cluster's own listeners, which mail is never sent back to.
 //! - `conn`: the client stream (plain or TLS) and the connection pool.
 //! - [`tls`]: the TLS policy and rustls client configurations.
 //! - [`retry`]: the [`RetryPolicy`] schedule.
@@ -35,6 +36,7 @@ mod conn;
 mod deliverer;
 mod error;
 pub mod job;
+mod own;
 pub mod retry;
 mod route;
 pub mod session;
@@ -45,6 +47,7 @@ pub use config::{Credentials, DeliveryConfig, Relay, Route, Timeouts};
 pub use deliverer::Deliverer;
 pub use error::DeliveryError;
 pub use job::{Job, RcptResult};
+pub use own::OwnAddrs;
 pub use retry::RetryPolicy;
 pub use session::{Session, SessionError, Stage};
 pub use tls::TlsPolicy;

@@ -19,6 +19,8 @@ use skein_smtp::{AddressLiteral, Domain};
 pub(crate) struct Host {
     /// The MX exchange name without trailing dot, or the literal as written.
     pub name: String,
+    /// Its MX preference (0 for an implicit MX, a literal or a relay).
+    pub pref: u16,
     /// Known addresses (literals, implicit MX); `None`: look them up when
     /// this host's turn comes, so a dead secondary costs nothing when the
     /// primary answers.
@@ -38,8 +40,8 @@ pub(crate) enum Route {
 /// What the MX records say, before any address lookup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum MxPlan {
-    /// Exchange names, most preferred first.
-    Hosts(Vec<String>),
+    /// Exchange names with their preference, most preferred first.
+    Hosts(Vec<(u16, String)>),
     /// RFC 7505: the domain accepts no mail.
     NullMx,
     /// No usable MX: use the domain itself (RFC 5321 §5.1 implicit MX).
@@ -65,10 +67,11 @@ pub(crate) fn order_mx(records: &[(u16, String)], rng: &mut impl Rng) -> MxPlan 
     records.shuffle(rng);
     // Stable: the shuffle decides the order within one preference.
     records.sort_by_key(|(p, _)| *p);
-    let mut hosts: Vec<String> = Vec::with_capacity(records.len());
-    for (_, name) in records {
-        if !hosts.contains(&name) {
-            hosts.push(name);
+    // A name listed twice keeps its best preference (it sorts first).
+    let mut hosts: Vec<(u16, String)> = Vec::with_capacity(records.len());
+    for (pref, name) in records {
+        if !hosts.iter().any(|(_, n)| *n == name) {
+            hosts.push((pref, name));
         }
     }
     MxPlan::Hosts(hosts)
@@ -117,7 +120,11 @@ pub(crate) async fn route(resolver: &TokioResolver, domain: &str) -> Route {
         MxPlan::Hosts(names) => Route::Hosts(
             names
                 .into_iter()
-                .map(|name| Host { name, addrs: None })
+                .map(|(pref, name)| Host {
+                    name,
+                    pref,
+                    addrs: None,
+                })
                 .collect(),
         ),
         MxPlan::NullMx => Route::Fail(format!(
@@ -129,6 +136,7 @@ pub(crate) async fn route(resolver: &TokioResolver, domain: &str) -> Route {
         MxPlan::Implicit => match host_addrs(resolver, &name).await {
             Ok(addrs) => Route::Hosts(vec![Host {
                 name,
+                pref: 0,
                 addrs: Some(addrs),
             }]),
             Err(AddrError::None(why)) => Route::Fail(format!("550 5.1.2 {why}")),
@@ -140,6 +148,7 @@ pub(crate) async fn route(resolver: &TokioResolver, domain: &str) -> Route {
 fn literal(domain: &str, ip: IpAddr) -> Route {
     Route::Hosts(vec![Host {
         name: domain.to_string(),
+        pref: 0,
         addrs: Some(vec![ip]),
     }])
 }
@@ -251,15 +260,15 @@ mod tests {
             (mx(&[(0, "")]), MxPlan::NullMx),
             (
                 mx(&[(20, "b.example."), (10, "A.example.")]),
-                MxPlan::Hosts(vec!["a.example".into(), "b.example".into()]),
+                MxPlan::Hosts(vec![(10, "a.example".into()), (20, "b.example".into())]),
             ),
             (
                 mx(&[(0, "."), (10, "a.example.")]),
-                MxPlan::Hosts(vec!["a.example".into()]),
+                MxPlan::Hosts(vec![(10, "a.example".into())]),
             ),
             (
                 mx(&[(10, "a.example."), (5, "a.example.")]),
-                MxPlan::Hosts(vec!["a.example".into()]),
+                MxPlan::Hosts(vec![(5, "a.example".into())]),
             ),
         ];
         for (records, want) in cases {
@@ -282,8 +291,8 @@ mod tests {
                 panic!("hosts expected")
             };
             assert_eq!(hosts.len(), 4);
-            assert_eq!(hosts[3], "z.example");
-            firsts.insert(hosts[0].clone());
+            assert_eq!(hosts[3], (20, "z.example".to_string()));
+            firsts.insert(hosts[0].1.clone());
         }
         assert_eq!(
             firsts.len(),

@@ -605,3 +605,90 @@ async fn system_resolver_configuration_loads() {
         assert!(d.is_ok(), "{d:?}");
     }
 }
+
+/// RFC 5321 §5.1 as Postfix does it: MX hosts at this cluster's own
+/// listeners cut the list at their preference; with nothing better left the
+/// mail fails at once with 5.4.6, not after 50 hops.
+#[tokio::test]
+async fn mx_hosts_that_are_this_cluster_cut_the_list_or_fail_the_loop() {
+    let better = SinkMta::builder().ip(LO2.into()).start().await.unwrap();
+    let port = better.port();
+    // "us": a sink standing in for this cluster's own listener on 127.0.0.1.
+    let us = SinkMta::builder()
+        .ip(LO1.into())
+        .port(port)
+        .start()
+        .await
+        .unwrap();
+    let lo3 = Ipv4Addr::new(127, 0, 0, 3);
+    let dns = DnsServer::builder()
+        // backup.example: we are the secondary; the primary is elsewhere.
+        .mx("backup.example", 10, "primary.example.org")
+        .mx("backup.example", 20, "us.example.org")
+        .mx("backup.example", 30, "worse.example.org")
+        // ours.example: we are the best MX; a host of equal preference is
+        // as good as us and gets nothing either.
+        .mx("ours.example", 10, "us.example.org")
+        .mx("ours.example", 10, "peer.example.org")
+        .mx("ours.example", 20, "primary.example.org")
+        .a("primary.example.org", LO2)
+        .a("us.example.org", LO1)
+        .a("peer.example.org", lo3)
+        .a("worse.example.org", lo3)
+        // implicit.example: no MX, its address record is ours.
+        .a("implicit.example", LO1)
+        .start()
+        .await
+        .unwrap();
+    let own = skein_delivery::OwnAddrs::new();
+    own.replace([std::net::SocketAddr::new(LO1.into(), port)]);
+    let d = Deliverer::new(DeliveryConfig {
+        port,
+        nameservers: Some(vec![dns.addr()]),
+        timeouts: Timeouts::uniform(Duration::from_secs(2)),
+        own: own.clone(),
+        ..DeliveryConfig::new("skein.test")
+    })
+    .unwrap();
+
+    // A backup MX hands mail to the better one.
+    let r = d
+        .deliver(&job("backup.example", &["a@backup.example"], b"x\r\n"))
+        .await;
+    assert!(r[0].is_delivered(), "{r:?}");
+    assert_eq!(better.wait_for(1, WAIT).await.unwrap().len(), 1);
+
+    // The best MX is us: fail at once, connect to nobody.
+    for domain in ["ours.example", "implicit.example"] {
+        let r = d
+            .deliver(&job(domain, &[&format!("a@{domain}")], b"x\r\n"))
+            .await;
+        let RcptResult::Failed { reply } = &r[0] else {
+            panic!("{domain}: failed expected: {r:?}")
+        };
+        assert_eq!(
+            reply,
+            &format!("554 5.4.6 mail for {domain} loops back to myself")
+        );
+    }
+    let r = d
+        .deliver(&job("[127.0.0.1]", &["a@[127.0.0.1]"], b"x\r\n"))
+        .await;
+    assert!(r[0].is_failed(), "an address literal that is us: {r:?}");
+
+    // The better MX is down: defer with its error; never us, never worse.
+    better.stop().await;
+    let r = d
+        .deliver(&job("backup.example", &["a@backup.example"], b"x\r\n"))
+        .await;
+    let reply = deferred(&r[0]);
+    assert!(reply.contains("primary.example.org[127.0.0.2]"), "{reply}");
+    assert_eq!(us.connections(), 0, "mail never goes back to the cluster");
+
+    // Once this cluster no longer serves there, the same MX is just a host.
+    own.replace([]);
+    let r = d
+        .deliver(&job("ours.example", &["a@ours.example"], b"x\r\n"))
+        .await;
+    assert!(r[0].is_delivered() || r[0].is_deferred(), "{r:?}");
+}

@@ -20,6 +20,7 @@
 //! - [`admin`]: the admin API (status, membership) on the cluster port.
 //! - [`tls`]: certificates reloaded from disk; the cluster's mutual TLS.
 //! - [`privilege`]: the least-privilege checks made at start.
+//! - [`own`]: where this cluster takes mail, which delivery never sends to.
 
 // openraft's error types are large by design; they are returned, not stored.
 #![allow(clippy::result_large_err)]
@@ -32,6 +33,7 @@ pub mod config;
 pub mod delivery;
 pub mod metrics;
 pub mod node;
+pub mod own;
 pub mod privilege;
 pub mod smtp;
 pub mod tls;

@@ -100,6 +100,12 @@ impl Node {
             cluster_tls.clone(),
         )?;
         let cluster = Cluster::start(&config, stores, peers).await?;
+        let mut listening = Vec::new();
+        for l in smtp_listeners.iter().chain(&submission_listeners) {
+            listening.push(l.local_addr()?);
+        }
+        let local_smtp = crate::own::expand(&listening);
+        cluster.set_smtp_addrs(local_smtp.clone());
         let metrics = Arc::new(Metrics::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
         // SMTP stops on shutdown and on a drain; the rest only on shutdown.
@@ -126,6 +132,7 @@ impl Node {
             Some(path) => crate::tls::load_certs(path)
                 .with_context(|| format!("delivery.tls_ca_file {}", path.display()))?,
         };
+        let own = skein_delivery::OwnAddrs::new();
         let deliverer = Deliverer::new(skein_delivery::DeliveryConfig {
             helo_name: config.smtp.hostname.clone(),
             port: d.port,
@@ -136,9 +143,16 @@ impl Node {
             routes: config.routes.clone(),
             concurrency_per_destination: d.concurrency_per_domain,
             connection_reuse: d.connection_reuse,
+            own: own.clone(),
         })
         .context("cannot set up delivery")?;
         let ids = Arc::new(IdGenerator::new(config.node_id));
+        tasks.spawn(crate::own::track(
+            cluster.clone(),
+            local_smtp,
+            own.clone(),
+            shutdown_rx.clone(),
+        ));
         let (dispatcher, delivery) = delivery::start(
             cluster.clone(),
             deliverer,

@@ -221,6 +221,8 @@ impl Cluster {
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             draining: self.is_draining(),
             matched,
+            smtp_addrs: self.smtp_addrs().iter().map(|a| a.to_string()).collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
         }
     }
 

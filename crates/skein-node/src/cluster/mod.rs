@@ -72,6 +72,8 @@ struct Inner {
     leader_paused: AtomicBool,
     /// When the leader was last heard from (ms since the epoch; 0: never).
     leader_contact: AtomicU64,
+    /// Where this node takes SMTP mail, told to peers in `NodeInfo`.
+    smtp_addrs: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
 }
 
 impl Cluster {
@@ -135,6 +137,7 @@ impl Cluster {
                 draining: AtomicBool::new(false),
                 leader_paused: AtomicBool::new(false),
                 leader_contact: AtomicU64::new(0),
+                smtp_addrs: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -232,6 +235,15 @@ impl Cluster {
             0 => None,
             t => Some(now_ms().saturating_sub(t) as f64 / 1000.0),
         }
+    }
+
+    /// Where this node takes SMTP mail (set once its listeners are bound).
+    pub fn set_smtp_addrs(&self, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self.inner.smtp_addrs.set(addrs);
+    }
+
+    pub fn smtp_addrs(&self) -> &[std::net::SocketAddr] {
+        self.inner.smtp_addrs.get().map_or(&[], Vec::as_slice)
     }
 
     pub fn peers(&self) -> &PeerChannels {
