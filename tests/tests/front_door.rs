@@ -523,6 +523,55 @@ async fn idle_and_trickling_clients_are_cut_off() {
     assert!(fd.node.cluster().reader().read().is_empty());
 }
 
+/// A client that sends and never reads its replies cannot hold a session:
+/// every write to it has the session timeout (3s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_is_cut_off() {
+    let fd = front_door("").await;
+    let mut s = TcpStream::connect(fd.smtp()).await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(reply(&mut s, &mut buf).await.unwrap().code, 220);
+    let (_rd, mut wr) = s.into_split();
+    // EHLO is neither an error nor junk: 200 bytes of reply each, until the
+    // socket buffers fill and the server's writes stall.
+    let writer = tokio::spawn(async move {
+        let line = b"EHLO client.test\r\n".repeat(1000);
+        for _ in 0..400 {
+            if wr.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let active = || async {
+        let (_, text) = skein_tests::mail::http_get(fd.metrics, "/metrics")
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("skein_smtp_sessions_active "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for(Duration::from_secs(5), "the session to start", || async {
+        active().await == 1.0
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "the session to be closed",
+        || async { active().await == 0.0 },
+    )
+    .await
+    .unwrap();
+    println!(
+        "a client that never reads was cut off after {:?}",
+        t.elapsed()
+    );
+    writer.abort();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_per_client_address_are_limited() {
     let fd = front_door("max_connections_per_ip = 4").await;

@@ -3,6 +3,7 @@
 //! connection or try each host and address in order until one session
 //! gives every recipient a result.
 
+use skein_smtp::Escaped;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};
@@ -181,7 +182,7 @@ impl Deliverer {
             });
             if is_self {
                 if better_tried {
-                    tracing::info!(preference = group[0].pref, %last, "this cluster is the best MX left; deferring");
+                    tracing::info!(preference = group[0].pref, last = %Escaped(&last), "this cluster is the best MX left; deferring");
                     break;
                 }
                 let reply = format!("554 5.4.6 mail for {} loops back to myself", job.domain);
@@ -207,7 +208,7 @@ impl Deliverer {
                     {
                         HostOutcome::Done(results) => return results,
                         HostOutcome::NextHost(reason) => {
-                            tracing::info!(%peer, %reason, "trying next host");
+                            tracing::info!(%peer, reason = %Escaped(&reason), "trying next host");
                             last = reason;
                         }
                         // A new connection is never probed.
@@ -285,7 +286,7 @@ impl Deliverer {
                 Ok(conn) => return self.carry(conn, job, dest, false).await,
                 Err(OpenError::NextHost(reason)) => return HostOutcome::NextHost(reason),
                 Err(OpenError::RetryPlain(reason)) => {
-                    tracing::info!(%peer, %reason, "TLS failed under policy may; trying plaintext");
+                    tracing::info!(%peer, reason = %Escaped(&reason), "TLS failed under policy may; trying plaintext");
                     policy = TlsPolicy::None;
                 }
             }

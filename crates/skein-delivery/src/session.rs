@@ -5,6 +5,7 @@
 //! replies with `skein-smtp`, and leaves deciding what a reply means to
 //! the `transaction` module.
 
+use skein_smtp::Escaped;
 use std::fmt;
 use std::time::Duration;
 
@@ -120,7 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match parse_reply(&self.buf) {
                 Ok(Some((reply, used))) => {
                     self.buf.drain(..used);
-                    tracing::trace!(%stage, %reply, "reply");
+                    tracing::trace!(%stage, reply = %Escaped(&reply), "reply");
                     return Ok(reply);
                 }
                 Ok(None) => {}

@@ -11,6 +11,7 @@
 //! Only failures before the transaction started move on to the next host:
 //! after that the peer has already judged some recipients.
 
+use skein_smtp::Escaped;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -413,7 +414,7 @@ pub(crate) async fn transact(
             After::Clean
         };
         if mail.is_permanent() {
-            tracing::info!(reply = %mail, "sender refused");
+            tracing::info!(reply = %Escaped(&mail), "sender refused");
             return (
                 HostOutcome::Done(all(job, failed(said(&mail, &peer)))),
                 after,
@@ -445,7 +446,7 @@ pub(crate) async fn transact(
         if reply.is_success() {
             accepted.push(i);
         } else {
-            tracing::info!(rcpt = %job.recipients[i].0, %reply, "recipient refused");
+            tracing::info!(rcpt = %Escaped(&job.recipients[i].0), reply = %Escaped(&reply), "recipient refused");
             results.set(i, refused(&reply, &peer));
         }
     }
@@ -517,7 +518,7 @@ pub(crate) async fn transact(
                 lmtp: c.lmtp,
             }
         } else {
-            tracing::info!(%reply, "message refused");
+            tracing::info!(reply = %Escaped(&reply), "message refused");
             refused(&reply, &peer)
         };
         if c.lmtp {
@@ -530,7 +531,7 @@ pub(crate) async fn transact(
             if outcome.is_delivered() {
                 // The node logs each recipient's outcome once (Postfix's
                 // status=sent line); this is the transaction's view of it.
-                tracing::debug!(%reply, recipients = accepted.len(), tls = c.tls, "delivered");
+                tracing::debug!(reply = %Escaped(&reply), recipients = accepted.len(), tls = c.tls, "delivered");
             }
             for &i in &accepted {
                 results.set(i, outcome.clone());
@@ -631,6 +632,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if let Err(error) = s.command(&Command::Quit, Stage::Quit, QUIT_WAIT).await {
-        tracing::debug!(%error, "QUIT failed");
+        tracing::debug!(error = %Escaped(&error), "QUIT failed");
     }
 }

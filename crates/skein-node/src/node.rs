@@ -223,7 +223,7 @@ impl Node {
         let smtp_config = Arc::new(config.smtp.clone());
         let smtp_limit = Arc::new(Semaphore::new(config.smtp.max_connections));
         let clients = Arc::new(PerClient::default());
-        let users = Arc::new(config.smtp.users.clone());
+        let auth = Arc::new(smtp::Authenticator::new(config.smtp.users.clone()));
         let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
             (Some(cert), Some(key)) => {
                 let cert =
@@ -237,7 +237,7 @@ impl Node {
             }
             _ => None,
         };
-        if !config.smtp.submission_listen.is_empty() && users.is_empty() {
+        if !config.smtp.submission_listen.is_empty() && auth.is_empty() {
             tracing::warn!(
                 "submission listeners are on but [smtp.users] is empty: nobody can authenticate"
             );
@@ -253,7 +253,7 @@ impl Node {
                 acceptor: acceptor.clone(),
                 require_auth,
                 tls: tls.clone(),
-                users: users.clone(),
+                auth: auth.clone(),
                 shutdown: smtp_stop_rx.clone(),
                 metrics: metrics.clone(),
                 data_dir: config.data_dir.clone(),

@@ -18,6 +18,7 @@
 //! - [`data`]: [`DataReader`], the smuggling-proof end-of-data finder and
 //!   dot-unstuffer. [`stuff`] is its client-side mirror.
 //! - [`ehlo`]: [`Extensions`], what a server's EHLO reply offers.
+//! - [`escape`]: [`Escaped`], a peer's text shown safely in a log line.
 //!
 //! A server's view of a pipelined DATA transaction:
 //!
@@ -45,6 +46,7 @@ pub mod command;
 pub mod data;
 pub mod domain;
 pub mod ehlo;
+pub mod escape;
 pub mod line;
 pub mod params;
 pub mod path;
@@ -57,6 +59,7 @@ pub use command::{parse_command, parse_command_utf8, Command, CommandError};
 pub use data::{DataProgress, DataReader};
 pub use domain::{AddressLiteral, Domain, MAX_DOMAIN, MAX_LABEL};
 pub use ehlo::Extensions;
+pub use escape::Escaped;
 pub use line::{discard_line, next_line, Line, LineEnding, MAX_COMMAND_LINE, MAX_TEXT_LINE};
 pub use params::{BodyType, MailParams, Notify, RcptParams, Ret};
 pub use path::{ForwardPath, ReversePath, MAX_PATH};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use skein_delivery::{Job, RcptResult};
 use skein_queue::{Message, MessageId, NewMessage, Outcome, RcptOutcome, RcptState};
-use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
+use skein_smtp::{Escaped, MailParams, Mailbox, RcptParams, ReversePath};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -161,7 +161,7 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
             .pending
             .iter()
             .map(|(i, rcpt, _)| {
-                tracing::warn!(to = %rcpt, status = "expired", reply = %reply, "delivery");
+                tracing::warn!(to = %Escaped(&rcpt), status = "expired", reply = %reply, "delivery");
                 (
                     *i,
                     RcptOutcome::Failed {
@@ -234,18 +234,18 @@ fn record(w: &Worker, t: &Target, rcpt: &Mailbox, result: RcptResult) -> RcptOut
         RcptResult::Delivered {
             reply, host, tls, ..
         } => {
-            tracing::info!(to = %rcpt, relay = %host, tls, delay, status = "sent", reply = %reply, "delivery");
+            tracing::info!(to = %Escaped(&rcpt), relay = %host, tls, delay, status = "sent", reply = %reply, "delivery");
             w.metrics.attempt("delivered");
             RcptOutcome::Delivered { reply }
         }
         RcptResult::Deferred { reply } => {
-            tracing::info!(to = %rcpt, delay, status = "deferred", reply = %reply, "delivery");
+            tracing::info!(to = %Escaped(&rcpt), delay, status = "deferred", reply = %reply, "delivery");
             w.metrics.attempt("deferred");
             w.metrics.deferral(&reply);
             RcptOutcome::Deferred { reply }
         }
         RcptResult::Failed { reply } => {
-            tracing::info!(to = %rcpt, delay, status = "bounced", reply = %reply, "delivery");
+            tracing::info!(to = %Escaped(&rcpt), delay, status = "bounced", reply = %reply, "delivery");
             w.metrics.attempt("failed");
             w.metrics.recipients_failed.inc();
             RcptOutcome::Failed { reply }

@@ -180,7 +180,7 @@ fn build(w: &Worker, m: &Message, action: Action, rcpts: &[(u32, String)]) -> Op
         return_limit: w.cfg.bounce_size_limit,
     };
     let rendered = notice.render();
-    tracing::info!(queue_id = %m.id, notice_id = %id, action = ?action, to = %to, "notice built");
+    tracing::info!(queue_id = %m.id, notice_id = %id, action = ?action, to = %skein_smtp::Escaped(to), "notice built");
     Some(Notice {
         about: m.id,
         kind: match action {

@@ -1,12 +1,25 @@
 //! SMTP AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN, on submission
 //! listeners, under TLS only. Passwords are checked against argon2 hashes
 //! from `[smtp.users]`; `skeind hash-password` makes them.
+//!
+//! argon2 is slow on purpose, which makes password checks a way to burn a
+//! node's CPU: the [`Authenticator`] runs at most a few at once (a check
+//! that cannot start within [`CHECK_WAIT`] is answered `454 4.7.0`), and an
+//! address whose checks keep failing waits longer before each answer, up
+//! to [`MAX_PENALTY`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use skein_smtp::Escaped;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
 
 use super::replies;
 use super::session::{Flow, Session};
@@ -28,8 +41,106 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
     Ok(hash.to_string())
 }
 
+/// Longest a password check waits for its turn.
+pub const CHECK_WAIT: Duration = Duration::from_secs(10);
+/// The longest wait imposed on an address that keeps failing.
+pub const MAX_PENALTY: Duration = Duration::from_secs(16);
+/// How long failures from an address are remembered.
+const FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
+/// Addresses remembered at most; past this the oldest are forgotten.
+const MAX_REMEMBERED: usize = 10_000;
+
+/// The configured users, and the limits on checking their passwords.
+pub struct Authenticator {
+    users: std::sync::Arc<BTreeMap<String, String>>,
+    slots: Semaphore,
+    wait: Duration,
+    /// Per client address: failures in a row, and the last one.
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// No password check could start in time.
+#[derive(Debug)]
+pub struct Busy;
+
+impl Authenticator {
+    /// At most one check per core runs at once.
+    pub fn new(users: BTreeMap<String, String>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::with_limits(users, cores, CHECK_WAIT)
+    }
+
+    pub fn with_limits(users: BTreeMap<String, String>, at_once: usize, wait: Duration) -> Self {
+        Authenticator {
+            users: std::sync::Arc::new(users),
+            slots: Semaphore::new(at_once.max(1)),
+            wait,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// How long to hold an answer for `client`: nothing at first, then 1 s,
+    /// doubling with each failure in a row, up to [`MAX_PENALTY`].
+    pub fn penalty(&self, client: IpAddr, now: Instant) -> Duration {
+        let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match f.get(&client.to_canonical()) {
+            Some((n, last)) if now.duration_since(*last) < FAILURE_MEMORY && *n > 0 => {
+                Duration::from_secs(1u64 << (n - 1).min(4)).min(MAX_PENALTY)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn record(&self, client: IpAddr, ok: bool, now: Instant) {
+        let client = client.to_canonical();
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            f.remove(&client);
+            return;
+        }
+        if f.len() >= MAX_REMEMBERED && !f.contains_key(&client) {
+            f.retain(|_, (_, last)| now.duration_since(*last) < FAILURE_MEMORY);
+            if f.len() >= MAX_REMEMBERED {
+                if let Some(oldest) = f.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
+                    f.remove(&oldest);
+                }
+            }
+        }
+        let e = f.entry(client).or_insert((0, now));
+        if now.duration_since(e.1) >= FAILURE_MEMORY {
+            e.0 = 0;
+        }
+        e.0 = e.0.saturating_add(1);
+        e.1 = now;
+    }
+
+    /// Check `user`'s password for a session from `client`: after this
+    /// address's penalty, within the limit of checks running at once.
+    pub async fn check(&self, client: IpAddr, user: &str, password: String) -> Result<bool, Busy> {
+        let penalty = self.penalty(client, Instant::now());
+        if !penalty.is_zero() {
+            tokio::time::sleep(penalty).await;
+        }
+        let _permit = tokio::time::timeout(self.wait, self.slots.acquire())
+            .await
+            .map_err(|_| Busy)?
+            .map_err(|_| Busy)?;
+        let users = self.users.clone();
+        let user_owned = user.to_string();
+        let ok = tokio::task::spawn_blocking(move || verify(&users, &user_owned, &password))
+            .await
+            .unwrap_or(false);
+        self.record(client, ok, Instant::now());
+        Ok(ok)
+    }
+}
+
 /// Check a name and password against the configured users (slow on purpose).
-fn verify(users: &std::collections::BTreeMap<String, String>, user: &str, password: &str) -> bool {
+fn verify(users: &BTreeMap<String, String>, user: &str, password: &str) -> bool {
     let hash = users.get(user).map(String::as_str).unwrap_or(DECOY);
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
@@ -120,17 +231,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             }
             Some(Some(Some(c))) => c,
         };
-        let users = self.ctx.users.clone();
-        let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || verify(&users, &check_user, &password))
-            .await
-            .unwrap_or(false);
+        let ok = match self.ctx.auth.check(self.peer.ip(), &user, password).await {
+            Ok(ok) => ok,
+            Err(Busy) => {
+                tracing::warn!(client = %self.peer, user = %Escaped(&user), "authentication not checked: too many checks waiting");
+                self.reply(replies::auth_busy());
+                return Ok(Flow::Continue);
+            }
+        };
         if ok {
-            tracing::info!(client = %self.peer, user = %user, "authenticated");
+            tracing::info!(client = %self.peer, user = %Escaped(&user), "authenticated");
             self.user = Some(user);
             self.reply(replies::auth_ok());
         } else {
-            tracing::warn!(client = %self.peer, user = %user, "authentication failed");
+            tracing::warn!(client = %self.peer, user = %Escaped(&user), "authentication failed");
             self.reply(replies::auth_failed());
         }
         Ok(Flow::Continue)
@@ -187,6 +301,58 @@ mod tests {
         assert!(!verify(&users, "alice", "wrong"));
         assert!(!verify(&users, "bob", "s3cret"));
         assert!(PasswordHash::new(DECOY).is_ok());
+    }
+
+    #[test]
+    fn failures_from_an_address_slow_it_down_and_a_success_forgives() {
+        let a = Authenticator::new(BTreeMap::new());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let t = Instant::now();
+        assert_eq!(a.penalty(ip, t), Duration::ZERO);
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            a.record(ip, false, t);
+            seen.push(a.penalty(ip, t).as_secs());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 16, 16]);
+        assert_eq!(a.penalty(other, t), Duration::ZERO, "per address");
+        assert_eq!(
+            a.penalty(ip, t + FAILURE_MEMORY),
+            Duration::ZERO,
+            "forgotten after a while"
+        );
+        a.record(ip, true, t);
+        assert_eq!(a.penalty(ip, t), Duration::ZERO);
+        // IPv4-mapped is the same address.
+        a.record("::ffff:192.0.2.8".parse().unwrap(), false, t);
+        assert_eq!(a.penalty(other, t), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded() {
+        let a = Authenticator::new(BTreeMap::new());
+        let t = Instant::now();
+        for i in 0..(MAX_REMEMBERED as u32 + 50) {
+            a.record(
+                IpAddr::from(i.to_be_bytes()),
+                false,
+                t + Duration::from_millis(i as u64),
+            );
+        }
+        assert!(a.failures.lock().unwrap().len() <= MAX_REMEMBERED);
+    }
+
+    #[tokio::test]
+    async fn checks_beyond_the_limit_wait_and_then_give_up() {
+        let h = hash_password("pw").unwrap();
+        let users: BTreeMap<_, _> = [("alice".to_string(), h)].into_iter().collect();
+        let a = Authenticator::with_limits(users, 1, Duration::from_millis(50));
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let held = a.slots.acquire().await.unwrap();
+        assert!(a.check(ip, "alice", "pw".into()).await.is_err(), "busy");
+        drop(held);
+        assert!(a.check(ip, "alice", "pw".into()).await.unwrap());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use skein_queue::MessageId;
-use skein_smtp::{has_bare_line_endings, DataReader, MAX_TEXT_LINE};
+use skein_smtp::{has_bare_line_endings, DataReader, Escaped, MAX_TEXT_LINE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::replies;
@@ -21,8 +21,42 @@ use crate::cluster::ProposeError;
 
 /// Received headers after which a message is taken to be looping.
 pub const MAX_HOPS: usize = 50;
-/// Seconds of data allowed before the minimum data rate applies.
+/// Time allowed before the minimum data rate applies.
 const RATE_GRACE: Duration = Duration::from_secs(5);
+/// The most time a client can have in hand: what it sent ahead of the
+/// minimum rate buys it at most this long a pause.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The minimum data rate as a leaky bucket: the client has time in hand,
+/// which passes, and which each byte it sends adds `1 / rate` seconds to,
+/// never more than [`RATE_WINDOW`]. With no time left it is too slow. So
+/// the rate holds over any stretch of the data, not just on average since
+/// its start: a client cannot send quickly at first and then trickle.
+pub(super) struct DataClock {
+    rate: u64,
+    /// When the time in hand runs out.
+    until: Instant,
+}
+
+impl DataClock {
+    pub(super) fn start(rate: u64) -> Self {
+        DataClock {
+            rate: rate.max(1),
+            until: Instant::now() + RATE_GRACE,
+        }
+    }
+
+    /// `n` more bytes arrived now.
+    pub(super) fn received(&mut self, n: usize, now: Instant) {
+        let earned = Duration::from_micros((n as u64).saturating_mul(1_000_000) / self.rate);
+        self.until = (self.until + earned).min(now + RATE_WINDOW);
+    }
+
+    /// When the next bytes must have arrived.
+    pub(super) fn deadline(&self) -> Instant {
+        self.until
+    }
+}
 
 /// BDAT chunks received so far in a transaction.
 #[derive(Default)]
@@ -43,15 +77,17 @@ enum Verdict {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// Read more message data, keeping to the minimum data rate: `false`
     /// when the client went away or is too slow (it was told).
-    async fn more_data(&mut self, started: Instant, received: u64) -> std::io::Result<bool> {
-        let rate = self.ctx.config.min_data_rate.max(1);
-        let by_rate =
-            started + RATE_GRACE + Duration::from_millis(received.saturating_mul(1000) / rate);
+    async fn more_data(&mut self, clock: &mut DataClock, received: u64) -> std::io::Result<bool> {
+        let by_rate = clock.deadline();
         let deadline = (Instant::now() + self.ctx.config.timeout).min(by_rate);
         self.flush().await?;
+        let before = self.rbuf.len();
         match tokio::time::timeout_at(deadline.into(), self.stream.read_buf(&mut self.rbuf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => Ok(false),
-            Ok(Ok(_)) => Ok(true),
+            Ok(Ok(_)) => {
+                clock.received(self.rbuf.len() - before, Instant::now());
+                Ok(true)
+            }
             Err(_) => {
                 tracing::info!(client = %self.peer, received, "message data too slow");
                 self.reply(if deadline == by_rate {
@@ -102,14 +138,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .unwrap_or(0)
             .min(max as u64) as usize;
         let mut body = Vec::with_capacity(hint.max(4096));
-        let started = Instant::now();
+        let mut clock = DataClock::start(self.ctx.config.min_data_rate);
         loop {
             let p = reader.feed(&self.rbuf, &mut body);
             self.rbuf.advance(p.consumed);
             if p.done {
                 break;
             }
-            if !self.more_data(started, reader.body_len()).await? {
+            if !self.more_data(&mut clock, reader.body_len()).await? {
                 // Gone or stalled mid-message: nothing accepted, nothing queued.
                 self.tx = None;
                 return Ok(Flow::Close);
@@ -140,10 +176,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             .as_mut()
             .and_then(|t| t.chunks.take())
             .unwrap_or_default();
-        let started = Instant::now();
+        let mut clock = DataClock::start(self.ctx.config.min_data_rate);
         let mut left = size;
         while left > 0 {
-            if self.rbuf.is_empty() && !self.more_data(started, size - left).await? {
+            if self.rbuf.is_empty() && !self.more_data(&mut clock, size - left).await? {
                 self.tx = None;
                 return Ok(Flow::Close);
             }
@@ -218,9 +254,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 tracing::info!(
                     queue_id = %id,
                     client = %self.peer,
-                    helo = self.helo.as_deref().unwrap_or(""),
-                    user = self.user.as_deref().unwrap_or(""),
-                    from = %from,
+                    helo = %Escaped(self.helo.as_deref().unwrap_or("")),
+                    user = %Escaped(self.user.as_deref().unwrap_or("")),
+                    from = %Escaped(&from),
                     nrcpt,
                     size,
                     "queued"
@@ -286,6 +322,37 @@ fn longest_line(body: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_rate_holds_over_any_stretch_not_just_on_average() {
+        let t0 = Instant::now();
+        let mut c = DataClock {
+            rate: 1000,
+            until: t0 + RATE_WINDOW,
+        };
+        // A fast start banks at most the window, however much it sent.
+        c.received(10_000_000, t0 + Duration::from_secs(1));
+        assert_eq!(c.deadline(), t0 + Duration::from_secs(1) + RATE_WINDOW);
+        // Then a trickle of 100 bytes a second falls behind and runs out.
+        let mut now = t0 + Duration::from_secs(1);
+        while c.deadline() > now {
+            now += Duration::from_secs(1);
+            c.received(100, now);
+        }
+        let stalled = now.duration_since(t0 + Duration::from_secs(1));
+        assert!(
+            stalled <= Duration::from_secs(12),
+            "a trickle lasted {stalled:?} after a fast start"
+        );
+        // Keeping up with the rate never runs out.
+        let mut c = DataClock::start(1000);
+        let mut now = Instant::now();
+        for _ in 0..1000 {
+            now += Duration::from_secs(1);
+            c.received(1000, now);
+            assert!(c.deadline() > now);
+        }
+    }
 
     #[test]
     fn hops_are_counted_in_the_header_section_only() {

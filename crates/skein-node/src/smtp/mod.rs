@@ -8,7 +8,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-pub use auth::hash_password;
+pub use auth::{hash_password, Authenticator};
 pub use session::{End, Session};
 
 use crate::clock::now_ms;
@@ -32,6 +32,8 @@ use crate::metrics::Metrics;
 
 /// A TLS handshake that takes longer than this is abandoned.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the 421 to a refused connection may take to write.
+const REFUSAL_WRITE: Duration = Duration::from_secs(10);
 
 /// What every session of one listener shares.
 pub struct SmtpContext {
@@ -41,7 +43,8 @@ pub struct SmtpContext {
     pub require_auth: bool,
     /// STARTTLS is offered when set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub users: Arc<BTreeMap<String, String>>,
+    /// Submission users and the limits on checking their passwords.
+    pub auth: Arc<auth::Authenticator>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     /// Where the queue lives, to refuse mail before the disk is full.
@@ -233,7 +236,9 @@ pub async fn serve(
         };
         tracing::warn!(client = %peer, reply = %refusal, "connection refused");
         tokio::spawn(async move {
-            let _ = stream.write_all(&refusal.to_bytes()).await;
+            // A refused client gets a moment to read why, no more.
+            let _ =
+                tokio::time::timeout(REFUSAL_WRITE, stream.write_all(&refusal.to_bytes())).await;
         });
     }
 }

@@ -227,6 +227,14 @@ pub fn auth_ok() -> Reply {
     Reply::new(235, ec(2, 7, 0), "Authentication successful")
 }
 
+pub fn auth_busy() -> Reply {
+    Reply::new(
+        454,
+        ec(4, 7, 0),
+        "Temporary authentication failure, try again later",
+    )
+}
+
 pub fn auth_failed() -> Reply {
     Reply::new(535, ec(5, 7, 8), "Error: authentication failed")
 }

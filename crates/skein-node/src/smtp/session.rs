@@ -13,8 +13,8 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use skein_queue::NewRecipient;
 use skein_smtp::{
-    discard_line, next_line, parse_command_utf8, BodyType, Command, ForwardPath, Line, LineEnding,
-    MailParams, Mailbox, Reply, ReversePath, MAX_COMMAND_LINE,
+    discard_line, next_line, parse_command_utf8, BodyType, Command, Escaped, ForwardPath, Line,
+    LineEnding, MailParams, Mailbox, Reply, ReversePath, MAX_COMMAND_LINE,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -129,7 +129,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         tracing::info!(
             client = %self.peer,
             tls = self.tls,
-            user = self.user.as_deref().unwrap_or(""),
+            user = %Escaped(self.user.as_deref().unwrap_or("")),
             commands = c.commands,
             mail = c.mail,
             rcpt = c.rcpt,
@@ -193,10 +193,25 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         r.encode(&mut self.wbuf);
     }
 
+    /// Write the replies waiting. A client that does not read them within
+    /// `smtp.timeout` loses the session: it cannot hold a slot, and the
+    /// replies it will not take, for longer than one that does not write.
     pub(super) async fn flush(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.stream.flush().await?;
+            let write = async {
+                self.stream.write_all(&self.wbuf).await?;
+                self.stream.flush().await
+            };
+            match tokio::time::timeout(self.ctx.config.timeout, write).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    tracing::info!(client = %self.peer, bytes = self.wbuf.len(), "client does not read its replies; closing");
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "writing to the client timed out",
+                    ));
+                }
+            }
             self.wbuf.clear();
         }
         Ok(())
@@ -478,7 +493,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             .ctx
             .may_relay(self.peer.ip(), self.user.is_some(), &address)
         {
-            tracing::info!(client = %self.peer, to = %address, "relay refused");
+            tracing::info!(client = %self.peer, to = %Escaped(&address), "relay refused");
             return self.reply(replies::relay_denied(&address.to_string()));
         }
         self.counts.rcpt += 1;

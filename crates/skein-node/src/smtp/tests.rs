@@ -50,7 +50,7 @@ async fn harness(cluster: &str) -> Harness {
         ),
         require_auth: false,
         tls: None,
-        users: Arc::default(),
+        auth: Arc::new(Authenticator::new(Default::default())),
         shutdown,
         metrics,
         data_dir: dir.path().to_path_buf(),
