@@ -572,6 +572,61 @@ async fn a_client_that_never_reads_is_cut_off() {
     writer.abort();
 }
 
+/// Clients in the exception lists (the relay networks by default) are not
+/// throttled by what is meant for strangers: they may talk at once and open
+/// more sessions than `max_connections_per_ip`.
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_clients_skip_the_greeting_pause_and_the_per_address_limit() {
+    let fd = front_door(
+        "max_connections_per_ip = 2\ngreet_pause_exceptions = [\"127.0.0.0/8\"]\nclient_connection_limit_exceptions = [\"127.0.0.1\"]",
+    )
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(fd.smtp()).await.unwrap();
+        // Talking before the greeting is fine for a trusted client.
+        s.write_all(H.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let greeting = reply(&mut s, &mut buf).await.unwrap();
+        assert_eq!(greeting.code, 220, "{greeting}");
+        assert_eq!(reply(&mut s, &mut buf).await.unwrap().code, 250);
+        open.push(s);
+    }
+}
+
+/// A client that opens sessions one after another, never more than the
+/// limit at once, is never refused: a session's slot is free again by the
+/// time the client reads its 221.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_one_after_another_within_the_limit_are_never_refused() {
+    let fd = front_door("max_connections_per_ip = 4").await;
+    let addr = fd.smtp();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut refused = Vec::new();
+                for _ in 0..25 {
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    let mut buf = Vec::new();
+                    let greeting = reply(&mut s, &mut buf).await.unwrap();
+                    if greeting.code != 220 {
+                        refused.push(greeting.to_string());
+                        continue;
+                    }
+                    s.write_all(format!("{H}{Q}").as_bytes()).await.unwrap();
+                    assert_eq!(reply(&mut s, &mut buf).await.unwrap().code, 250);
+                    assert_eq!(reply(&mut s, &mut buf).await.unwrap().code, 221);
+                }
+                refused
+            })
+        })
+        .collect();
+    for w in workers {
+        let refused = w.await.unwrap();
+        assert!(refused.is_empty(), "refused: {refused:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_per_client_address_are_limited() {
     let fd = front_door("max_connections_per_ip = 4").await;

@@ -56,6 +56,12 @@ pub struct SmtpConfig {
     pub queue_minfree: u64,
     pub max_recipients: usize,
     pub relay_networks: Vec<IpNet>,
+    /// Clients greeted at once, without `greet_pause` (default: the relay
+    /// networks).
+    pub greet_pause_exceptions: Vec<IpNet>,
+    /// Clients not held to `max_connections_per_ip` (default: the relay
+    /// networks).
+    pub connection_limit_exceptions: Vec<IpNet>,
     /// Lowercase domain names anyone may send to.
     pub accept_domains: Vec<String>,
     pub tls_cert: Option<PathBuf>,

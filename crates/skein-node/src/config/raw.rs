@@ -34,6 +34,8 @@ pub struct RawSmtp {
     pub queue_minfree: Option<u64>,
     pub max_recipients: Option<u64>,
     pub relay_networks: Option<Vec<String>>,
+    pub greet_pause_exceptions: Option<Vec<String>>,
+    pub client_connection_limit_exceptions: Option<Vec<String>>,
     pub accept_domains: Option<Vec<String>>,
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,

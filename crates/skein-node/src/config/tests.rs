@@ -207,3 +207,22 @@ auth_user = "skein"
         assert!(keys.contains(&k), "{k} missing from {keys:?}");
     }
 }
+
+#[test]
+fn trusted_clients_are_exempt_from_the_pause_and_the_per_address_limit_by_default() {
+    let c = Config::parse("[smtp]\nrelay_networks = [\"10.0.0.0/8\"]\n").unwrap();
+    let ten: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+    assert_eq!(c.smtp.greet_pause_exceptions, vec![ten]);
+    assert_eq!(c.smtp.connection_limit_exceptions, vec![ten]);
+    let c = Config::parse(
+        "[smtp]\ngreet_pause_exceptions = []\nclient_connection_limit_exceptions = [\"192.0.2.7\"]\n",
+    )
+    .unwrap();
+    assert!(c.smtp.greet_pause_exceptions.is_empty());
+    assert_eq!(
+        c.smtp.connection_limit_exceptions,
+        vec!["192.0.2.7/32".parse::<ipnet::IpNet>().unwrap()]
+    );
+    let problems = Config::parse("[smtp]\ngreet_pause_exceptions = [\"nope\"]\n").unwrap_err();
+    assert_eq!(problems[0].key, "smtp.greet_pause_exceptions[0]");
+}

@@ -258,23 +258,23 @@ fn check_smtp(c: &mut Checker, r: &RawSmtp) -> SmtpConfig {
     if max_recipients == 0 {
         c.problem("smtp.max_recipients", "must be 1 or more");
     }
-    let relay_networks = match &r.relay_networks {
-        None => vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match parse_net(s) {
-                Some(n) => Some(n),
-                None => {
-                    c.problem(
-                        format!("smtp.relay_networks[{i}]"),
-                        format!("{s:?} is not a network such as \"10.0.0.0/8\""),
-                    );
-                    None
-                }
-            })
-            .collect(),
-    };
+    let relay_networks = networks(c, "smtp.relay_networks", r.relay_networks.as_ref())
+        .unwrap_or_else(|| vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+    // Trusted clients are not throttled by what is meant for strangers
+    // (Postfix: postscreen_access_list = permit_mynetworks,
+    // smtpd_client_connection_limit_exceptions = $mynetworks).
+    let greet_pause_exceptions = networks(
+        c,
+        "smtp.greet_pause_exceptions",
+        r.greet_pause_exceptions.as_ref(),
+    )
+    .unwrap_or_else(|| relay_networks.clone());
+    let connection_limit_exceptions = networks(
+        c,
+        "smtp.client_connection_limit_exceptions",
+        r.client_connection_limit_exceptions.as_ref(),
+    )
+    .unwrap_or_else(|| relay_networks.clone());
     let accept_domains = r
         .accept_domains
         .iter()
@@ -348,6 +348,8 @@ fn check_smtp(c: &mut Checker, r: &RawSmtp) -> SmtpConfig {
         queue_minfree,
         max_recipients: max_recipients as usize,
         relay_networks,
+        greet_pause_exceptions,
+        connection_limit_exceptions,
         accept_domains,
         tls_cert,
         tls_key,
@@ -702,6 +704,27 @@ fn tls_policy(c: &mut Checker, key: &str, v: Option<&String>) -> TlsPolicy {
             TlsPolicy::May
         }
     }
+}
+
+/// A list of networks (`"10.0.0.0/8"`, or a single address), each bad one
+/// reported with its index; `None` when the key is not set.
+fn networks(c: &mut Checker, key: &str, list: Option<&Vec<String>>) -> Option<Vec<IpNet>> {
+    let list = list?;
+    Some(
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, s)| match parse_net(s) {
+                Some(n) => Some(n),
+                None => {
+                    c.problem(
+                        format!("{key}[{i}]"),
+                        format!("{s:?} is not a network such as \"10.0.0.0/8\""),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    )
 }
 
 fn parse_net(s: &str) -> Option<IpNet> {

@@ -19,7 +19,7 @@ use skein_queue::{Command, IdGenerator, MessageId, NewMessage, NewRecipient, Res
 use skein_smtp::{Domain, MailParams, Mailbox, ReversePath};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 pub use auth::{hash_password, Authenticator};
 pub use session::{End, Session};
@@ -173,6 +173,14 @@ pub struct PerClient {
 
 struct ClientSlot(Arc<PerClient>, IpAddr);
 
+/// What a session holds against the connection limits. It is given back
+/// as the session ends, before its last reply is written: a client that
+/// reconnects the moment it reads the 221 must find its slot free again.
+pub struct Held {
+    _permit: OwnedSemaphorePermit,
+    _client: Option<ClientSlot>,
+}
+
 impl PerClient {
     fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
         let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -218,16 +226,25 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let refusal = match (
-            limit.clone().try_acquire_owned(),
-            clients.take(peer.ip().to_canonical(), ctx.config.max_connections_per_ip),
-        ) {
-            (Ok(permit), Some(slot)) => {
+        let ip = peer.ip().to_canonical();
+        // Trusted clients are not held to the per-address limit.
+        let client = if in_any(&ctx.config.connection_limit_exceptions, ip) {
+            Some(None)
+        } else {
+            clients
+                .take(ip, ctx.config.max_connections_per_ip)
+                .map(Some)
+        };
+        let refusal = match (limit.clone().try_acquire_owned(), client) {
+            (Ok(permit), Some(client)) => {
+                let held = Held {
+                    _permit: permit,
+                    _client: client,
+                };
                 tokio::spawn(async move {
                     ctx.metrics.smtp_sessions_active.inc();
-                    handle(&ctx, stream, peer).await;
+                    handle(&ctx, stream, peer, Some(held)).await;
                     ctx.metrics.smtp_sessions_active.dec();
-                    drop((permit, slot));
                 });
                 continue;
             }
@@ -243,15 +260,21 @@ pub async fn serve(
     }
 }
 
+/// Whether `ip` is in one of `nets`.
+fn in_any(nets: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
 /// One connection: a plaintext session, and after STARTTLS a fresh one on
-/// the encrypted stream.
+/// the encrypted stream. `held` is given back as the session ends.
 pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &SmtpContext,
     stream: S,
     peer: SocketAddr,
+    held: Option<Held>,
 ) {
-    let (stream, counts) = match Session::new(ctx, stream, peer).run().await {
-        Ok(End::StartTls(stream, counts)) => (stream, counts),
+    let (stream, counts, held) = match Session::new(ctx, stream, peer).holding(held).run().await {
+        Ok(End::StartTls(stream, counts, held)) => (stream, counts, held),
         Ok(End::Closed) => return,
         Err(e) => {
             tracing::debug!(client = %peer, error = %e, "session ended with an error");
@@ -277,7 +300,11 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
         "TLS established"
     );
-    if let Err(e) = Session::after_starttls(ctx, tls, peer, counts).run().await {
+    if let Err(e) = Session::after_starttls(ctx, tls, peer, counts)
+        .holding(held)
+        .run()
+        .await
+    {
         tracing::debug!(client = %peer, error = %e, "session ended with an error");
     }
 }

@@ -43,6 +43,8 @@ pub struct Session<'a, S> {
     junk: u32,
     shutdown: watch::Receiver<bool>,
     pub(super) counts: Counts,
+    /// Given back to the connection limits as the session ends.
+    held: Option<super::Held>,
 }
 
 /// Commands seen, for the disconnect log line; they survive STARTTLS.
@@ -68,7 +70,7 @@ pub enum End<S> {
     Closed,
     /// The client asked for TLS and was told to go ahead: do the handshake
     /// on this stream and continue with [`Session::after_starttls`].
-    StartTls(S, Counts),
+    StartTls(S, Counts, Option<super::Held>),
 }
 
 pub(super) enum Flow {
@@ -94,7 +96,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             junk: 0,
             shutdown: ctx.shutdown.clone(),
             counts: Counts::default(),
+            held: None,
         }
+    }
+
+    /// The session holds `held` until it ends.
+    pub fn holding(mut self, held: Option<super::Held>) -> Self {
+        self.held = held;
+        self
     }
 
     /// The session on the encrypted stream: no greeting (the client sends
@@ -116,11 +125,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tracing::info!(client = %self.peer, "connect");
         }
         let result = self.serve().await;
+        if !matches!(result, Ok(Flow::StartTls)) {
+            drop(self.held.take());
+        }
         let flush = self.flush().await;
         match result {
             Ok(Flow::StartTls) => {
                 flush?;
-                return Ok(End::StartTls(self.stream, self.counts));
+                return Ok(End::StartTls(self.stream, self.counts, self.held));
             }
             Ok(_) => {}
             Err(ref e) => tracing::debug!(client = %self.peer, error = %e, "session error"),
@@ -173,10 +185,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
     }
 
-    /// Whether the client sent anything during the greeting pause.
+    /// Whether the client sent anything during the greeting pause. Only
+    /// strangers are paused: not submission clients (they authenticate),
+    /// not `smtp.greet_pause_exceptions` (the relay networks by default).
     async fn talks_first(&mut self) -> std::io::Result<bool> {
         let pause = self.ctx.config.greet_pause;
-        if pause.is_zero() {
+        let ip = self.peer.ip().to_canonical();
+        if pause.is_zero()
+            || self.ctx.require_auth
+            || self
+                .ctx
+                .config
+                .greet_pause_exceptions
+                .iter()
+                .any(|n| n.contains(&ip))
+        {
             return Ok(false);
         }
         match tokio::time::timeout(pause, self.stream.read_buf(&mut self.rbuf)).await {

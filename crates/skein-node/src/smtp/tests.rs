@@ -82,7 +82,7 @@ async fn start_cluster(config: &Config) -> Cluster {
 async fn session(h: &Harness, peer: &str, input: &[u8]) -> Vec<Reply> {
     let (client, server) = tokio::io::duplex(1 << 20);
     let peer: SocketAddr = peer.parse().unwrap();
-    let (replies, _) = tokio::join!(converse(client, input), handle(&h.ctx, server, peer));
+    let (replies, _) = tokio::join!(converse(client, input), handle(&h.ctx, server, peer, None));
     replies
 }
 
