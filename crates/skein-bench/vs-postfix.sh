@@ -211,11 +211,11 @@ hostname = "node$i.bench.test"
 # per-address limit as Postfix's mynetworks do.
 [cluster]
 listen = "127.0.0.$i:${cp[$i]}"
-secret = "bench"
+secret = "bench-cluster-secret"
 [cluster.peers]
 $peers
 [admin]
-token = "bench"
+token = "bench-admin-token"
 [[route]]
 domain = "example.org"
 relay = "smtp://127.0.0.1:$SINK_PORT"

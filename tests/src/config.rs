@@ -4,7 +4,9 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 /// The admin token every test node uses.
-pub const TOKEN: &str = "test-token";
+pub const TOKEN: &str = "test-admin-token-0123";
+/// The cluster secret every test node shares.
+pub const SECRET: &str = "test-cluster-secret-0123";
 
 /// A port on 127.0.0.1 that was free a moment ago (for nodes run as
 /// processes, whose addresses must be known before they start).
@@ -127,7 +129,7 @@ listen = "{cluster}"
 {advertise}
 commit_timeout = "{commit}"
 {raft_timings}
-secret = "test-secret"
+secret = "{secret}"
 snapshot_every = {snapshot_every}
 {cluster_tls}
 
@@ -155,6 +157,7 @@ listen = "{metrics}"
             raft_timings = raft_timings,
             snapshot_every = self.snapshot_every,
             token = TOKEN,
+            secret = SECRET,
             dns = self.dns,
             port = self.delivery_port,
             schedule = schedule.join(", "),

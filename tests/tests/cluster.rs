@@ -358,7 +358,10 @@ async fn peers_and_clients_without_the_secret_or_token_are_refused() {
     }
     // The right secret gets through authentication (and then a decoding error
     // for this garbage payload).
-    let e = raft.vote(with(Some("test-secret"))).await.unwrap_err();
+    let e = raft
+        .vote(with(Some(skein_tests::SECRET)))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     let mut admin = skein_proto::v1::admin_client::AdminClient::new(ch);

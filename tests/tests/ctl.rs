@@ -290,9 +290,16 @@ async fn every_command_against_a_live_cluster() {
     let b = ctl(via, &["--json", "backup", file.to_str().unwrap()])
         .await
         .json();
-    let size = std::fs::metadata(&file).unwrap().len();
+    let meta = std::fs::metadata(&file).unwrap();
+    let size = meta.len();
     assert!(size > 0);
     assert_eq!(b["bytes"].as_u64(), Some(size));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "a backup holds the whole queue: its owner's alone"
+    );
 
     // --- drain a follower.
     let follower = (1..=3).find(|&i| i != leader).unwrap();

@@ -57,8 +57,10 @@ async fn raft_client(
 
 fn with_secret<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert(skein_proto::SECRET_HEADER, "test-secret".parse().unwrap());
+    r.metadata_mut().insert(
+        skein_proto::SECRET_HEADER,
+        skein_tests::SECRET.parse().unwrap(),
+    );
     r
 }
 

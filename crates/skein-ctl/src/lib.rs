@@ -375,7 +375,13 @@ async fn backup(a: &mut Admin, file: &std::path::Path) -> Result<u64, Failure> {
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let name = partial.display().to_string();
-    let mut f = tokio::fs::File::create(&partial)
+    // A backup holds every queued message: readable by its owner only.
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
         .await
         .map_err(|e| io_failed(&name, e))?;
     let mut total = 0u64;

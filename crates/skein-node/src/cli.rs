@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::node::TokenSource;
+use crate::secrets::SecretSource;
 use crate::Node;
 use clap::{Parser, Subcommand};
 
@@ -116,13 +116,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     println!("  data       {}", config.data_dir.display());
     match &node.token_source {
-        TokenSource::Config => {
+        SecretSource::Config => {
             println!("  skeinctl authenticates with admin.token from the config")
         }
-        TokenSource::File(p) => println!(
+        SecretSource::File(p, _) => println!(
             "  skeinctl authenticates with the token in {p}: export SKEIN_TOKEN=$(cat {p})",
             p = p.display()
         ),
+    }
+    match &node.secret_source {
+        SecretSource::Config => {}
+        SecretSource::File(p, made) => {
+            println!(
+                "  cluster    secret in {p}: nodes added later need a copy (cluster.secret_file)",
+                p = p.display()
+            );
+            if *made {
+                tracing::info!(path = %p.display(), "made a cluster secret: nodes added to this cluster need a copy of it (cluster.secret_file)");
+            }
+        }
     }
 
     let cluster = node.cluster().clone();

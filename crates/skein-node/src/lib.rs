@@ -20,6 +20,8 @@
 //! - [`admin`]: the admin API (status, membership) on the cluster port.
 //! - [`tls`]: certificates reloaded from disk; the cluster's mutual TLS.
 //! - [`privilege`]: the least-privilege checks made at start.
+//! - [`secrets`]: the cluster secret and the admin token, made at first
+//!   start when the config has none.
 //! - [`own`]: where this cluster takes mail, which delivery never sends to.
 
 // openraft's error types are large by design; they are returned, not stored.
@@ -31,10 +33,12 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod disk;
 pub mod metrics;
 pub mod node;
 pub mod own;
 pub mod privilege;
+pub mod secrets;
 pub mod smtp;
 pub mod tls;
 

@@ -22,15 +22,9 @@ use crate::cluster::{Cluster, PeerChannels, RaftService, RequireSecret};
 use crate::config::Config;
 use crate::delivery::{self, DeliveryHandle};
 use crate::metrics::{self, Metrics};
+use crate::secrets::{self, Secret, SecretSource};
 use crate::smtp::{self, Acceptor, PerClient, SmtpContext};
 use crate::tls::{ClusterTls, ReloadingCert};
-
-/// How the admin CLI authenticates to this node.
-#[derive(Debug, Clone)]
-pub enum TokenSource {
-    Config,
-    File(std::path::PathBuf),
-}
 
 pub struct Node {
     cluster: Cluster,
@@ -45,8 +39,9 @@ pub struct Node {
     pub submission_addrs: Vec<SocketAddr>,
     pub cluster_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub admin_token: String,
-    pub token_source: TokenSource,
+    pub admin_token: Secret,
+    pub token_source: SecretSource,
+    pub secret_source: SecretSource,
 }
 
 async fn bind_all(addrs: &[SocketAddr], what: &str) -> anyhow::Result<Vec<TcpListener>> {
@@ -77,7 +72,8 @@ impl Node {
             .with_context(|| format!("cannot listen for metrics on {}", config.metrics.listen))?;
 
         create_private_dir(&config.data_dir)?;
-        let (admin_token, token_source) = admin_token(&config)?;
+        let (admin_token, token_source) = secrets::admin_token(&config)?;
+        let (cluster_secret, secret_source) = secrets::cluster_secret(&config)?;
         let stores = skein_queue::open(&config.data_dir)
             .with_context(|| format!("cannot open the queue in {}", config.data_dir.display()))?;
 
@@ -94,7 +90,7 @@ impl Node {
             }
         };
         let peers = PeerChannels::new(
-            config.cluster.secret.as_deref(),
+            cluster_secret.expose(),
             max_grpc,
             Some(config.cluster.listen.ip()),
             cluster_tls.clone(),
@@ -165,8 +161,9 @@ impl Node {
         let cluster_addr = cluster_listener.local_addr()?;
         let raft_svc = RaftService::server(
             cluster.clone(),
-            RequireSecret(config.cluster.secret.as_deref().map(Arc::from)),
+            RequireSecret(cluster_secret.clone()),
             max_grpc,
+            config.data_dir.clone(),
         );
         let control = NodeControl {
             smtp_stop: smtp_stop.clone(),
@@ -284,6 +281,7 @@ impl Node {
             metrics_addr,
             admin_token,
             token_source,
+            secret_source,
         })
     }
 
@@ -397,44 +395,13 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin token from the config, or one made at first start and kept in
-/// `<data_dir>/admin.token` (mode 0600).
-fn admin_token(config: &Config) -> anyhow::Result<(String, TokenSource)> {
-    if let Some(t) = &config.admin.token {
-        return Ok((t.clone(), TokenSource::Config));
-    }
-    let path = config.data_dir.join("admin.token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
-            return Ok((t.trim().to_string(), TokenSource::File(path)));
-        }
-    }
-    use rand::Rng;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let token: String = rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(32)
-        .map(char::from)
-        .collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(f, "{token}")?;
-    Ok((token, TokenSource::File(path)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cluster(peers: &str) -> Config {
         Config::parse(&format!(
-            "node_id = 1\n[cluster]\nsecret = \"s\"\n[cluster.peers]\n{peers}"
+            "node_id = 1\n[cluster]\nsecret = \"s-0123456789abcdef\"\n[cluster.peers]\n{peers}"
         ))
         .unwrap()
     }

@@ -92,10 +92,10 @@ mod tests {
         std::fs::create_dir(&data).unwrap();
         chmod(&data, 0o700);
         let token = dir.path().join("admin.token");
-        std::fs::write(&token, "t0ken\n").unwrap();
+        std::fs::write(&token, "t0ken-0123456789abcdef\n").unwrap();
         chmod(&token, 0o600);
         let text = format!(
-            "data_dir = {:?}\n[cluster]\nsecret = \"s3cret\"\n[admin]\ntoken_file = {:?}\n",
+            "data_dir = {:?}\n[cluster]\nsecret = \"s3cret-0123456789ab\"\n[admin]\ntoken_file = {:?}\n",
             data.display().to_string(),
             token.display().to_string()
         );

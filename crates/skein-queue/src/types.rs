@@ -54,7 +54,29 @@ pub enum Command {
     /// Commands proposed together, applied in order as if one after another.
     /// The leader batches concurrent proposals so that many messages share
     /// one log entry: one fsync and one replication round for all of them.
-    Batch(Vec<Command>),
+    /// A batch holds plain commands: one inside another is refused when
+    /// decoding, so no input nests deep enough to exhaust the stack.
+    Batch(#[serde(deserialize_with = "plain_commands")] Vec<Command>),
+}
+
+/// Decodes a batch's commands, refusing a batch among them.
+fn plain_commands<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Command>, D::Error> {
+    use std::cell::Cell;
+    thread_local! {
+        static IN_BATCH: Cell<bool> = const { Cell::new(false) };
+    }
+    /// Leaves the batch however decoding ends.
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            IN_BATCH.with(|b| b.set(false));
+        }
+    }
+    if IN_BATCH.with(|b| b.replace(true)) {
+        return Err(serde::de::Error::custom("a batch inside a batch"));
+    }
+    let _leave = Leave;
+    Vec::<Command>::deserialize(d)
 }
 
 impl Command {
@@ -290,5 +312,49 @@ impl Message {
         self.recipients
             .iter()
             .all(|r| r.state != RcptState::Pending)
+    }
+}
+
+#[cfg(test)]
+mod decoding {
+    use super::*;
+
+    /// postcard's encoding of `Command::Batch` nested `depth` times around
+    /// a Claim, written by hand the way a hostile peer would.
+    fn nested(depth: usize) -> Vec<u8> {
+        let batch = 6u8; // Command::Batch's variant index
+        let mut v = Vec::new();
+        for _ in 0..depth {
+            v.push(batch);
+            v.push(1); // one command in the batch
+        }
+        let claim = Command::Claim {
+            node: 1,
+            max: 1,
+            lease_ms: 1,
+        };
+        v.extend(postcard::to_stdvec(&claim).unwrap());
+        v
+    }
+
+    #[test]
+    fn a_batch_of_commands_decodes_and_a_nested_batch_of_any_depth_is_refused() {
+        let claim = Command::Claim {
+            node: 1,
+            max: 1,
+            lease_ms: 1,
+        };
+        let one = Command::Batch(vec![claim.clone()]);
+        let bytes = postcard::to_stdvec(&one).unwrap();
+        assert_eq!(bytes, nested(1), "the hand-made encoding is postcard's");
+        assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), one);
+        for depth in [2, 3, 1000, 1_000_000] {
+            assert!(
+                postcard::from_bytes::<Command>(&nested(depth)).is_err(),
+                "depth {depth}"
+            );
+        }
+        // A refusal leaves nothing behind: the next decode is clean.
+        assert_eq!(postcard::from_bytes::<Command>(&nested(1)).unwrap(), one);
     }
 }

@@ -17,8 +17,9 @@ use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cluster::{secret_eq, Change, Cluster, ProposeError};
+use crate::cluster::{Change, Cluster, ProposeError};
 use crate::delivery::DeliveryControl;
+use crate::secrets::Secret;
 
 /// How long a drain waits for running deliveries before handing their
 /// leases back anyway, and for leadership to move.
@@ -27,7 +28,7 @@ const DRAIN_HANDOVER: Duration = Duration::from_secs(15);
 
 /// Refuses calls without `authorization: Bearer <token>`.
 #[derive(Clone)]
-pub struct RequireToken(Arc<str>);
+pub struct RequireToken(Secret);
 
 impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
@@ -37,7 +38,7 @@ impl tonic::service::Interceptor for RequireToken {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if secret_eq(got.as_bytes(), self.0.as_bytes()) {
+        if self.0.matches(got.as_bytes()) {
             Ok(req)
         } else {
             Err(Status::unauthenticated("admin token missing or wrong"))
@@ -64,7 +65,7 @@ impl AdminService {
     pub fn server(
         cluster: Cluster,
         control: NodeControl,
-        token: &str,
+        token: &Secret,
         data_dir: std::path::PathBuf,
         max_message: usize,
     ) -> Server {
@@ -76,7 +77,7 @@ impl AdminService {
         let server = AdminServer::new(svc)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        InterceptedService::new(server, RequireToken(Arc::from(token)))
+        InterceptedService::new(server, RequireToken(token.clone()))
     }
 
     async fn admin(&self, cmd: AdminCommand) -> Result<u64, Status> {

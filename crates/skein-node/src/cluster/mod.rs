@@ -10,6 +10,7 @@
 mod batch;
 mod control;
 mod network;
+mod receive;
 mod service;
 
 use std::collections::BTreeMap;
@@ -402,12 +403,4 @@ pub(crate) enum Step {
     Forward(Option<NodeId>),
     Retry,
     Fail(ProposeError),
-}
-
-/// Constant-time comparison for secrets and tokens.
-pub(crate) fn secret_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -57,18 +57,16 @@ impl PeerChannels {
     /// `max_message`: the largest gRPC message sent or accepted, sized from
     /// `smtp.max_message_size` so that one whole mail fits in one entry.
     pub fn new(
-        secret: Option<&str>,
+        secret: &str,
         max_message: usize,
         local: Option<std::net::IpAddr>,
         tls: Option<Arc<Reloading<ClusterTls>>>,
     ) -> anyhow::Result<Self> {
-        let secret = match secret {
-            Some(s) => Some(
-                s.parse()
-                    .map_err(|_| anyhow::anyhow!("cluster.secret must be printable ASCII"))?,
-            ),
-            None => None,
-        };
+        let secret = Some(
+            secret
+                .parse()
+                .map_err(|_| anyhow::anyhow!("cluster.secret must be printable ASCII"))?,
+        );
         Ok(PeerChannels {
             inner: Arc::new(PeerInner {
                 secret,

@@ -1,8 +1,7 @@
 //! The gRPC side of the Raft transport: peers' RPCs into openraft, and
 //! proposals forwarded by followers.
 
-use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::Vote;
 use serde::Serialize;
 use skein_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
@@ -16,39 +15,87 @@ use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use super::network::member_addr;
-use super::{secret_eq, Change, Cluster, ControlError, Step};
+use super::receive::{Answer, Chunk, Receiver};
+use super::{Change, Cluster, ControlError, Step};
+use crate::secrets::Secret;
 
 pub struct RaftService {
     cluster: Cluster,
+    snapshots: Receiver,
 }
 
-/// With mutual TLS, every Raft call must come with a certificate from the
-/// cluster CA (the handshake checked the chain), and a call made in a
-/// node's name (a leader's append, a candidate's vote) with that node's
-/// certificate: one naming the host of its address in the membership.
-fn check_peer<T>(
-    cluster: &Cluster,
-    req: &Request<T>,
-    claimed: Option<NodeId>,
-) -> Result<(), Status> {
+/// The members this node knows (voters and learners), by id.
+fn members(cluster: &Cluster) -> std::collections::BTreeMap<NodeId, String> {
+    let m = cluster.raft().metrics();
+    let m = m.borrow();
+    m.membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect()
+}
+
+/// Checked before anything is decoded. With mutual TLS, every Raft call
+/// comes with a certificate from the cluster CA (the handshake checked the
+/// chain), and it must name the host of a member this node knows — a node
+/// being added is a learner from the entry that adds it. A pristine node,
+/// which knows no member yet (it waits to be added), takes the CA's word.
+fn check_certificate<T>(cluster: &Cluster, req: &Request<T>) -> Result<(), Status> {
     if !cluster.peers().uses_tls() {
         return Ok(());
     }
-    let Some(certs) = req.peer_certs() else {
+    let Some(cert) = req.peer_certs().and_then(|c| c.first().cloned()) else {
         return Err(Status::permission_denied(
             "cluster calls need a node certificate from the cluster CA",
         ));
     };
-    // A node not (yet) in this node's membership, such as the leader
-    // adding this node, is vouched for by the CA alone.
-    let Some(id) = claimed else { return Ok(()) };
-    let Some(addr) = member_addr(cluster.raft(), id) else {
+    let members = members(cluster);
+    if members.is_empty()
+        || members
+            .values()
+            .any(|addr| crate::tls::cert_names(&cert, crate::tls::host_of(addr)))
+    {
         return Ok(());
+    }
+    tracing::warn!("refused a cluster call with a certificate that names no member");
+    Err(Status::permission_denied(
+        "the certificate presented names no member of this cluster",
+    ))
+}
+
+/// Checked once the payload says in whose name a call is made (a leader's
+/// append, a candidate's vote, a snapshot). The node must be a member this
+/// node knows, or be named by the membership the call itself carries (a
+/// leader this node has not heard of yet sends the entry that made it one);
+/// with mutual TLS the certificate must name that member's host. So no
+/// call is made in the name of a node that is no member — a removed node
+/// cannot come back by itself — nor, under TLS, in another node's name.
+fn check_claim<T>(
+    cluster: &Cluster,
+    req: &Request<T>,
+    claimed: Option<NodeId>,
+    carried: impl Fn(NodeId) -> Option<String>,
+) -> Result<(), Status> {
+    let Some(id) = claimed else { return Ok(()) };
+    let members = members(cluster);
+    if members.is_empty() {
+        return Ok(());
+    }
+    let Some(addr) = members.get(&id).cloned().or_else(|| carried(id)) else {
+        tracing::warn!(
+            node = id,
+            "refused a call in the name of a node that is no member"
+        );
+        return Err(Status::permission_denied(format!(
+            "node {id} is not a member of this cluster"
+        )));
     };
+    if !cluster.peers().uses_tls() {
+        return Ok(());
+    }
     let host = crate::tls::host_of(&addr);
-    match certs.first() {
-        Some(cert) if crate::tls::cert_names(cert, host) => Ok(()),
+    match req.peer_certs().and_then(|c| c.first().cloned()) {
+        Some(cert) if crate::tls::cert_names(&cert, host) => Ok(()),
         _ => {
             tracing::warn!(node = id, %host, "refused a call in a node's name with a certificate not naming its host");
             Err(Status::permission_denied(format!(
@@ -58,18 +105,26 @@ fn check_peer<T>(
     }
 }
 
-/// Refuses every call that does not carry the cluster secret.
+/// The address of `id` in a membership carried by entries.
+fn in_entries(entries: &[skein_queue::Entry], id: NodeId) -> Option<String> {
+    entries.iter().rev().find_map(|e| match &e.payload {
+        openraft::EntryPayload::Membership(m) => m.get_node(&id).map(|n| n.addr.clone()),
+        _ => None,
+    })
+}
+
+/// Refuses every call that does not carry the cluster secret, before its
+/// payload is decoded (tonic runs the interceptor on the headers alone).
 #[derive(Clone)]
-pub struct RequireSecret(pub Option<std::sync::Arc<str>>);
+pub struct RequireSecret(pub Secret);
 
 impl RequireSecret {
     pub fn check(&self, md: &MetadataMap) -> Result<(), Status> {
-        let Some(want) = &self.0 else { return Ok(()) };
         let got = md
             .get(skein_proto::SECRET_HEADER)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if secret_eq(got, want.as_bytes()) {
+        if self.0.matches(got) {
             Ok(())
         } else {
             Err(Status::unauthenticated("cluster secret missing or wrong"))
@@ -89,10 +144,14 @@ impl RaftService {
         cluster: Cluster,
         secret: RequireSecret,
         max_message: usize,
+        data_dir: std::path::PathBuf,
     ) -> InterceptedService<RaftServer<RaftService>, RequireSecret> {
-        let server = RaftServer::new(RaftService { cluster })
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+        let server = RaftServer::new(RaftService {
+            cluster,
+            snapshots: Receiver::new(data_dir.join("snapshots")),
+        })
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
         InterceptedService::new(server, secret)
     }
 }
@@ -113,15 +172,27 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        check_certificate(&self.cluster, &req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.get_ref().data)?;
-        check_peer(&self.cluster, &req, rpc.vote.leader_id().voted_for())?;
+        check_claim(
+            &self.cluster,
+            &req,
+            rpc.vote.leader_id().voted_for(),
+            |id| in_entries(&rpc.entries, id),
+        )?;
         self.cluster.note_leader_contact();
         encode(&self.cluster.raft().append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        check_certificate(&self.cluster, &req)?;
         let rpc: VoteRequest<NodeId> = decode(&req.get_ref().data)?;
-        check_peer(&self.cluster, &req, rpc.vote.leader_id().voted_for())?;
+        check_claim(
+            &self.cluster,
+            &req,
+            rpc.vote.leader_id().voted_for(),
+            |_| None,
+        )?;
         encode(&self.cluster.raft().vote(rpc).await)
     }
 
@@ -129,27 +200,39 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<SnapshotChunk>,
     ) -> Result<Response<RaftPayload>, Status> {
+        check_certificate(&self.cluster, &req)?;
         let vote: Vote<NodeId> = decode(&req.get_ref().vote)?;
-        check_peer(&self.cluster, &req, vote.leader_id().voted_for())?;
+        let meta: skein_queue::SnapshotMeta = decode(&req.get_ref().meta)?;
+        check_claim(&self.cluster, &req, vote.leader_id().voted_for(), |id| {
+            meta.last_membership
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        })?;
         let c = req.into_inner();
-        let rpc = InstallSnapshotRequest {
+        let chunk = Chunk {
             vote,
-            meta: decode(&c.meta)?,
+            meta,
             offset: c.offset,
-            data: c.data.to_vec(),
+            data: c.data,
             done: c.done,
         };
-        let r: Result<_, RaftError<NodeId, InstallSnapshotError>> =
-            self.cluster.raft().install_snapshot(rpc).await;
-        encode(&r)
+        let answer: Answer = self.snapshots.chunk(self.cluster.raft(), chunk).await?;
+        encode(&answer)
     }
 
     async fn propose(
         &self,
         req: Request<ProposeRequest>,
     ) -> Result<Response<ProposeReply>, Status> {
-        check_peer(&self.cluster, &req, None)?;
+        check_certificate(&self.cluster, &req)?;
         let cmd: Command = decode(&req.into_inner().command)?;
+        if matches!(cmd, Command::Batch(_)) {
+            // Only the leader batches; a batch from a peer would nest.
+            return Err(Status::invalid_argument(
+                "a forwarded command is never a batch",
+            ));
+        }
         let result = match self.cluster.propose_local(cmd).await {
             Ok(resp) => {
                 let b = postcard::to_stdvec(&resp).map_err(|e| Status::internal(e.to_string()))?;
@@ -168,7 +251,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<ChangeMembershipRequest>,
     ) -> Result<Response<ChangeMembershipReply>, Status> {
-        check_peer(&self.cluster, &req, None)?;
+        check_certificate(&self.cluster, &req)?;
         let r = req.into_inner();
         let change = match r.change {
             Some(change_membership_request::Change::AddAddr(addr)) => Change::Add {
@@ -190,12 +273,12 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<NodeInfoRequest>,
     ) -> Result<Response<NodeInfoReply>, Status> {
-        check_peer(&self.cluster, &req, None)?;
+        check_certificate(&self.cluster, &req)?;
         Ok(Response::new(self.cluster.node_info()))
     }
 
     async fn elect(&self, req: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
-        check_peer(&self.cluster, &req, None)?;
+        check_certificate(&self.cluster, &req)?;
         if self.cluster.is_draining() {
             return Err(Status::failed_precondition("this node is draining"));
         }

@@ -16,6 +16,8 @@ use ipnet::IpNet;
 
 pub use validate::Problem;
 
+pub use crate::secrets::Secret;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -87,7 +89,8 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     /// What peers dial to reach this node (`host:port`).
     pub advertise: String,
-    pub secret: Option<String>,
+    /// `None`: the one kept in the data directory (made at first start).
+    pub secret: Option<Secret>,
     pub tls: Option<TlsFiles>,
     /// Initial voters, identical on every node; this node included.
     pub peers: BTreeMap<u64, String>,
@@ -110,7 +113,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// `None`: a token is made at first start and kept in the data directory.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]

@@ -46,7 +46,7 @@ tls_key = "/etc/skein/key.pem"
 [cluster]
 listen = "0.0.0.0:7100"
 advertise = "10.0.0.1:7100"
-secret = "change-me"
+secret = "change-me-0123456789"
 tls_cert = "/etc/skein/node.pem"
 tls_key = "/etc/skein/node.key"
 tls_ca = "/etc/skein/ca.pem"
@@ -56,7 +56,7 @@ tls_ca = "/etc/skein/ca.pem"
 3 = "10.0.0.3:7100"
 
 [admin]
-token = "change-me-too"
+token = "change-me-too-0123456"
 
 [delivery]
 nameservers = ["127.0.0.1:53"]
@@ -94,7 +94,10 @@ listen = "127.0.0.1:9100"
             auth: None,
         }
     );
-    assert_eq!(c.admin.token.as_deref(), Some("change-me-too"));
+    assert_eq!(
+        c.admin.token.as_ref().map(|t| t.expose()),
+        Some("change-me-too-0123456")
+    );
 }
 
 #[test]

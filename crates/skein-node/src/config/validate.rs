@@ -102,6 +102,33 @@ impl Checker {
         Some(PathBuf::from(s))
     }
 
+    /// `s` as a [`Secret`] if it is long enough and can travel in a gRPC
+    /// header (printable ASCII).
+    fn strong(&mut self, key: &str, s: String) -> Option<Secret> {
+        if s.len() < crate::secrets::MIN_SECRET_LEN {
+            self.problem(
+                key,
+                format!(
+                    "is {} bytes; use at least {} (e.g. `openssl rand -hex 16`)",
+                    s.len(),
+                    crate::secrets::MIN_SECRET_LEN
+                ),
+            );
+            return None;
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            self.problem(key, "must be printable ASCII without spaces");
+            return None;
+        }
+        Some(Secret::new(s))
+    }
+
+    fn has_problem(&self, key: &str) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.key == key || p.key.starts_with(&format!("{key}_")))
+    }
+
     fn secret(
         &mut self,
         key: &str,
@@ -200,12 +227,14 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
     let smtp = check_smtp(c, &raw.smtp);
     let cluster = check_cluster(c, node_id, &raw.cluster);
     let admin = AdminConfig {
-        token: c.secret(
-            "admin.token",
-            raw.admin.token.as_ref(),
-            "admin.token_file",
-            raw.admin.token_file.as_ref(),
-        ),
+        token: c
+            .secret(
+                "admin.token",
+                raw.admin.token.as_ref(),
+                "admin.token_file",
+                raw.admin.token_file.as_ref(),
+            )
+            .and_then(|t| c.strong("admin.token", t)),
     };
     let delivery = check_delivery(c, &raw.delivery);
     let routes = raw
@@ -252,6 +281,14 @@ fn check_smtp(c: &mut Checker, r: &RawSmtp) -> SmtpConfig {
     let max_message_size = r.max_message_size.unwrap_or(26_214_400);
     if max_message_size < 1024 {
         c.problem("smtp.max_message_size", "must be at least 1024 bytes");
+    }
+    // Twice this is the gRPC message limit, and what a snapshot reader
+    // accepts as one body.
+    if max_message_size > 512 << 20 {
+        c.problem(
+            "smtp.max_message_size",
+            "must be at most 536870912 (512 MiB)",
+        );
     }
     let queue_minfree = r.queue_minfree.unwrap_or(256 << 20);
     let max_recipients = r.max_recipients.unwrap_or(1000);
@@ -406,16 +443,21 @@ fn check_cluster(c: &mut Checker, node_id: u64, r: &RawCluster) -> ClusterConfig
             Some(_) => {}
         }
     }
-    let secret = c.secret(
-        "cluster.secret",
-        r.secret.as_ref(),
-        "cluster.secret_file",
-        r.secret_file.as_ref(),
-    );
-    if secret.is_none() && peers.len() > 1 {
+    let secret = c
+        .secret(
+            "cluster.secret",
+            r.secret.as_ref(),
+            "cluster.secret_file",
+            r.secret_file.as_ref(),
+        )
+        .and_then(|s| c.strong("cluster.secret", s));
+    // A node alone makes its own secret; one that names others (peers, or
+    // a seed to join) must share theirs.
+    if secret.is_none() && !c.has_problem("cluster.secret") && peers.keys().any(|id| *id != node_id)
+    {
         c.problem(
             "cluster.secret",
-            "required when cluster.peers names other nodes",
+            "required when cluster.peers names other nodes (every node shares one; a node started alone keeps its own in <data_dir>/cluster.secret)",
         );
     }
     let tls = match (&r.tls_cert, &r.tls_key, &r.tls_ca) {

@@ -83,22 +83,13 @@ impl SmtpContext {
 
     /// Whether the disk of the data directory is nearly full.
     pub fn storage_low(&self) -> bool {
-        free_bytes(&self.data_dir).is_some_and(|free| {
+        crate::disk::free_bytes(&self.data_dir).is_some_and(|free| {
             free < self
                 .config
                 .queue_minfree
                 .max(2 * self.config.max_message_size as u64)
         })
     }
-}
-
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: path is a valid C string and st a properly sized out-parameter.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The accept path: propose the message and answer only once it committed.

@@ -65,7 +65,7 @@ async fn harness(cluster: &str) -> Harness {
 
 async fn start_cluster(config: &Config) -> Cluster {
     let stores = skein_queue::open(&config.data_dir).unwrap();
-    let peers = PeerChannels::new(None, 64 << 20, None, None).unwrap();
+    let peers = PeerChannels::new("0123456789abcdef", 64 << 20, None, None).unwrap();
     let cluster = Cluster::start(config, stores, peers).await.unwrap();
     // A single voter elects itself at once.
     cluster
@@ -310,7 +310,7 @@ async fn recipients_past_the_limit_get_452_and_the_rest_are_kept() {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_majority_means_451_never_250() {
     // Two voters, the other one nowhere: this node can never commit.
-    let h = harness("secret = \"s\"\n[cluster.peers]\n1 = \"127.0.0.1:7100\"\n2 = \"127.0.0.1:9\"")
+    let h = harness("secret = \"s-0123456789abcdef\"\n[cluster.peers]\n1 = \"127.0.0.1:7100\"\n2 = \"127.0.0.1:9\"")
         .await;
     let input = format!("{HELLO}MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n");
     let replies = session(&h, LOCAL, input.as_bytes()).await;

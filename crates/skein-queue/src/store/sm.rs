@@ -330,9 +330,11 @@ fn install_file(
     db.drop_tree(name.as_bytes())?;
     let tree = db.open_tree(&name)?;
     let mut written: Vec<BodyRef> = Vec::new();
+    let mut copy_file: Option<PathBuf> = None;
     let fill = || -> Result<(QueueState, SmHeader), StoreError> {
         // Keep a copy of what we read as our own current snapshot.
         let (copy_path, copy) = snapshots.temp("install")?;
+        copy_file = Some(copy_path.clone());
         let tee = Tee {
             r: BufReader::new(file),
             w: BufWriter::new(copy),
@@ -343,7 +345,8 @@ fn install_file(
                 "snapshot data does not match its metadata".into(),
             ));
         }
-        let mut messages = Vec::with_capacity(header.messages.min(1 << 20) as usize);
+        // The count is the sender's word: grow with what really arrives.
+        let mut messages = Vec::with_capacity(header.messages.min(4096) as usize);
         let mut batch = sled::Batch::default();
         let mut batch_bytes = 0;
         while let Some((m, body)) = reader.next_message()? {
@@ -381,9 +384,13 @@ fn install_file(
     };
     let r = fill();
     if r.is_err() {
-        // The generation is never made live; its bodies are nobody's.
+        // The generation is never made live; its bodies are nobody's, and
+        // the copy of a snapshot that failed is no snapshot.
         for w in &written {
             bodies.release(w);
+        }
+        if let Some(p) = &copy_file {
+            let _ = std::fs::remove_file(p);
         }
     }
     let (state, header) = r?;
@@ -598,7 +605,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, SErr> {
-        let (_, f) = self.snapshots.temp("receive").map_err(snap_err)?;
+        // Unlinked at once: the file lives as long as its handle, so it is
+        // gone after the install, a failure or an abandoned transfer alike.
+        let (path, f) = self.snapshots.temp("receive").map_err(snap_err)?;
+        std::fs::remove_file(&path).map_err(snap_err)?;
         Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 

@@ -19,6 +19,10 @@ use crate::{Message, SnapshotMeta};
 const MAGIC: &[u8; 8] = b"SKEINSN1";
 /// A message record is metadata only; anything larger is corruption.
 const MAX_RECORD: u32 = 64 << 20;
+/// No message body is larger than this (twice the largest
+/// `smtp.max_message_size` allowed): a declared length above it is
+/// corruption, refused before anything is read.
+pub const MAX_BODY: u64 = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotHeader {
@@ -89,8 +93,7 @@ impl<R: Read> SnapshotReader<R> {
         if len > MAX_RECORD {
             return Err(StoreError::Corrupt("snapshot header too large".into()));
         }
-        let mut h = vec![0u8; len as usize];
-        s.take(&mut h)?;
+        let h = s.take_len(len as u64)?;
         let header: SnapshotHeader = postcard::from_bytes(&h)?;
         s.remaining = header.messages;
         Ok((header, s))
@@ -113,19 +116,44 @@ impl<R: Read> SnapshotReader<R> {
         if len > MAX_RECORD {
             return Err(StoreError::Corrupt("snapshot record too large".into()));
         }
-        let mut rec = vec![0u8; len as usize];
-        self.take(&mut rec)?;
+        let rec = self.take_len(len as u64)?;
         let m: Message = postcard::from_bytes(&rec)?;
         let mut b = [0u8; 8];
         self.take(&mut b)?;
         let blen = u64::from_le_bytes(b);
-        let mut body = Vec::new();
-        (&mut self.r).take(blen).read_to_end(&mut body)?;
-        if body.len() as u64 != blen {
+        if blen > MAX_BODY {
+            return Err(StoreError::Corrupt("snapshot body too large".into()));
+        }
+        let body = self.take_len(blen)?;
+        Ok(Some((m, body)))
+    }
+
+    /// Like [`Self::next_message`], but the body only passes through the
+    /// checksum, unkept: a snapshot of any size is checked in little memory.
+    pub fn skip_message(&mut self) -> Result<Option<Message>, StoreError> {
+        if self.remaining == 0 {
+            self.next_message()?;
+            return Ok(None);
+        }
+        self.remaining -= 1;
+        let len = self.take_u32()?;
+        if len > MAX_RECORD {
+            return Err(StoreError::Corrupt("snapshot record too large".into()));
+        }
+        let rec = self.take_len(len as u64)?;
+        let m: Message = postcard::from_bytes(&rec)?;
+        let mut b = [0u8; 8];
+        self.take(&mut b)?;
+        let blen = u64::from_le_bytes(b);
+        if blen > MAX_BODY {
+            return Err(StoreError::Corrupt("snapshot body too large".into()));
+        }
+        let mut sink = CrcSink(&mut self.crc);
+        let n = io::copy(&mut (&mut self.r).take(blen), &mut sink)?;
+        if n != blen {
             return Err(StoreError::Corrupt("snapshot truncated".into()));
         }
-        self.crc.update(&body);
-        Ok(Some((m, body)))
+        Ok(Some(m))
     }
 
     pub fn into_inner(self) -> R {
@@ -141,9 +169,91 @@ impl<R: Read> SnapshotReader<R> {
         Ok(())
     }
 
+    /// `len` bytes, read as they come: memory grows with the data really
+    /// there, never ahead of it on a declared length alone.
+    fn take_len(&mut self, len: u64) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(len.min(64 << 10) as usize);
+        (&mut self.r).take(len).read_to_end(&mut out)?;
+        if out.len() as u64 != len {
+            return Err(StoreError::Corrupt("snapshot truncated".into()));
+        }
+        self.crc.update(&out);
+        Ok(out)
+    }
+
     fn take_u32(&mut self) -> Result<u32, StoreError> {
         let mut b = [0u8; 4];
         self.take(&mut b)?;
         Ok(u32::from_le_bytes(b))
+    }
+}
+
+/// Counts what is written into a checksum, and keeps nothing.
+struct CrcSink<'a>(&'a mut crc32fast::Hasher);
+
+impl Write for CrcSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads a whole snapshot through, without keeping it: every declared
+/// length checked before anything is read, every message decoded, the
+/// checksum compared. What passes can be installed; what does not is
+/// refused before it touches the store.
+pub fn verify<R: Read>(r: R) -> Result<SnapshotHeader, StoreError> {
+    let (header, mut reader) = SnapshotReader::open(r)?;
+    while reader.skip_message()?.is_some() {}
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(messages: u64) -> SnapshotHeader {
+        SnapshotHeader {
+            meta: SnapshotMeta::default(),
+            cluster_time: 7,
+            messages,
+        }
+    }
+
+    #[test]
+    fn absurd_declared_sizes_are_refused_without_reading_ahead() {
+        // A header that declares more messages than there are.
+        let mut w = SnapshotWriter::new(Vec::new(), &header(u64::MAX)).unwrap();
+        w.put(&4u32.to_le_bytes()).unwrap();
+        let bytes = w.finish().unwrap();
+        assert!(verify(&bytes[..]).is_err());
+
+        // A record, and a body, longer than the limits.
+        for (rec, body) in [(u32::MAX, 0u64), (8, u64::MAX), (8, MAX_BODY + 1)] {
+            let mut v = Vec::new();
+            v.extend_from_slice(MAGIC);
+            let h = postcard::to_stdvec(&header(1)).unwrap();
+            v.extend_from_slice(&(h.len() as u32).to_le_bytes());
+            v.extend_from_slice(&h);
+            v.extend_from_slice(&rec.to_le_bytes());
+            v.extend_from_slice(&[0u8; 8]);
+            v.extend_from_slice(&body.to_le_bytes());
+            let e = verify(&v[..]).unwrap_err();
+            assert!(matches!(e, StoreError::Corrupt(_)), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_written_snapshot_verifies_and_a_flipped_byte_does_not() {
+        let w = SnapshotWriter::new(Vec::new(), &header(0)).unwrap();
+        let mut bytes = w.finish().unwrap();
+        assert_eq!(verify(&bytes[..]).unwrap(), header(0));
+        let last = bytes.len() - 5;
+        bytes[last] ^= 1;
+        assert!(verify(&bytes[..]).is_err());
     }
 }
