@@ -48,6 +48,19 @@ pub struct TestConfig {
     pub greet_pause: String,
     /// `cluster.tls_cert`, `tls_key` and `tls_ca`: mutual TLS between nodes.
     pub cluster_tls: Option<[PathBuf; 3]>,
+    /// How the node gets its cluster secret.
+    pub secret: SecretConf,
+}
+
+/// Where a test node's cluster secret comes from.
+#[derive(Debug, Clone)]
+pub enum SecretConf {
+    /// `cluster.secret = "..."`.
+    Inline(String),
+    /// `cluster.secret_file = "..."`.
+    File(PathBuf),
+    /// Neither: a node alone makes its own.
+    Made,
 }
 
 impl TestConfig {
@@ -74,6 +87,7 @@ impl TestConfig {
             smtp_extra: String::new(),
             greet_pause: "0s".into(),
             cluster_tls: None,
+            secret: SecretConf::Inline(SECRET.into()),
         }
     }
 
@@ -129,7 +143,7 @@ listen = "{cluster}"
 {advertise}
 commit_timeout = "{commit}"
 {raft_timings}
-secret = "{secret}"
+{secret}
 snapshot_every = {snapshot_every}
 {cluster_tls}
 
@@ -157,7 +171,11 @@ listen = "{metrics}"
             raft_timings = raft_timings,
             snapshot_every = self.snapshot_every,
             token = TOKEN,
-            secret = SECRET,
+            secret = match &self.secret {
+                SecretConf::Inline(s) => format!("secret = {s:?}"),
+                SecretConf::File(p) => format!("secret_file = {:?}", p.display().to_string()),
+                SecretConf::Made => String::new(),
+            },
             dns = self.dns,
             port = self.delivery_port,
             schedule = schedule.join(", "),

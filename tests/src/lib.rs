@@ -12,7 +12,7 @@ pub mod process;
 pub mod tls;
 
 pub use client::{send, send_with_params, Submission};
-pub use cluster::{add_node, drain, list_queue, status, wait_for_leader, ClusterPlan};
-pub use config::{free_addr, free_port, TestConfig, SECRET, TOKEN};
+pub use cluster::{add_node, drain, list_queue, remove_node, status, wait_for_leader, ClusterPlan};
+pub use config::{free_addr, free_port, SecretConf, TestConfig, SECRET, TOKEN};
 pub use fabric::Fabric;
 pub use process::{dir_size, ProcessNode};

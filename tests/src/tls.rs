@@ -1,7 +1,9 @@
 //! Test certificates (rcgen) and a TLS client that trusts them.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -132,4 +134,37 @@ pub async fn connect_as(
         .cloned()
         .expect("a server certificate");
     Ok((tls, presented))
+}
+
+/// A Raft-service client to `addr` that trusts `ca` and presents
+/// `identity`, if any, with the cluster secret on every call.
+pub async fn raft_client(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    identity: Option<&TestCert>,
+) -> anyhow::Result<skein_proto::v1::raft_client::RaftClient<tonic::transport::Channel>> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))
+        .domain_name(addr.ip().to_string());
+    if let Some(id) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(&id.cert)?,
+            std::fs::read(&id.key)?,
+        ));
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(skein_proto::v1::raft_client::RaftClient::new(ch))
+}
+
+/// `msg` with the test cluster's secret, as a peer sends it.
+pub fn with_secret<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert(skein_proto::SECRET_HEADER, crate::SECRET.parse().unwrap());
+    r
 }

@@ -10,13 +10,11 @@ use std::time::Duration;
 use openraft::raft::VoteRequest;
 use openraft::Vote;
 use skein_node::Node;
-use skein_proto::v1::raft_client::RaftClient;
 use skein_proto::v1::{NodeInfoRequest, RaftPayload};
 use skein_testkit::{wait_for, SinkMta};
 use skein_tests::mail::{example_org_dns, tokened, wait_all_arrived, Load};
-use skein_tests::tls::{connect_as, TestCa, TestCert};
+use skein_tests::tls::{connect_as, raft_client, with_secret, TestCa, TestCert};
 use skein_tests::{add_node, send, ClusterPlan, TestConfig, TOKEN};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const SKEINCTL: &str = env!("CARGO_BIN_EXE_skeinctl-under-test");
 
@@ -28,40 +26,6 @@ async fn shutdown(nodes: Vec<Node>) {
     for n in nodes {
         n.shutdown(Duration::from_secs(5)).await;
     }
-}
-
-/// A Raft-service client to `addr` that trusts `ca` and presents
-/// `identity`, if any, with the cluster secret on every call.
-async fn raft_client(
-    addr: SocketAddr,
-    ca: &std::path::Path,
-    identity: Option<&TestCert>,
-) -> anyhow::Result<RaftClient<tonic::transport::Channel>> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
-        .domain_name(addr.ip().to_string());
-    if let Some(id) = identity {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(&id.cert)?,
-            std::fs::read(&id.key)?,
-        ));
-    }
-    let ch = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    Ok(RaftClient::new(ch))
-}
-
-fn with_secret<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        skein_proto::SECRET_HEADER,
-        skein_tests::SECRET.parse().unwrap(),
-    );
-    r
 }
 
 /// Send one tokened message through `smtp` and wait for it at the sink.
