@@ -17,11 +17,13 @@
 // openraft's error types are large by design; they are returned, not stored.
 #![allow(clippy::result_large_err)]
 
+pub mod history;
 mod id;
 pub mod state;
 pub mod store;
 mod types;
 
+pub use history::{Event, EventKind, History};
 pub use id::{BadMessageId, IdGenerator, MessageId};
 pub use state::{Counts, QueueState};
 pub use store::{open, QueueReader, StoreError, Stores};

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::history::{client_of, Event, EventKind, EXPIRED_PREFIX};
 use crate::types::*;
 use crate::MessageId;
 
@@ -18,11 +19,19 @@ pub struct QueueState {
     due: BTreeSet<(Millis, MessageId)>,
 }
 
-/// What an apply touched, for storage to write back. An id may be both
-/// created and removed within one batch; storage looks at the final state.
+/// What an apply touched, for storage to write back, and the events it
+/// made. An id may be both created and removed within one batch; storage
+/// looks at the final state.
 #[derive(Debug, Default)]
 pub struct Touched {
     pub ids: Vec<MessageId>,
+    pub events: Vec<(MessageId, Event)>,
+}
+
+impl Touched {
+    fn event(&mut self, id: MessageId, at: Millis, node: Option<NodeId>, kind: EventKind) {
+        self.events.push((id, Event { at, node, kind }));
+    }
 }
 
 /// Counts by state, for `skeinctl status` and the queue gauges.
@@ -179,6 +188,16 @@ impl QueueState {
         };
         self.insert(msg);
         touched.ids.push(m.id);
+        touched.event(
+            m.id,
+            now,
+            Some(m.owner),
+            EventKind::Accepted {
+                from: m.sender.to_string(),
+                client: client_of(&m.body),
+                recipients: m.recipients.len() as u32,
+            },
+        );
         Response::Enqueued { duplicate: false }
     }
 
@@ -197,6 +216,9 @@ impl QueueState {
             .map(|(_, id)| *id)
             .collect();
         for id in &picked {
+            if let Some(from) = self.lease_holder(id).filter(|h| *h != node) {
+                touched.event(*id, now, Some(node), EventKind::TakenOver { from });
+            }
             self.update(id, touched, |m| {
                 m.lease = Some(Lease {
                     node,
@@ -259,6 +281,7 @@ impl QueueState {
             // next attempt belongs to the lease holder alone, since after a
             // takeover another node is already working on the message.
             let is_holder = m.lease.is_some_and(|l| l.node == node);
+            let mut events = Vec::new();
             self.update(&o.id, touched, |m| {
                 let mut deferred_reply = None;
                 for (idx, outcome) in &o.recipients {
@@ -268,20 +291,40 @@ impl QueueState {
                     if r.state != RcptState::Pending {
                         continue;
                     }
+                    let recipient = r.address.to_string();
                     match outcome {
                         RcptOutcome::Delivered { reply } => {
                             r.state = RcptState::Delivered;
                             r.last_reply = Some(reply.clone());
                             newly_delivered.insert(o.id);
+                            events.push(EventKind::Delivered {
+                                recipient,
+                                reply: reply.clone(),
+                            });
                         }
                         RcptOutcome::Failed { reply } => {
                             r.state = RcptState::Failed;
                             r.last_reply = Some(reply.clone());
                             newly_failed.insert(o.id);
+                            events.push(if reply.starts_with(EXPIRED_PREFIX) {
+                                EventKind::Expired {
+                                    recipient,
+                                    reply: reply.clone(),
+                                }
+                            } else {
+                                EventKind::Failed {
+                                    recipient,
+                                    reply: reply.clone(),
+                                }
+                            });
                         }
                         RcptOutcome::Deferred { reply } => {
                             r.last_reply = Some(reply.clone());
                             deferred_reply.get_or_insert_with(|| reply.clone());
+                            events.push(EventKind::Deferred {
+                                recipient,
+                                reply: reply.clone(),
+                            });
                         }
                     }
                 }
@@ -294,6 +337,13 @@ impl QueueState {
                     }
                 }
             });
+            if !events.is_empty() {
+                let recipients = events.len() as u32;
+                touched.event(o.id, now, Some(node), EventKind::Attempt { recipients });
+                for kind in events {
+                    touched.event(o.id, now, Some(node), kind);
+                }
+            }
         }
         let mut enqueued = Vec::new();
         for n in notices {
@@ -316,6 +366,20 @@ impl QueueState {
                     == (Response::Enqueued { duplicate: false })
             {
                 enqueued.push(n.message.id);
+                let kind = match n.kind {
+                    NoticeKind::Failure => "failure",
+                    NoticeKind::Delay => "delay",
+                    NoticeKind::Relayed => "success",
+                };
+                touched.event(
+                    n.about,
+                    now,
+                    Some(node),
+                    EventKind::Bounced {
+                        notice: n.message.id,
+                        kind: kind.into(),
+                    },
+                );
             }
         }
         // Finished messages leave the queue once their notices are out.
@@ -329,10 +393,23 @@ impl QueueState {
 
     fn admin(&mut self, now: Millis, a: &AdminCommand, touched: &mut Touched) -> Response {
         match a {
-            AdminCommand::Hold(id) => self.admin_one(id, touched, |m| m.held = true),
-            AdminCommand::Unhold(id) => self.admin_one(id, touched, |m| m.held = false),
+            AdminCommand::Hold(id) => {
+                let r = self.admin_one(id, touched, |m| m.held = true);
+                if r == Response::Changed(1) {
+                    touched.event(*id, now, None, EventKind::Held);
+                }
+                r
+            }
+            AdminCommand::Unhold(id) => {
+                let r = self.admin_one(id, touched, |m| m.held = false);
+                if r == Response::Changed(1) {
+                    touched.event(*id, now, None, EventKind::Released);
+                }
+                r
+            }
             AdminCommand::Delete(id) => {
                 if self.remove(id, touched) {
+                    touched.event(*id, now, None, EventKind::Deleted);
                     Response::Changed(1)
                 } else {
                     Response::NotFound
@@ -350,6 +427,7 @@ impl QueueState {
                 let id = m.id;
                 self.insert(m);
                 touched.ids.push(id);
+                touched.event(id, now, None, EventKind::Restored);
                 Response::Changed(1)
             }
             AdminCommand::RetryNow(None) => {

@@ -154,7 +154,8 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
     if age > w.cfg.max_queue_time {
         // The reporter builds the bounce for these failures.
         let reply = format!(
-            "message expired after {} in the queue",
+            "{} {} in the queue",
+            skein_queue::history::EXPIRED_PREFIX,
             humantime::format_duration(w.cfg.max_queue_time)
         );
         let recipients = t

@@ -720,3 +720,151 @@ fn a_batch_is_its_commands_one_after_another() {
     assert_eq!(answers[4], Response::Leased(vec![MessageId(2)]));
     assert!(touched.ids.contains(&MessageId(1)) && touched.ids.contains(&MessageId(2)));
 }
+
+/// Apply and return the events, as (id, node, name).
+fn events(
+    s: &mut QueueState,
+    now: Millis,
+    cmd: Command,
+) -> Vec<(u128, Option<NodeId>, &'static str)> {
+    let mut t = Touched::default();
+    s.apply(&req(now, cmd), &mut t);
+    t.events
+        .iter()
+        .map(|(id, e)| (id.0, e.node, e.kind.name()))
+        .collect()
+}
+
+#[test]
+fn the_history_of_a_message_follows_what_the_log_did_to_it() {
+    let mut s = QueueState::new();
+    let mut m = new_message(1, A, &["a@example.org", "b@example.org"]);
+    m.body =
+        Bytes::from_static(b"Received: from client.test ([192.0.2.1])\r\n\tby x\r\n\r\nhi\r\n");
+    let mut t = Touched::default();
+    s.apply(&req(1_000, Command::Enqueue(m.clone())), &mut t);
+    assert_eq!(
+        t.events[0].1.kind,
+        EventKind::Accepted {
+            from: "from@example.net".into(),
+            client: Some("client.test [192.0.2.1]".into()),
+            recipients: 2,
+        }
+    );
+    // A retried proposal adds nothing.
+    assert!(events(&mut s, 1_100, Command::Enqueue(m)).is_empty());
+
+    // A's lease lapses; B's claim takes it over.
+    let claim = Command::Claim {
+        node: B,
+        max: 10,
+        lease_ms: LEASE,
+    };
+    assert_eq!(
+        events(&mut s, 1_000 + LEASE + 1, claim),
+        [(1, Some(B), "taken_over")]
+    );
+
+    // B's attempt: one delivered, one deferred; then the deferred one fails,
+    // with a bounce.
+    let at = 1_000 + LEASE + 2;
+    assert_eq!(
+        events(
+            &mut s,
+            at,
+            Command::Report {
+                node: B,
+                outcomes: vec![Outcome {
+                    id: MessageId(1),
+                    recipients: vec![delivered(0), deferred(1)],
+                    retry_after_ms: 1,
+                }],
+                notices: vec![],
+            }
+        ),
+        [
+            (1, Some(B), "attempt"),
+            (1, Some(B), "delivered"),
+            (1, Some(B), "deferred")
+        ]
+    );
+    let evs = events(
+        &mut s,
+        at + 10,
+        Command::Report {
+            node: B,
+            outcomes: vec![Outcome {
+                id: MessageId(1),
+                recipients: vec![failed(1)],
+                retry_after_ms: 1,
+            }],
+            notices: vec![notice(1, 9, NoticeKind::Failure)],
+        },
+    );
+    assert_eq!(
+        evs,
+        [
+            (1, Some(B), "attempt"),
+            (1, Some(B), "failed"),
+            (9, Some(A), "accepted"),
+            (1, Some(B), "bounced")
+        ]
+    );
+
+    // Operators' actions have no node; an action on nothing is no event.
+    assert_eq!(
+        events(
+            &mut s,
+            at + 20,
+            Command::Admin(AdminCommand::Hold(MessageId(9)))
+        ),
+        [(9, None, "held")]
+    );
+    assert_eq!(
+        events(
+            &mut s,
+            at + 21,
+            Command::Admin(AdminCommand::Unhold(MessageId(9)))
+        ),
+        [(9, None, "released")]
+    );
+    assert_eq!(
+        events(
+            &mut s,
+            at + 22,
+            Command::Admin(AdminCommand::Delete(MessageId(9)))
+        ),
+        [(9, None, "deleted")]
+    );
+    assert!(events(
+        &mut s,
+        at + 23,
+        Command::Admin(AdminCommand::Hold(MessageId(9)))
+    )
+    .is_empty());
+}
+
+#[test]
+fn a_recipient_failed_for_its_age_is_expired() {
+    let mut s = QueueState::new();
+    apply(
+        &mut s,
+        1,
+        Command::Enqueue(new_message(1, A, &["a@example.org"])),
+    );
+    let reply = format!("{EXPIRED_PREFIX} 5days in the queue");
+    let evs = events(
+        &mut s,
+        2,
+        Command::Report {
+            node: A,
+            outcomes: vec![Outcome {
+                id: MessageId(1),
+                recipients: vec![(0, RcptOutcome::Failed { reply })],
+                retry_after_ms: 1,
+            }],
+            notices: vec![],
+        },
+    );
+    assert_eq!(evs, [(1, Some(A), "attempt"), (1, Some(A), "expired")]);
+}

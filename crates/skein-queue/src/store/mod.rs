@@ -131,6 +131,10 @@ pub(crate) struct Shared {
     /// runs, bodies of removed messages stay on disk.
     pub pins: Arc<std::sync::atomic::AtomicUsize>,
     pub bodies: Arc<Bodies>,
+    /// What happened to each message, recorded as entries are applied.
+    pub history: crate::History,
+    /// The same events as they are applied, for whoever listens.
+    pub events: tokio::sync::broadcast::Sender<(MessageId, crate::Event)>,
 }
 
 /// A read-only view of the local replica of the queue. Cheap to clone.
@@ -199,6 +203,17 @@ impl QueueReader {
         .map_err(|e| e.into_error())?;
         file.sync_all()?;
         Ok(header.messages)
+    }
+
+    /// What happened to messages, as recorded by this replica.
+    pub fn history(&self) -> &crate::History {
+        &self.shared.history
+    }
+
+    /// Every event as it is applied (a slow listener misses some: it is
+    /// told so by the channel, and the history keeps them all).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<(MessageId, crate::Event)> {
+        self.shared.events.subscribe()
     }
 
     /// Changes whenever entries are applied; carries the last applied log id.

@@ -125,6 +125,8 @@ impl StateMachineStore {
             applied,
             pins: pins.clone(),
             bodies: bodies.clone(),
+            history: crate::History::open(&db)?,
+            events: tokio::sync::broadcast::channel(4096).0,
         });
         let store = StateMachineStore {
             db,
@@ -200,7 +202,13 @@ impl StateMachineStore {
                 EntryPayload::Blank => responses.push(Response::Done),
                 EntryPayload::Normal(req) => {
                     written |= self.body_refs(entry.log_id.index, &req, &mut bodies)?;
+                    let from = touched.events.len();
                     responses.push(state.apply(&req, &mut touched));
+                    // Keyed by the entry: re-applying it after a crash
+                    // writes the same events again, never twice.
+                    self.shared
+                        .history
+                        .record(entry.log_id.index, &touched.events[from..])?;
                 }
                 EntryPayload::Membership(m) => {
                     self.header.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -271,6 +279,10 @@ impl StateMachineStore {
         drop(state);
         for r in &released {
             self.bodies.release(r);
+        }
+        for e in touched.events {
+            // Nobody listening is fine.
+            let _ = self.shared.events.send(e);
         }
         if !pinned {
             self.drop_stale_trees()?;
