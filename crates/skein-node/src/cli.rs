@@ -137,11 +137,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let cluster = node.cluster().clone();
-    let failed = tokio::select! {
-        _ = term.recv() => None,
-        _ = tokio::signal::ctrl_c() => None,
-        why = cluster.failed() => Some(why),
+    let mut node = node;
+    let failed = loop {
+        let mut faults = node.take_faults();
+        let cluster = node.cluster().clone();
+        let fault = async {
+            match faults.as_mut() {
+                Some(f) => f.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let outage = tokio::select! {
+            _ = term.recv() => break None,
+            _ = tokio::signal::ctrl_c() => break None,
+            why = cluster.failed() => break Some(why),
+            Some(outage) = fault => outage,
+        };
+        // A drill: fail as a crash would, stay down for the outage, come
+        // back from the data directory — whether or not skeinctl is still
+        // there to see it.
+        node.halt().await;
+        tracing::warn!(outage = ?outage, "down for a drill");
+        tokio::select! {
+            _ = tokio::time::sleep(outage) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        node = Node::start(config.clone()).await?;
+        tracing::warn!("back after the drill's outage");
     };
     if let Some(why) = &failed {
         // Crash-only: a node whose storage failed stops, and its supervisor

@@ -22,6 +22,8 @@
 //! - [`privilege`]: the least-privilege checks made at start.
 //! - [`secrets`]: the cluster secret and the admin token, made at first
 //!   start when the config has none.
+//! - [`observe`]: leader changes and takeovers logged and counted; the
+//!   history kept to its bounds.
 //! - [`own`]: where this cluster takes mail, which delivery never sends to.
 
 // openraft's error types are large by design; they are returned, not stored.
@@ -36,6 +38,7 @@ pub mod delivery;
 pub mod disk;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod own;
 pub mod privilege;
 pub mod secrets;

@@ -64,6 +64,12 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabel {
+    /// smtp, cluster, cluster_ca or delivery_ca.
+    pub certificate: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub messages_accepted: Counter,
@@ -84,6 +90,11 @@ pub struct Metrics {
     pub commit_failures: Counter,
     pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub draining: Gauge,
+    pub takeovers: Counter,
+    pub leader_changes: Counter,
+    pub certificate_expiry: Family<CertificateLabel, Gauge>,
+    /// The configured certificate files, by label.
+    certificates: std::sync::Mutex<Vec<(&'static str, std::path::PathBuf)>>,
     log_flushes: Counter,
     log_flushed_appends: Counter,
     log_flush_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -113,6 +124,10 @@ impl Metrics {
             commit_failures: Counter::default(),
             leader_contact: Gauge::default(),
             draining: Gauge::default(),
+            takeovers: Counter::default(),
+            leader_changes: Counter::default(),
+            certificate_expiry: Family::default(),
+            certificates: std::sync::Mutex::new(Vec::new()),
             log_flushes: Counter::default(),
             log_flushed_appends: Counter::default(),
             log_flush_seconds: Counter::default(),
@@ -220,6 +235,21 @@ impl Metrics {
             "1 while this node is drained",
             m.draining.clone(),
         );
+        r.register(
+            "skein_takeovers",
+            "Messages this node took over from a node whose lease had lapsed",
+            m.takeovers.clone(),
+        );
+        r.register(
+            "skein_leader_changes",
+            "Times this node saw a new leader",
+            m.leader_changes.clone(),
+        );
+        r.register(
+            "skein_tls_certificate_expiry_timestamp_seconds",
+            "When each configured certificate (the first to expire in its file) stops being valid, Unix time",
+            m.certificate_expiry.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -242,15 +272,26 @@ impl Metrics {
             .inc();
     }
 
+    /// Watch the expiry of a configured certificate file.
+    pub fn certificate(&self, certificate: &'static str, path: std::path::PathBuf) {
+        self.certificates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((certificate, path));
+    }
+
     /// Refresh the gauges that are read off the cluster, then encode.
     pub fn render(&self, cluster: &Cluster) -> String {
         let m = cluster.raft().metrics().borrow().clone();
         self.raft_term.set(m.current_term as i64);
-        self.raft_is_leader
-            .set(i64::from(m.current_leader == Some(cluster.id())));
+        let leading = m.current_leader == Some(cluster.id());
+        self.raft_is_leader.set(i64::from(leading));
         self.raft_last_applied
             .set(m.last_applied.map(|l| l.index as i64).unwrap_or(0));
-        if let Some(repl) = &m.replication {
+        // Only the leader knows how far behind the others are, and only of
+        // the current members: anything else is stale and would fire alerts.
+        self.raft_replication_lag.clear();
+        if let (Some(repl), true) = (&m.replication, leading) {
             let last = m.last_log_index.unwrap_or(0);
             for (peer, matched) in repl.iter() {
                 let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
@@ -259,6 +300,18 @@ impl Metrics {
                         peer: peer.to_string(),
                     })
                     .set(lag as i64);
+            }
+        }
+        for (certificate, path) in self
+            .certificates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if let Some(t) = earliest_expiry(path) {
+                self.certificate_expiry
+                    .get_or_create(&CertificateLabel { certificate })
+                    .set(t);
             }
         }
         let counts = cluster.reader().read().counts(now_ms());
@@ -297,6 +350,16 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// When the first certificate in a PEM file expires, Unix time.
+fn earliest_expiry(path: &std::path::Path) -> Option<i64> {
+    let certs = crate::tls::load_certs(path).ok()?;
+    certs
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
 }
 
 impl Default for Metrics {

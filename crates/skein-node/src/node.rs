@@ -32,6 +32,10 @@ pub struct Node {
     delivery: DeliveryHandle,
     shutdown: watch::Sender<bool>,
     smtp_stop: Arc<watch::Sender<bool>>,
+    /// Ends every SMTP session at once (a drill's crash).
+    halt: watch::Sender<bool>,
+    /// Faults asked for by a drill, for whoever runs the node.
+    faults: Option<tokio::sync::mpsc::UnboundedReceiver<Duration>>,
     smtp_limit: Arc<Semaphore>,
     max_connections: usize,
     tasks: JoinSet<()>,
@@ -110,6 +114,31 @@ impl Node {
         let mut tasks = JoinSet::new();
 
         tasks.spawn(cluster.clone().compact_when_quiet(shutdown_rx.clone()));
+        tasks.spawn(crate::observe::leader_changes(
+            cluster.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(crate::observe::takeovers(
+            cluster.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(crate::observe::prune_history(
+            cluster.clone(),
+            config.trace.clone(),
+            shutdown_rx.clone(),
+        ));
+        for (label, path) in [
+            ("smtp", config.smtp.tls_cert.as_ref()),
+            ("cluster", config.cluster.tls.as_ref().map(|t| &t.cert)),
+            ("cluster_ca", config.cluster.tls.as_ref().map(|t| &t.ca)),
+            ("delivery_ca", config.delivery.tls_ca_file.as_ref()),
+        ] {
+            if let Some(p) = path {
+                metrics.certificate(label, p.clone());
+            }
+        }
 
         let metrics_addr = metrics_listener.local_addr()?;
         tasks.spawn(metrics::serve(
@@ -165,9 +194,11 @@ impl Node {
             max_grpc,
             config.data_dir.clone(),
         );
+        let (fault_tx, faults) = tokio::sync::mpsc::unbounded_channel();
         let control = NodeControl {
             smtp_stop: smtp_stop.clone(),
             delivery: delivery.control(),
+            faults: fault_tx,
         };
         let admin_svc = AdminService::server(
             cluster.clone(),
@@ -239,6 +270,7 @@ impl Node {
                 "submission listeners are on but [smtp.users] is empty: nobody can authenticate"
             );
         }
+        let (halt, halt_rx) = watch::channel(false);
         let mut smtp_addrs = Vec::new();
         let mut submission_addrs = Vec::new();
         for (listeners, require_auth, addrs) in [
@@ -252,6 +284,7 @@ impl Node {
                 tls: tls.clone(),
                 auth: auth.clone(),
                 shutdown: smtp_stop_rx.clone(),
+                halt: halt_rx.clone(),
                 metrics: metrics.clone(),
                 data_dir: config.data_dir.clone(),
             });
@@ -272,6 +305,8 @@ impl Node {
             delivery,
             shutdown,
             smtp_stop,
+            halt,
+            faults: Some(faults),
             smtp_limit,
             max_connections: config.smtp.max_connections,
             tasks,
@@ -291,6 +326,28 @@ impl Node {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The faults a drill asks of this node (`skeinctl drill`): each is an
+    /// outage to fail for, as a crash would. Whoever runs the node takes
+    /// them (skeind does: [`Node::halt`], wait, start again).
+    pub fn take_faults(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Duration>> {
+        self.faults.take()
+    }
+
+    /// Stop as a crash would, keeping the data: SMTP sessions and listeners
+    /// gone without a word, deliveries cut off mid-way, no lease handed
+    /// back, the cluster port closed, Raft stopped. Starting a node on the
+    /// same config afterwards is a restart.
+    pub async fn halt(mut self) {
+        tracing::warn!("failing as a crash would, for a drill");
+        self.halt.send_replace(true);
+        self.smtp_stop.send_replace(true);
+        self.delivery.halt();
+        self.shutdown.send_replace(true);
+        self.cluster.shutdown().await;
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
     }
 
     /// The graceful stop: new SMTP sessions get 421, open ones finish their

@@ -51,7 +51,14 @@ impl tonic::service::Interceptor for RequireToken {
 pub struct NodeControl {
     pub smtp_stop: Arc<watch::Sender<bool>>,
     pub delivery: DeliveryControl,
+    /// Where a drill's fault goes: whoever runs the node (skeind) halts it
+    /// and starts it again after the outage.
+    pub faults: tokio::sync::mpsc::UnboundedSender<Duration>,
 }
+
+/// The shortest and longest outage a drill may ask for.
+const MIN_OUTAGE: Duration = Duration::from_secs(1);
+const MAX_OUTAGE: Duration = Duration::from_secs(3600);
 
 pub struct AdminService {
     cluster: Cluster,
@@ -254,6 +261,51 @@ impl Admin for AdminService {
         backup::backup(&self.cluster, &self.data_dir)
             .await
             .map(Response::new)
+    }
+
+    async fn trace(&self, req: Request<MessageRequest>) -> Result<Response<TraceReply>, Status> {
+        let id = parse_id(&req.into_inner().id)?;
+        let events = self
+            .cluster
+            .reader()
+            .history()
+            .events(&id)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if events.is_empty() {
+            return Err(Status::not_found(format!(
+                "nothing is known of {id} here (never queued, or past the retention period)"
+            )));
+        }
+        Ok(Response::new(TraceReply {
+            id: id.to_string(),
+            events: events.into_iter().map(view::trace_event).collect(),
+        }))
+    }
+
+    async fn fault(&self, req: Request<FaultRequest>) -> Result<Response<FaultReply>, Status> {
+        let outage = Duration::from_millis(req.into_inner().outage_ms);
+        if !(MIN_OUTAGE..=MAX_OUTAGE).contains(&outage) {
+            return Err(Status::invalid_argument(format!(
+                "an outage lasts from {MIN_OUTAGE:?} to {MAX_OUTAGE:?}"
+            )));
+        }
+        if self.control.faults.is_closed() {
+            return Err(Status::failed_precondition(
+                "this node is not run by skeind, which brings it back: no drill here",
+            ));
+        }
+        let back_at_ms = crate::clock::now_ms() + outage.as_millis() as u64;
+        tracing::warn!(outage = ?outage, "a drill asks this node to fail as a crash would");
+        // Answer first: the node goes down a moment after the reply leaves.
+        let faults = self.control.faults.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = faults.send(outage);
+        });
+        Ok(Response::new(FaultReply {
+            node_id: self.cluster.id(),
+            back_at_ms,
+        }))
     }
 
     async fn restore(

@@ -1,8 +1,10 @@
 //! What the admin API shows: cluster status gathered from every member, and
 //! the queue as the local replica holds it.
 
-use skein_proto::v1::{NodeStatus, QueueCounts, QueuedMessage, QueuedRecipient, StatusReply};
-use skein_queue::{Message, MessageId, RcptState};
+use skein_proto::v1::{
+    NodeStatus, QueueCounts, QueuedMessage, QueuedRecipient, StatusReply, TraceEvent,
+};
+use skein_queue::{Event, EventKind, Message, MessageId, RcptState};
 
 use crate::clock::now_ms;
 use crate::cluster::Cluster;
@@ -39,6 +41,8 @@ pub async fn status(cluster: &Cluster) -> StatusReply {
                     applied_index: i.applied_index,
                     lag,
                     draining: i.draining,
+                    version: i.version,
+                    smtp_addrs: i.smtp_addrs,
                 },
                 None => NodeStatus {
                     id,
@@ -50,6 +54,8 @@ pub async fn status(cluster: &Cluster) -> StatusReply {
                     applied_index: 0,
                     lag,
                     draining: false,
+                    version: String::new(),
+                    smtp_addrs: Vec::new(),
                 },
             }
         })
@@ -146,4 +152,41 @@ pub fn show(cluster: &Cluster, id: &MessageId) -> Option<QueuedMessage> {
         .read()
         .get(id)
         .map(|m| message(m, now_ms()))
+}
+
+/// One event of a message's history, as `skeinctl trace` shows it.
+pub fn trace_event(e: Event) -> TraceEvent {
+    let mut t = TraceEvent {
+        at_ms: e.at,
+        node: e.node,
+        event: e.kind.name().into(),
+        ..Default::default()
+    };
+    match e.kind {
+        EventKind::Accepted {
+            from,
+            client,
+            recipients,
+        } => {
+            t.from = Some(from);
+            t.client = client;
+            t.recipients = Some(recipients);
+        }
+        EventKind::Restored => t.from = Some("a backup (skeinctl restore)".into()),
+        EventKind::TakenOver { from } => t.taken_from = Some(from),
+        EventKind::Attempt { recipients } => t.recipients = Some(recipients),
+        EventKind::Delivered { recipient, reply }
+        | EventKind::Deferred { recipient, reply }
+        | EventKind::Failed { recipient, reply }
+        | EventKind::Expired { recipient, reply } => {
+            t.recipient = Some(recipient);
+            t.reply = Some(reply);
+        }
+        EventKind::Bounced { notice, kind } => {
+            t.notice = Some(notice.to_string());
+            t.notice_kind = Some(kind);
+        }
+        EventKind::Held | EventKind::Released | EventKind::Deleted => {}
+    }
+    t
 }

@@ -36,6 +36,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub routes: Vec<Route>,
     pub metrics: MetricsConfig,
+    pub trace: TraceConfig,
     /// Where the secrets came from, for the permission checks at start.
     pub secrets: Secrets,
 }
@@ -146,6 +147,14 @@ pub struct DeliveryConfig {
 
 /// `[[route]]` entries are the delivery engine's own type.
 pub use skein_delivery::{Credentials, Relay, Route, TlsPolicy};
+
+/// How long each replica keeps what happened to messages (`skeinctl trace`).
+#[derive(Debug, Clone)]
+pub struct TraceConfig {
+    pub retention: Duration,
+    /// Events kept at most; the oldest go first beyond this.
+    pub max_events: usize,
+}
 
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {

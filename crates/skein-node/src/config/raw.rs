@@ -23,6 +23,14 @@ pub struct RawConfig {
     pub route: Vec<RawRoute>,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub trace: RawTrace,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTrace {
+    pub retention: Option<String>,
+    pub max_events: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -251,6 +251,19 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
             .and_then(|s| c.socket_addr("metrics.listen", s))
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9100))),
     };
+    let retention = c.duration(
+        "trace.retention",
+        raw.trace.retention.as_ref(),
+        Duration::from_secs(7 * 86400),
+    );
+    let max_events = raw.trace.max_events.unwrap_or(2_000_000);
+    if max_events == 0 {
+        c.problem("trace.max_events", "must be 1 or more");
+    }
+    let trace = TraceConfig {
+        retention,
+        max_events: max_events as usize,
+    };
     Config {
         node_id,
         data_dir: PathBuf::from(raw.data_dir.as_deref().unwrap_or("./skein-data")),
@@ -262,6 +275,7 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
         delivery,
         routes,
         metrics,
+        trace,
         secrets: Secrets::default(),
     }
 }

@@ -64,6 +64,8 @@ pub(crate) struct Worker {
     fresh: mpsc::UnboundedSender<NewMessage>,
     ids: Arc<IdGenerator>,
     hostname: String,
+    /// Attempts running, so that a halt (a drill's crash) can cut them off.
+    attempts: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// Controls a running worker.
@@ -97,6 +99,7 @@ pub fn start(
         fresh: fresh_tx.clone(),
         ids,
         hostname,
+        attempts: Mutex::new(Vec::new()),
     });
     let mut tasks = JoinSet::new();
     tasks.spawn(intake(worker.clone(), fresh_rx));
@@ -143,6 +146,16 @@ impl Worker {
             .collect()
     }
 
+    /// Start an attempt, remembered until it ends.
+    fn spawn_attempt(self: &Arc<Self>, work: attempt::Work) {
+        let handle = tokio::spawn(attempt::run(self.clone(), work)).abort_handle();
+        let mut a = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if a.len() >= 1024 {
+            a.retain(|h| !h.is_finished());
+        }
+        a.push(handle);
+    }
+
     /// Give leases back so other nodes can take the mail at once.
     async fn release(&self, ids: Vec<MessageId>) {
         if ids.is_empty() {
@@ -173,7 +186,7 @@ async fn intake(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<NewMessage>) {
             continue;
         }
         if w.begin(m.id) {
-            tokio::spawn(attempt::run(w.clone(), attempt::Work::Fresh(m)));
+            w.spawn_attempt(attempt::Work::Fresh(m));
         }
     }
 }
@@ -203,7 +216,7 @@ async fn claimer(w: Arc<Worker>) {
                 }
                 for id in ids {
                     if w.begin(id) {
-                        tokio::spawn(attempt::run(w.clone(), attempt::Work::Claimed(id)));
+                        w.spawn_attempt(attempt::Work::Claimed(id));
                     }
                 }
             }
@@ -296,5 +309,20 @@ impl DeliveryHandle {
 
     pub fn shutdown(&mut self) {
         self.tasks.abort_all();
+    }
+
+    /// Stop at once, as a crash would: no attempt finishes, no lease is
+    /// handed back.
+    pub fn halt(&mut self) {
+        self.tasks.abort_all();
+        for h in self
+            .worker
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
     }
 }

@@ -46,6 +46,9 @@ pub struct SmtpContext {
     /// Submission users and the limits on checking their passwords.
     pub auth: Arc<auth::Authenticator>,
     pub shutdown: watch::Receiver<bool>,
+    /// The node fails as a crash would (a drill): sessions end at once,
+    /// without a word.
+    pub halt: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     /// Where the queue lives, to refuse mail before the disk is full.
     pub data_dir: PathBuf,
@@ -234,7 +237,12 @@ pub async fn serve(
                 };
                 tokio::spawn(async move {
                     ctx.metrics.smtp_sessions_active.inc();
-                    handle(&ctx, stream, peer, Some(held)).await;
+                    let mut halt = ctx.halt.clone();
+                    tokio::select! {
+                        _ = handle(&ctx, stream, peer, Some(held)) => {}
+                        // Dropping the session closes its connection.
+                        _ = halt.wait_for(|h| *h) => {}
+                    }
                     ctx.metrics.smtp_sessions_active.dec();
                 });
                 continue;

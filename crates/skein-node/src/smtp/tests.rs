@@ -51,7 +51,8 @@ async fn harness(cluster: &str) -> Harness {
         require_auth: false,
         tls: None,
         auth: Arc::new(Authenticator::new(Default::default())),
-        shutdown,
+        shutdown: shutdown.clone(),
+        halt: shutdown,
         metrics,
         data_dir: dir.path().to_path_buf(),
     };
