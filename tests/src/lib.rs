@@ -6,6 +6,7 @@
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod ctl;
 pub mod fabric;
 pub mod mail;
 pub mod process;
@@ -14,5 +15,6 @@ pub mod tls;
 pub use client::{send, send_with_params, Submission};
 pub use cluster::{add_node, drain, list_queue, remove_node, status, wait_for_leader, ClusterPlan};
 pub use config::{free_addr, free_port, SecretConf, TestConfig, SECRET, TOKEN};
+pub use ctl::{run_ctl, CtlOut};
 pub use fabric::Fabric;
 pub use process::{dir_size, ProcessNode};

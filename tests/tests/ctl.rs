@@ -12,44 +12,15 @@ use skein_node::Node;
 use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::{wait_for, SinkMta};
 use skein_tests::mail::{tokened, wait_all_arrived};
-use skein_tests::{send, ClusterPlan, TOKEN};
-
-const SKEINCTL: &str = env!("CARGO_BIN_EXE_skeinctl-under-test");
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> Value {
-        assert_eq!(self.code, 0, "skeinctl failed: {}", self.stderr);
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
-    }
-}
+use skein_tests::{run_ctl, send, ClusterPlan, CtlOut, TOKEN};
 
 /// Run skeinctl against `node` with the admin token and `args`.
-async fn ctl(node: SocketAddr, args: &[&str]) -> Out {
+async fn ctl(node: SocketAddr, args: &[&str]) -> CtlOut {
     ctl_with(node, Some(TOKEN), args).await
 }
 
-async fn ctl_with(node: SocketAddr, token: Option<&str>, args: &[&str]) -> Out {
-    let mut cmd = tokio::process::Command::new(SKEINCTL);
-    cmd.env_remove("SKEIN_TOKEN")
-        .env_remove("SKEIN_NODE")
-        .arg("--node")
-        .arg(node.to_string());
-    if let Some(t) = token {
-        cmd.arg("--token").arg(t);
-    }
-    let o = cmd.args(args).output().await.expect("run skeinctl");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+async fn ctl_with(node: SocketAddr, token: Option<&str>, args: &[&str]) -> CtlOut {
+    run_ctl(skein_tests::skeinctl!(), node, token, None, args).await
 }
 
 /// A sink that answers 451 to every recipient until `open` is set.

@@ -8,6 +8,7 @@
 //! Exit codes: 0 done; 1 the operation failed; 2 usage error; 3 the node is
 //! unreachable or refused the token.
 
+mod drill;
 mod render;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,12 @@ pub enum Command {
     /// Queue every message of a backup FILE into this cluster (ids are kept;
     /// messages already present are left alone).
     Restore { file: PathBuf },
+    /// What became of a message: accepted, attempts, takeovers, delivered
+    /// or failed per recipient, bounces, operators' actions.
+    Trace { id: String },
+    /// A controlled failure on the live cluster, with canary mail: recovery
+    /// times and a no-loss verdict (exit 0 only if it passed).
+    Drill(drill::DrillArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,20 +202,33 @@ struct Admin {
     token: Option<String>,
 }
 
-impl Admin {
-    async fn connect(cli: &Cli) -> Result<Admin, Failure> {
-        let scheme = if cli.ca.is_some() { "https" } else { "http" };
-        let mut endpoint = Channel::from_shared(format!("{scheme}://{}", cli.node))
-            .map_err(|e| Failure::Failed(format!("--node {:?}: {e}", cli.node)))?
+/// How to reach any node's admin API: the CA, the token, the timeout.
+pub struct Conn {
+    pub ca: Option<PathBuf>,
+    pub token: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Conn {
+    fn of(cli: &Cli) -> Self {
+        Conn {
+            ca: cli.ca.clone(),
+            token: cli.token.clone(),
+            timeout: cli.timeout,
+        }
+    }
+
+    /// The admin API of the node at `node` (host:port).
+    async fn admin(&self, node: &str) -> Result<Admin, Failure> {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{node}"))
+            .map_err(|e| Failure::Failed(format!("--node {node:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(cli.timeout);
-        if let Some(ca) = &cli.ca {
+            .timeout(self.timeout);
+        if let Some(ca) = &self.ca {
             let pem = std::fs::read(ca)
                 .map_err(|e| Failure::Failed(format!("--ca {}: {e}", ca.display())))?;
-            let host = cli
-                .node
-                .rsplit_once(':')
-                .map_or(cli.node.as_str(), |(h, _)| h);
+            let host = node.rsplit_once(':').map_or(node, |(h, _)| h);
             let tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(pem))
                 .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
@@ -219,17 +239,19 @@ impl Admin {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| Failure::Unreachable(connect_failure(&cli.node, cli.ca.as_deref(), &e)))?;
+            .map_err(|e| Failure::Unreachable(connect_failure(node, self.ca.as_deref(), &e)))?;
         Ok(Admin {
             client: AdminClient::new(channel)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
-            node: cli.node.clone(),
-            ca: cli.ca.clone(),
-            token: cli.token.clone(),
+            node: node.to_string(),
+            ca: self.ca.clone(),
+            token: self.token.clone(),
         })
     }
+}
 
+impl Admin {
     fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
         let mut r = tonic::Request::new(msg);
         if let Some(t) = &self.token {
@@ -292,7 +314,8 @@ macro_rules! call {
 
 /// Run one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> {
-    let mut a = Admin::connect(&cli).await?;
+    let conn = Conn::of(&cli);
+    let mut a = conn.admin(&cli.node).await?;
     let json = cli.json;
     let text = match cli.command {
         Command::Status => render::status(&call!(a, status, StatusRequest {}), json),
@@ -337,6 +360,19 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> 
             render::membership(&call!(a, remove_node, RemoveNodeRequest { id }), json)
         }
         Command::Node(NodeCommand::Drain) => render::drain(&call!(a, drain, DrainRequest {}), json),
+        Command::Trace { id } => render::trace(&call!(a, trace, MessageRequest { id }), json),
+        Command::Drill(args) => {
+            let report = drill::run(&conn, &mut a, args).await?;
+            let text = report.render(json);
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| io_failed("stdout", e))?;
+            return if report.passed {
+                Ok(())
+            } else {
+                Err(Failure::Failed("the drill did not pass".into()))
+            };
+        }
         Command::Backup { file } => {
             let bytes = backup(&mut a, &file).await?;
             render::backup(&file, bytes, json)

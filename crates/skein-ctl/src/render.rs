@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use skein_proto::v1::{
-    DrainReply, MembershipReply, NodeStatus, QueuedMessage, RestoreReply, StatusReply,
+    DrainReply, MembershipReply, NodeStatus, QueuedMessage, RestoreReply, StatusReply, TraceReply,
 };
 
 fn to_json(v: &Value) -> String {
@@ -71,7 +71,23 @@ fn node_json(n: &NodeStatus) -> Value {
         "applied": n.applied_index,
         "lag": n.lag,
         "draining": n.draining,
+        "version": if n.version.is_empty() { Value::Null } else { json!(n.version) },
+        "smtp": n.smtp_addrs,
     })
+}
+
+/// The versions the reachable nodes run, when they are not all the same
+/// (a rolling upgrade under way).
+fn mixed_versions(s: &StatusReply) -> Option<Vec<String>> {
+    let mut v: Vec<String> = s
+        .nodes
+        .iter()
+        .filter(|n| !n.version.is_empty())
+        .map(|n| n.version.clone())
+        .collect();
+    v.sort();
+    v.dedup();
+    (v.len() > 1).then_some(v)
 }
 
 pub fn status(s: &StatusReply, json: bool) -> String {
@@ -82,6 +98,7 @@ pub fn status(s: &StatusReply, json: bool) -> String {
             "leader": s.leader,
             "term": s.term,
             "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+            "mixed_versions": mixed_versions(s).is_some(),
             "queue": {
                 "messages": q.messages,
                 "ready": q.ready,
@@ -131,15 +148,27 @@ pub fn status(s: &StatusReply, json: bool) -> String {
                 n.last_log_index.to_string(),
                 n.applied_index.to_string(),
                 n.lag.map_or("?".into(), |l| l.to_string()),
+                if n.version.is_empty() {
+                    "?".into()
+                } else {
+                    n.version.clone()
+                },
             ]
         })
         .collect();
     out.push_str(&table(
         &[
-            "ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LAST LOG", "APPLIED", "LAG",
+            "ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LAST LOG", "APPLIED", "LAG", "VERSION",
         ],
         &rows,
     ));
+    if let Some(v) = mixed_versions(s) {
+        let _ = writeln!(
+            out,
+            "\nmixed versions: {} (a rolling upgrade under way?)",
+            v.join(", ")
+        );
+    }
     out.push('\n');
     let _ = writeln!(
         out,
@@ -336,4 +365,79 @@ pub fn restore(r: &RestoreReply, json: bool) -> String {
         "{} message(s) queued, {} already present\n",
         r.queued, r.present
     )
+}
+
+pub fn trace(t: &TraceReply, json: bool) -> String {
+    if json {
+        let events: Vec<Value> = t
+            .events
+            .iter()
+            .map(|e| {
+                let mut v = json!({
+                    "at": rfc3339_millis(e.at_ms),
+                    "node": e.node,
+                    "event": e.event,
+                });
+                let o = v.as_object_mut().expect("an object");
+                let mut put = |k: &str, x: Value| {
+                    if !x.is_null() {
+                        o.insert(k.into(), x);
+                    }
+                };
+                put("recipient", json!(e.recipient));
+                put("reply", json!(e.reply));
+                put("from", json!(e.from));
+                put("client", json!(e.client));
+                put("recipients", json!(e.recipients));
+                put("taken_from", json!(e.taken_from));
+                put("notice", json!(e.notice));
+                put("notice_kind", json!(e.notice_kind));
+                v
+            })
+            .collect();
+        return to_json(&json!({ "id": t.id, "events": events }));
+    }
+    let rows: Vec<Vec<String>> = t
+        .events
+        .iter()
+        .map(|e| {
+            let mut what = Vec::new();
+            if let Some(f) = &e.from {
+                what.push(format!("from <{f}>"));
+            }
+            if let Some(c) = &e.client {
+                what.push(format!("client {c}"));
+            }
+            if let Some(n) = e.taken_from {
+                what.push(format!("from node {n}, whose lease lapsed"));
+            }
+            if let Some(r) = &e.recipient {
+                what.push(format!("<{r}>"));
+            }
+            if let Some(r) = &e.reply {
+                what.push(first_line(r));
+            }
+            if let (Some(n), Some(k)) = (&e.notice, &e.notice_kind) {
+                what.push(format!("{k} notice {n}"));
+            }
+            if e.event == "attempt" || (e.event == "accepted" && e.recipients.is_some()) {
+                if let Some(n) = e.recipients {
+                    what.push(format!("{n} recipient(s)"));
+                }
+            }
+            vec![
+                rfc3339_millis(e.at_ms),
+                e.node.map_or("operator".into(), |n| n.to_string()),
+                e.event.clone(),
+                what.join(", "),
+            ]
+        })
+        .collect();
+    let mut out = format!("{}\n", t.id);
+    out.push_str(&table(&["AT", "NODE", "EVENT", "WHAT"], &rows));
+    out
+}
+
+fn rfc3339_millis(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }

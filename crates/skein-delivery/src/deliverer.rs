@@ -129,6 +129,18 @@ impl Deliverer {
         if job.recipients.is_empty() {
             return Vec::new();
         }
+        if job.domain.eq_ignore_ascii_case(crate::canary::DOMAIN) {
+            // A drill's canary: never leaves the cluster.
+            tokio::time::sleep(crate::canary::DELIVERY_TIME).await;
+            let done = RcptResult::Delivered {
+                reply: crate::canary::REPLY.into(),
+                host: "skein-drill".into(),
+                tls: false,
+                dsn: true,
+                lmtp: false,
+            };
+            return vec![done; job.recipients.len()];
+        }
         let dest = self.destination(&job.domain);
         let _slot = self.inner.pool.slot(&dest.key).await;
         while let Some(conn) = self.inner.pool.take(&dest.key) {

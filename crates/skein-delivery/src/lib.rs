@@ -20,6 +20,7 @@
 //! one destination at once.
 //!
 //! Map of the crate:
+//! - [`canary`]: the drill's canary mail, delivered to nowhere.
 //! - [`config`]: [`DeliveryConfig`] and the per-stage [`Timeouts`].
 //! - [`job`]: [`Job`] in, [`RcptResult`] out.
 //! - `route`: MX lookup and ordering, implicit MX, address literals.
@@ -31,6 +32,7 @@
 //! - [`tls`]: the TLS policy and rustls client configurations.
 //! - [`retry`]: the [`RetryPolicy`] schedule.
 
+pub mod canary;
 pub mod config;
 mod conn;
 mod deliverer;

@@ -73,6 +73,7 @@ pub fn main() -> ExitCode {
     {
         tracing::warn!("{finding}");
     }
+    let drill_back_at = take_drill_back_at();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -80,7 +81,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, drill_back_at)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("skeind: {e:#}");
@@ -89,10 +90,57 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// Set in the environment of a process that replaced a node failed by a
+/// drill: when (ms since the epoch) it may start again.
+const DRILL_BACK_AT: &str = "SKEIN_DRILL_BACK_AT";
+
+/// Replace this process with a fresh run of the same program, arguments
+/// and environment, told to stay down until `back_at`: every socket and
+/// file closes at once, as in a crash. Returns only on failure.
+fn restart_after(back_at: u64) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DRILL_BACK_AT, back_at.to_string())
+        .exec()
+}
+
+/// When a process started by [`restart_after`] may start; the variable
+/// is taken out of the environment (so the next restart does not wait).
+/// Called before any thread is started.
+fn take_drill_back_at() -> Option<u64> {
+    let v = std::env::var(DRILL_BACK_AT).ok()?;
+    // SAFETY: called from `main` before the runtime or any other thread
+    // exists, so nothing reads the environment meanwhile.
+    unsafe { std::env::remove_var(DRILL_BACK_AT) };
+    v.parse().ok()
+}
+
+/// A process started by [`restart_after`] waits out the drill's outage.
+async fn wait_out_a_drill(back_at: Option<u64>, term: &mut tokio::signal::unix::Signal) -> bool {
+    let Some(back_at) = back_at else {
+        return true;
+    };
+    let wait = Duration::from_millis(back_at.saturating_sub(crate::clock::now_ms()));
+    tracing::warn!(for_ = ?wait, "restarted by a drill: down until the outage ends");
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = term.recv() => false,
+        _ = tokio::signal::ctrl_c() => false,
+    }
+}
+
+async fn run(config: Config, drill_back_at: Option<u64>) -> anyhow::Result<()> {
     // Listen for signals before anything starts, so that a SIGTERM at any
     // moment after the banner is a graceful stop.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if !wait_out_a_drill(drill_back_at, &mut term).await {
+        return Ok(());
+    }
     let node = Node::start(config.clone()).await?;
     let list = |v: &[std::net::SocketAddr]| {
         v.iter()
@@ -153,11 +201,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
             why = cluster.failed() => break Some(why),
             Some(outage) = fault => outage,
         };
-        // A drill: fail as a crash would, stay down for the outage, come
-        // back from the data directory — whether or not skeinctl is still
-        // there to see it.
+        // A drill: fail as a crash would — this process is replaced by a
+        // fresh one, which stays down for the outage and then starts from
+        // the data directory — whether or not skeinctl is still there.
+        let back_at = crate::clock::now_ms() + outage.as_millis() as u64;
+        tracing::warn!(outage = ?outage, "down for a drill: restarting as after a crash");
+        let e = restart_after(back_at);
+        // Only if the process could not be replaced: the same in-process.
+        tracing::warn!(error = %e, "could not restart the process; halting in place");
         node.halt().await;
-        tracing::warn!(outage = ?outage, "down for a drill");
         tokio::select! {
             _ = tokio::time::sleep(outage) => {}
             _ = term.recv() => return Ok(()),

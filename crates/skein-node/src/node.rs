@@ -287,6 +287,7 @@ impl Node {
                 halt: halt_rx.clone(),
                 metrics: metrics.clone(),
                 data_dir: config.data_dir.clone(),
+                canary_key: admin_token.clone(),
             });
             for l in listeners {
                 addrs.push(l.local_addr()?);

@@ -55,6 +55,7 @@ async fn harness(cluster: &str) -> Harness {
         halt: shutdown,
         metrics,
         data_dir: dir.path().to_path_buf(),
+        canary_key: crate::secrets::Secret::new("canary-key-0123456789"),
     };
     Harness {
         ctx,
