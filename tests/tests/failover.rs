@@ -131,11 +131,13 @@ async fn sigkill_a_follower_holding_leases_and_the_survivors_deliver() {
     let vc = plan.config(victim).clone();
 
     let tokens: Vec<String> = (0..5).map(|i| format!("held-{i}")).collect();
+    let mut ids = Vec::new();
     for t in &tokens {
         let s = send(vc.smtp, "a@client.test", &["b@example.org"], &tokened(t))
             .await
             .unwrap();
         assert!(s.accepted(), "{}", s.reply);
+        ids.push(s.id.unwrap().to_string());
     }
     skein_testkit::wait_for(
         Duration::from_secs(10),
@@ -164,6 +166,73 @@ async fn sigkill_a_follower_holding_leases_and_the_survivors_deliver() {
         takeover < Duration::from_secs(10),
         "takeover took {takeover:?}"
     );
+
+    // What happened shows in every survivor's history — asked, for each
+    // message, of the survivor that did not deliver it where there is one
+    // — and in the takers' counters.
+    let survivors: Vec<u64> = plan.ids().into_iter().filter(|&id| id != victim).collect();
+    for id in &ids {
+        let mut traces = Vec::new();
+        for &n in &survivors {
+            let t = skein_tests::run_ctl(
+                skein_tests::skeinctl!(),
+                plan.config(n).admin_addr(),
+                Some(skein_tests::TOKEN),
+                None,
+                &["--json", "trace", id],
+            )
+            .await
+            .json();
+            traces.push((n, t));
+        }
+        let events = |t: &serde_json::Value| -> Vec<(String, Option<u64>)> {
+            t["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["event"].as_str().unwrap().to_string(), e["node"].as_u64()))
+                .collect()
+        };
+        let (_, first) = &traces[0];
+        let deliverer = events(first)
+            .iter()
+            .find(|(e, _)| e == "delivered")
+            .and_then(|(_, n)| *n)
+            .unwrap_or_else(|| panic!("{id} not delivered: {first:#}"));
+        let (asked, t) = traces
+            .iter()
+            .find(|(n, _)| *n != deliverer)
+            .unwrap_or(&traces[0]);
+        let ev = events(t);
+        assert_eq!(ev[0], ("accepted".to_string(), Some(victim)), "node {asked}: {t:#}");
+        assert!(
+            ev.contains(&("taken_over".to_string(), Some(deliverer))),
+            "node {asked}: {t:#}"
+        );
+        assert!(
+            ev.contains(&("delivered".to_string(), Some(deliverer))),
+            "node {asked}: {t:#}"
+        );
+        let taken = t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"] == "taken_over")
+            .unwrap();
+        assert_eq!(taken["taken_from"], victim, "{t:#}");
+    }
+    let mut counted = 0.0;
+    for &n in &survivors {
+        let (_, text) = skein_tests::mail::http_get(plan.config(n).metrics, "/metrics")
+            .await
+            .unwrap();
+        counted += text
+            .lines()
+            .find_map(|l| l.strip_prefix("skein_takeovers_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    assert_eq!(counted, 5.0, "every message taken over counted once");
 }
 
 #[tokio::test(flavor = "multi_thread")]

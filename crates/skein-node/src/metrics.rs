@@ -87,6 +87,7 @@ pub struct Metrics {
     pub accept_latency: Histogram,
     pub delivery_latency: Histogram,
     pub data_dir_bytes: Gauge,
+    pub data_dir_free_bytes: Gauge,
     pub commit_failures: Counter,
     pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub draining: Gauge,
@@ -121,6 +122,7 @@ impl Metrics {
             accept_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             delivery_latency: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             data_dir_bytes: Gauge::default(),
+            data_dir_free_bytes: Gauge::default(),
             commit_failures: Counter::default(),
             leader_contact: Gauge::default(),
             draining: Gauge::default(),
@@ -204,6 +206,11 @@ impl Metrics {
             "skein_data_dir_bytes",
             "Bytes the node's database occupies on disk",
             m.data_dir_bytes.clone(),
+        );
+        r.register(
+            "skein_data_dir_free_bytes",
+            "Bytes free for this node on the file system of its data directory (new mail is refused below smtp.queue_minfree)",
+            m.data_dir_free_bytes.clone(),
         );
         r.register(
             "skein_log_flushes",
@@ -326,6 +333,9 @@ impl Metrics {
                 .set(n as i64);
         }
         self.data_dir_bytes.set(cluster.reader().disk_size() as i64);
+        if let Some(free) = crate::disk::free_bytes(cluster.reader().data_dir()) {
+            self.data_dir_free_bytes.set(free.min(i64::MAX as u64) as i64);
+        }
         {
             use std::sync::atomic::Ordering::Relaxed;
             let st = cluster.reader().stats();

@@ -247,6 +247,11 @@ impl QueueReader {
         &self.stats
     }
 
+    /// The data directory the store lives in.
+    pub fn data_dir(&self) -> &Path {
+        self.snapshot_dir.parent().unwrap_or(&self.snapshot_dir)
+    }
+
     /// Body segment files on disk.
     pub fn body_segments(&self) -> usize {
         self.shared.bodies.segments()
