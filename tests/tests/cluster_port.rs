@@ -302,6 +302,26 @@ async fn a_peer_with_the_secret_and_a_members_certificate_cannot_crash_a_node() 
             m.running_state
         );
     }
+    // The certificates it uses, and when they run out.
+    let (_, text) = skein_tests::mail::http_get(nodes[0].metrics_addr, "/metrics")
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    for cert in ["cluster", "cluster_ca"] {
+        let line =
+            format!("skein_tls_certificate_expiry_timestamp_seconds{{certificate=\"{cert}\"}} ");
+        let t: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no expiry of {cert}: {text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(t > now + 86400.0, "{cert} expires at {t}");
+    }
     shutdown(nodes).await;
 }
 
@@ -363,6 +383,24 @@ async fn a_removed_node_cannot_come_back_by_itself() {
     .await
     .unwrap();
     assert!(s.accepted(), "{}", s.reply);
+
+    // Replication lag comes from the leader alone, and only for members.
+    let leader = status(via).await.unwrap().leader;
+    for (i, n) in nodes.iter().enumerate().take(2) {
+        let (_, text) = skein_tests::mail::http_get(n.metrics_addr, "/metrics")
+            .await
+            .unwrap();
+        let lags: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("skein_raft_replication_lag{"))
+            .collect();
+        if i as u64 + 1 == leader {
+            assert!(!lags.is_empty(), "the leader exports lag");
+            assert!(lags.iter().all(|l| !l.contains("peer=\"3\"")), "{lags:?}");
+        } else {
+            assert!(lags.is_empty(), "a follower exports lag: {lags:?}");
+        }
+    }
     shutdown(nodes).await;
 }
 

@@ -204,7 +204,11 @@ async fn sigkill_a_follower_holding_leases_and_the_survivors_deliver() {
             .find(|(n, _)| *n != deliverer)
             .unwrap_or(&traces[0]);
         let ev = events(t);
-        assert_eq!(ev[0], ("accepted".to_string(), Some(victim)), "node {asked}: {t:#}");
+        assert_eq!(
+            ev[0],
+            ("accepted".to_string(), Some(victim)),
+            "node {asked}: {t:#}"
+        );
         assert!(
             ev.contains(&("taken_over".to_string(), Some(deliverer))),
             "node {asked}: {t:#}"

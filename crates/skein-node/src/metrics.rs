@@ -334,7 +334,8 @@ impl Metrics {
         }
         self.data_dir_bytes.set(cluster.reader().disk_size() as i64);
         if let Some(free) = crate::disk::free_bytes(cluster.reader().data_dir()) {
-            self.data_dir_free_bytes.set(free.min(i64::MAX as u64) as i64);
+            self.data_dir_free_bytes
+                .set(free.min(i64::MAX as u64) as i64);
         }
         {
             use std::sync::atomic::Ordering::Relaxed;
