@@ -441,3 +441,40 @@ pub fn trace(t: &TraceReply, json: bool) -> String {
 fn rfc3339_millis(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64, version: &str) -> NodeStatus {
+        NodeStatus {
+            id,
+            addr: format!("10.0.0.{id}:7100"),
+            role: "follower".into(),
+            voter: true,
+            reachable: !version.is_empty(),
+            version: version.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rolling_upgrade_shows_as_mixed_versions() {
+        let mut s = StatusReply {
+            leader: 1,
+            nodes: vec![node(1, "0.2.0"), node(2, "0.1.0"), node(3, "")],
+            ..Default::default()
+        };
+        let text = status(&s, false);
+        assert!(text.contains("mixed versions: 0.1.0, 0.2.0"), "{text}");
+        let v: Value = serde_json::from_str(&status(&s, true)).unwrap();
+        assert_eq!(v["mixed_versions"], true);
+        assert_eq!(v["nodes"][0]["version"], "0.2.0");
+        assert!(
+            v["nodes"][2]["version"].is_null(),
+            "unknown when unreachable"
+        );
+        s.nodes[1].version = "0.2.0".into();
+        assert!(!status(&s, false).contains("mixed"));
+    }
+}
