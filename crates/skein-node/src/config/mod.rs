@@ -2,6 +2,7 @@
 //! checked [`Config`]. Every problem is reported at once, each with its key,
 //! and a missing file means the embedded single-node defaults.
 
+mod files;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -183,12 +184,13 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(ConfigError::Invalid)
+        validate::parse(&text, true).map_err(ConfigError::Invalid)
     }
 
     /// Parse and check a config text; on failure, every problem found.
+    /// The files the config names are not read: see [`Config::load`].
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-        validate::parse(text)
+        validate::parse(text, false)
     }
 
     pub fn is_single_node(&self) -> bool {

@@ -156,11 +156,7 @@ fn toml_syntax_errors_are_reported() {
         problems[0].message
     );
     let problems = Config::parse("node_id = \"one\"").unwrap_err();
-    assert!(
-        problems[0].message.contains("node_id"),
-        "{}",
-        problems[0].message
-    );
+    assert_eq!(problems[0].key, "node_id", "{problems:?}");
 }
 
 #[test]
@@ -228,4 +224,99 @@ fn trusted_clients_are_exempt_from_the_pause_and_the_per_address_limit_by_defaul
     );
     let problems = Config::parse("[smtp]\ngreet_pause_exceptions = [\"nope\"]\n").unwrap_err();
     assert_eq!(problems[0].key, "smtp.greet_pause_exceptions[0]");
+}
+
+#[test]
+fn every_type_error_is_reported_with_its_key_in_one_run() {
+    let text = r#"
+node_id = "one"
+[smtp]
+max_message_size = "big"
+max_recipients = 100
+listen = ["127.0.0.1:2525", 7]
+[delivery]
+port = "2526"
+lease = "forever"
+[[route]]
+domain = "x.example"
+relay = 5
+"#;
+    let problems = Config::parse(text).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "node_id",
+        "smtp.max_message_size",
+        "smtp.listen[1]",
+        "delivery.port",
+        "delivery.lease",
+        "route[0].relay",
+    ] {
+        assert!(keys.contains(&k), "{k} missing from {problems:?}");
+    }
+    let port = problems.iter().find(|p| p.key == "delivery.port").unwrap();
+    assert_eq!(port.message, "expected a whole number, found string \"2526\"");
+    assert_eq!(
+        keys.iter().filter(|k| **k == "route[0].relay").count(),
+        1,
+        "a wrong type is not also reported missing"
+    );
+}
+
+#[test]
+fn certificate_key_and_ca_files_are_checked_when_loading_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let a = rcgen::generate_simple_self_signed(vec!["mx.example".into()]).unwrap();
+    let b = rcgen::generate_simple_self_signed(vec!["other.example".into()]).unwrap();
+    let cert = write("cert.pem", a.cert.pem());
+    let wrong_key = write("b.key", b.signing_key.serialize_pem());
+    // The cluster: a CA, and a node certificate for another host.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let node_key = rcgen::KeyPair::generate().unwrap();
+    let node = rcgen::CertificateParams::new(vec!["10.0.0.9".into()])
+        .unwrap()
+        .signed_by(&node_key, &issuer)
+        .unwrap();
+    let ca = write("ca.pem", ca_cert.pem());
+    let node_cert = write("node.pem", node.pem());
+    let node_key = write("node.key", node_key.serialize_pem());
+    let text = format!(
+        r#"
+[smtp]
+tls_cert = {cert:?}
+tls_key = {wrong_key:?}
+[cluster]
+listen = "10.0.0.1:7100"
+tls_cert = {node_cert:?}
+tls_key = {node_key:?}
+tls_ca = {ca:?}
+[delivery]
+tls_ca_file = "/nonexistent/ca.pem"
+"#
+    );
+    let path = dir.path().join("skein.toml");
+    std::fs::write(&path, &text).unwrap();
+    let Err(ConfigError::Invalid(problems)) = Config::load(&path) else {
+        panic!("invalid expected")
+    };
+    let says = |key: &str, text: &str| {
+        let p = problems
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("no problem with {key}: {problems:?}"));
+        assert!(p.message.contains(text), "{key}: {}", p.message);
+    };
+    says("smtp.tls_cert", "does not match");
+    says("cluster.tls_cert", "not valid for 10.0.0.1");
+    says("delivery.tls_ca_file", "cannot read /nonexistent/ca.pem");
+    // Parsing a text alone does not read files.
+    assert!(Config::parse(&text).is_ok());
 }

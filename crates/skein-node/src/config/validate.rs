@@ -24,15 +24,23 @@ impl fmt::Display for Problem {
     }
 }
 
-struct Checker {
+pub(super) struct Checker {
     problems: Vec<Problem>,
     secrets: Secrets,
+    /// Read the certificate, key and CA files the config names.
+    check_files: bool,
 }
 
 impl Checker {
-    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    /// Record a problem; the first one said about a key is the one kept
+    /// (a value of the wrong type is then not also "missing").
+    pub(super) fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
+        if self.problems.iter().any(|p| p.key == key) {
+            return;
+        }
         self.problems.push(Problem {
-            key: key.into(),
+            key,
             message: message.into(),
         });
     }
@@ -168,31 +176,100 @@ impl Checker {
     }
 }
 
-pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-    let mut c = Checker {
-        problems: Vec::new(),
-        secrets: Secrets::default(),
-    };
-    let raw = match toml::Deserializer::parse(text) {
+/// The file as written, every key that has a value of the wrong type
+/// reported with its key (and then left out, so that every other key is
+/// still read and checked): one run shows every problem.
+fn raw_config(c: &mut Checker, text: &str) -> Option<RawConfig> {
+    let mut table: toml::Table = match text.parse() {
+        Ok(t) => t,
         Err(e) => {
             c.problem("(file)", e.to_string().trim().to_string());
-            return Err(c.problems);
+            return None;
         }
-        Ok(de) => {
-            let mut unknown = Vec::new();
-            let raw: Result<RawConfig, _> =
-                serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
-            for key in unknown {
-                c.problem(key, "unknown key");
+    };
+    // Each round takes out one key of the wrong type; a file has fewer keys.
+    for _ in 0..1000 {
+        let mut unknown = Vec::new();
+        let mut track = serde_path_to_error::Track::new();
+        let de = serde_path_to_error::Deserializer::new(toml::Value::Table(table.clone()), &mut track);
+        let raw: Result<RawConfig, _> =
+            serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+        match raw {
+            Ok(raw) => {
+                for key in unknown {
+                    c.problem(key, "unknown key");
+                }
+                return Some(raw);
             }
-            match raw {
-                Ok(r) => r,
-                Err(e) => {
-                    c.problem("(file)", e.to_string().trim().to_string());
-                    return Err(c.problems);
+            Err(e) => {
+                let path = track.path();
+                c.problem(path.to_string(), wrong_type(&e.to_string()));
+                if !remove(&mut table, &path) {
+                    return None;
                 }
             }
         }
+    }
+    None
+}
+
+/// serde's "invalid type: string \"2526\", expected u64" in an operator's words.
+fn wrong_type(msg: &str) -> String {
+    // toml adds "\nin `key`": the key is said already.
+    let msg = msg.lines().next().unwrap_or("").trim();
+    let Some(rest) = msg.strip_prefix("invalid type: ") else {
+        return msg.to_string();
+    };
+    let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "something else"));
+    let expected = match expected {
+        "u64" | "u32" | "u16" | "u8" | "usize" | "i64" => "a whole number",
+        "a sequence" => "a list",
+        "a map" => "a table",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
+}
+
+/// Take the value at `path` out of `table`; false if there is none.
+fn remove(table: &mut toml::Table, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    fn take(v: &mut toml::Value, segments: &[&Segment]) -> bool {
+        match (segments, v) {
+            ([Segment::Map { key }], toml::Value::Table(t)) => t.remove(key.as_str()).is_some(),
+            ([Segment::Seq { index }], toml::Value::Array(a)) if *index < a.len() => {
+                a.remove(*index);
+                true
+            }
+            ([Segment::Map { key }, rest @ ..], toml::Value::Table(t)) if !rest.is_empty() => {
+                t.get_mut(key.as_str()).is_some_and(|n| take(n, rest))
+            }
+            ([Segment::Seq { index }, rest @ ..], toml::Value::Array(a)) if !rest.is_empty() => {
+                a.get_mut(*index).is_some_and(|n| take(n, rest))
+            }
+            _ => false,
+        }
+    }
+    let segments: Vec<&Segment> = path
+        .iter()
+        .filter(|s| matches!(s, Segment::Map { .. } | Segment::Seq { .. }))
+        .collect();
+    let mut here = toml::Value::Table(std::mem::take(table));
+    let ok = take(&mut here, &segments);
+    if let toml::Value::Table(t) = here {
+        *table = t;
+    }
+    ok
+}
+
+pub(super) fn parse(text: &str, check_files: bool) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker {
+        problems: Vec::new(),
+        secrets: Secrets::default(),
+        check_files,
+    };
+    let Some(raw) = raw_config(&mut c, text) else {
+        return Err(c.problems);
     };
     let mut config = check(&mut c, raw);
     config.secrets = std::mem::take(&mut c.secrets);
@@ -237,6 +314,9 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
             .and_then(|t| c.strong("admin.token", t)),
     };
     let delivery = check_delivery(c, &raw.delivery);
+    if c.check_files {
+        super::files::check(c, &smtp, &cluster, &delivery);
+    }
     let routes = raw
         .route
         .iter()
