@@ -39,6 +39,14 @@ pub struct Cli {
     /// The cluster's admin token.
     #[arg(long, global = true, env = "SKEIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the admin token from FILE instead (trailing whitespace trimmed).
+    #[arg(
+        long,
+        global = true,
+        env = "SKEIN_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
     /// Verify the node's TLS certificate against this CA (PEM); needed when
     /// the cluster port uses TLS.
     #[arg(long, global = true, env = "SKEIN_CA")]
@@ -46,9 +54,10 @@ pub struct Cli {
     /// Machine-readable output on stdout.
     #[arg(long, global = true)]
     pub json: bool,
-    /// How long to wait for the node to answer a call.
-    #[arg(long, global = true, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    /// How long to wait for the node to answer a call (default 60s; 1h for
+    /// `cluster add-node`, which returns once the new node has caught up).
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -210,12 +219,26 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn of(cli: &Cli) -> Self {
-        Conn {
+    fn of(cli: &Cli) -> Result<Self, Failure> {
+        let token = match (&cli.token, &cli.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| Failure::Failed(format!("--token-file {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let default = match cli.command {
+            Command::Cluster(ClusterCommand::AddNode { .. }) => Duration::from_secs(3600),
+            _ => Duration::from_secs(60),
+        };
+        Ok(Conn {
             ca: cli.ca.clone(),
-            token: cli.token.clone(),
-            timeout: cli.timeout,
-        }
+            token,
+            timeout: cli.timeout.unwrap_or(default),
+        })
     }
 
     /// The admin API of the node at `node` (host:port).
@@ -314,7 +337,7 @@ macro_rules! call {
 
 /// Run one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> {
-    let conn = Conn::of(&cli);
+    let conn = Conn::of(&cli)?;
     let mut a = conn.admin(&cli.node).await?;
     let json = cli.json;
     let text = match cli.command {
