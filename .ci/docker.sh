@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 project=skeinci
 compose=(docker-compose -p "$project" -f docker/compose.yml)
 net="${project}_default"
-token=demo-admin-token-change-me
 work=$(mktemp -d)
+# Private, as skeind's own warning advises: the compose file must cope.
+chmod 600 docker/secrets/*
 cleanup() {
     "${compose[@]}" logs --no-color > "$work/compose.log" 2>&1 || true
     if [ "${ok:-0}" != 1 ]; then tail -n 80 "$work/compose.log" || true; fi
@@ -30,8 +31,13 @@ chmod 0700 "$stage/queue"
 for b in skeind skeinctl skein-sink skein-mail; do
     objcopy --strip-debug "target/debug/$b" "$stage/rootfs/usr/local/bin/$b"
 done
+# A shell and install(1), which the compose file's `secrets` service uses
+# (the user image, on Debian, has them).
+mkdir -p "$stage/rootfs/bin"
+cp -L /bin/sh "$stage/rootfs/bin/sh"
+cp -L "$(command -v install)" "$stage/rootfs/bin/install"
 # The shared libraries they link, at the paths the loader looks for them.
-for lib in $(ldd "$stage"/rootfs/usr/local/bin/* | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
+for lib in $(ldd "$stage"/rootfs/usr/local/bin/* "$stage"/rootfs/bin/* | grep -o '/[^ ]*\.so[^ ]*' | sort -u); do
     mkdir -p "$stage/rootfs$(dirname "$lib")"
     cp -L "$lib" "$stage/rootfs$lib"
 done
@@ -41,7 +47,8 @@ printf 'root:x:0:\nskein:x:10001:\n' > "$stage/rootfs/etc/group"
 docker build -q -t skein:latest -f docker/Dockerfile.local "$stage" >/dev/null
 
 run_tool() { docker run --rm --network "$net" skein:latest "$@"; }
-ctl() { run_tool skeinctl --node "$1" --token "$token" --json status; }
+# skeinctl as the compose file's tools service runs it: the token from a file.
+ctl() { "${compose[@]}" run --rm -T -e SKEIN_NODE="$1" tools skeinctl --json status; }
 cid() { "${compose[@]}" ps -q "$1"; }
 healthy() {
     [ "$(docker inspect -f '{{.State.Health.Status}}' "$(cid "$1")" 2>/dev/null)" = healthy ]
@@ -72,6 +79,8 @@ print(s["leader"] if ok else "no")' || echo no)"
 echo "-- three nodes behind mx.skein.test"
 start=$SECONDS
 "${compose[@]}" up -d --no-build skein1 skein2 skein3 sink
+[ "$(docker inspect -f '{{.HostConfig.RestartPolicy.Name}}' "$(cid skein1)")" = unless-stopped ] ||
+    { echo "the nodes are not restarted when they exit"; exit 1; }
 wait_for 120 "three healthy nodes" all_healthy
 wait_for 60 "an agreed leader" agreed
 echo "   up and agreed in $((SECONDS - start))s"
