@@ -148,7 +148,7 @@ impl Metrics {
         );
         r.register(
             "skein_delivery_attempts",
-            "Delivery attempts per recipient domain, by result",
+            "Recipients tried (one count per recipient per attempt), by result",
             m.delivery_attempts.clone(),
         );
         r.register(
