@@ -2,7 +2,8 @@
 # The docs' walk-throughs, run as written from the docs themselves
 # (.ci/walkthroughs.py): the README's quickstart and three nodes on one
 # machine (with a drain), check-config's sample output in
-# docs/configuration.md, and the compose demo of docs/deploy.md. What an
+# docs/configuration.md, the cluster certificates of docs/security.md, and
+# the compose demo of docs/deploy.md. What an
 # operator follows first cannot drift from what the code does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +19,4 @@ fi
 python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd
 cargo build --locked -p skein-node --bin skeind -p skein-ctl --bin skeinctl
 bash .ci/image.sh
-python3 .ci/walkthroughs.py quickstart three-nodes check-config compose
+python3 .ci/walkthroughs.py quickstart three-nodes check-config certificates compose
