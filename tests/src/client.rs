@@ -1,13 +1,13 @@
-//! A small SMTP client for tests, written on the shared grammar: one
-//! message per connection, every reply checked by the caller.
+//! Sending one message per connection for tests, on the delivery engine's
+//! [`Session`]: every reply checked by the caller.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use skein_delivery::{Session, Stage};
 use skein_queue::MessageId;
-use skein_smtp::{dot_stuff, parse_reply, Reply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use skein_smtp::Reply;
 use tokio::net::TcpStream;
 
 /// The final answer to one message.
@@ -24,34 +24,24 @@ impl Submission {
     }
 }
 
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
+/// Every reply is waited for at most this long.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A session that writes exactly the lines a test gives it (a test may
+/// mean to send what a real client must not) on the delivery engine's
+/// framing and timeouts.
+struct Conn(Session<TcpStream>);
 
 impl Conn {
-    async fn reply(&mut self) -> anyhow::Result<Reply> {
-        loop {
-            if let Some((r, n)) = parse_reply(&self.buf)? {
-                self.buf.drain(..n);
-                return Ok(r);
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
-                .await
-                .context("timed out waiting for a reply")??;
-            if n == 0 {
-                bail!("connection closed");
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+    async fn reply(&mut self, stage: Stage) -> anyhow::Result<Reply> {
+        Ok(self.0.read_reply(stage, WAIT).await?)
     }
 
-    async fn command(&mut self, line: &str) -> anyhow::Result<Reply> {
-        self.stream
-            .write_all(format!("{line}\r\n").as_bytes())
+    async fn command(&mut self, line: &str, stage: Stage) -> anyhow::Result<Reply> {
+        self.0
+            .send_raw(format!("{line}\r\n").as_bytes(), stage, WAIT)
             .await?;
-        self.reply().await
+        self.reply(stage).await
     }
 }
 
@@ -78,16 +68,13 @@ pub async fn send_with_params(
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .context("connect timed out")??;
-    let mut c = Conn {
-        stream,
-        buf: Vec::new(),
-    };
+    let mut c = Conn(Session::new(stream));
     let done = |reply: Reply| Ok(Submission { reply, id: None });
-    let greeting = c.reply().await?;
+    let greeting = c.reply(Stage::Greeting).await?;
     if greeting.code != 220 {
         return done(greeting);
     }
-    let r = c.command("EHLO client.test").await?;
+    let r = c.command("EHLO client.test", Stage::Ehlo).await?;
     if r.code != 250 {
         return done(r);
     }
@@ -99,28 +86,30 @@ pub async fn send_with_params(
         }
         l
     };
-    let r = c.command(&line("MAIL FROM:", from.0, from.1)).await?;
+    let r = c
+        .command(&line("MAIL FROM:", from.0, from.1), Stage::Mail)
+        .await?;
     if r.code != 250 {
         return done(r);
     }
     for (rcpt, params) in to {
-        let r = c.command(&line("RCPT TO:", rcpt, params)).await?;
+        let r = c
+            .command(&line("RCPT TO:", rcpt, params), Stage::Rcpt)
+            .await?;
         if r.code != 250 {
             return done(r);
         }
     }
-    let r = c.command("DATA").await?;
+    let r = c.command("DATA", Stage::Data).await?;
     if r.code != 354 {
         return done(r);
     }
-    let mut body = Vec::with_capacity(data.len() + 64);
-    dot_stuff(data, &mut body);
-    c.stream.write_all(&body).await?;
-    let reply = c.reply().await?;
+    c.0.send_body(data, WAIT).await?;
+    let reply = c.reply(Stage::EndOfData).await?;
     let id = reply
         .text()
         .strip_prefix("Ok: queued as ")
         .and_then(|s| s.trim().parse().ok());
-    let _ = c.command("QUIT").await;
+    let _ = c.command("QUIT", Stage::Quit).await;
     Ok(Submission { reply, id })
 }

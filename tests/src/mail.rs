@@ -186,6 +186,19 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     Ok((code, body))
 }
 
+/// The value of one series (`name{labels}` exactly as rendered) on a
+/// node's `/metrics`; 0 when the series is not there yet.
+pub async fn metric(addr: SocketAddr, series: &str) -> anyhow::Result<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    let prefix = format!("{series} ");
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse::<f64>())
+        .transpose()?
+        .unwrap_or(0.0))
+}
+
 /// Status code of `GET path` on a node's metrics listener.
 pub async fn http_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     Ok(http_get(addr, path).await?.0)

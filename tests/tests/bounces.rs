@@ -8,6 +8,7 @@ use std::time::Duration;
 use skein_node::Node;
 use skein_smtp::{EnhancedCode, Reply};
 use skein_testkit::{wait_for, DnsServer, Received, SinkMta, SinkMtaBuilder};
+use skein_tests::mail::metric;
 use skein_tests::{send, TestConfig};
 
 async fn dns() -> DnsServer {
@@ -54,6 +55,26 @@ fn notices(sink: &SinkMta) -> Vec<Received> {
         .into_iter()
         .filter(|m| m.mail_from.is_empty())
         .collect()
+}
+
+/// Waits until the node's counters read `want` (series, value); they move
+/// just after the report that changes them commits.
+async fn counters_read(node: &Node, want: &[(&str, f64)]) {
+    let addr = node.metrics_addr;
+    let read = || async move {
+        let mut got = Vec::new();
+        for (series, _) in want {
+            got.push((*series, metric(addr, series).await.unwrap_or(-1.0)));
+        }
+        got
+    };
+    let settled = wait_for(Duration::from_secs(10), "the counters", || async {
+        read().await == want
+    })
+    .await;
+    if settled.is_err() {
+        assert_eq!(read().await, want);
+    }
 }
 
 async fn queue_empties(node: &Node) {
@@ -112,6 +133,19 @@ async fn a_permanent_failure_sends_exactly_one_bounce_with_the_dsn_fields() {
         .messages()
         .iter()
         .any(|m| m.rcpt_to == vec!["b@example.org".to_string()]));
+    // Each counter says what its name says: the message failed (one
+    // recipient did), the bounce was delivered, one failure notice.
+    counters_read(
+        &node,
+        &[
+            ("skein_messages_delivered_total", 1.0),
+            ("skein_messages_failed_total", 1.0),
+            ("skein_messages_bounced_total", 1.0),
+            ("skein_notices_total{kind=\"failure\"}", 1.0),
+            ("skein_notices_total{kind=\"delay\"}", 0.0),
+        ],
+    )
+    .await;
     node.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -253,6 +287,18 @@ async fn notify_never_means_no_bounce_and_delays_are_warned_once() {
         "{text}"
     );
     assert!(text.contains("Will-Retry-Until: "));
+    // A delay warning is a notice, not a bounce; the silent failure still
+    // counts as a failed message; the warning itself was delivered.
+    counters_read(
+        &node,
+        &[
+            ("skein_messages_bounced_total", 0.0),
+            ("skein_notices_total{kind=\"delay\"}", 1.0),
+            ("skein_messages_failed_total", 1.0),
+            ("skein_messages_delivered_total", 1.0),
+        ],
+    )
+    .await;
     node.shutdown(Duration::from_secs(2)).await;
 }
 

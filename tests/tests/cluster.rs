@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use skein_node::Node;
 use skein_proto::v1::raft_client::RaftClient;
 use skein_proto::v1::{ProposeRequest, RaftPayload};
-use skein_smtp::{EnhancedCode, Reply};
+use skein_smtp::EnhancedCode;
 use skein_testkit::{wait_for, SinkMta};
 use skein_tests::mail::{arrived, http_status, tokened, wait_all_arrived};
 use skein_tests::{add_node, send, status, wait_for_leader, ClusterPlan, TestConfig};
@@ -194,11 +194,7 @@ async fn a_node_cut_off_gives_no_250_and_catches_up_after_healing() {
 async fn a_fourth_node_catches_up_from_a_snapshot_and_votes() {
     let dns = skein_tests::mail::example_org_dns().await;
     // Every attempt is deferred: the queue keeps its mail.
-    let sink = SinkMta::builder()
-        .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 2, 0)), "mailbox busy"))
-        .start()
-        .await
-        .unwrap();
+    let sink = SinkMta::builder().defer_all().start().await.unwrap();
     let tweak = |c: &mut TestConfig| {
         c.snapshot_every = 20;
         c.retry_schedule = vec!["1h".into()];
@@ -402,11 +398,7 @@ async fn status_reports_the_leader_and_the_queue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_started_in_any_order_form_one_cluster_and_keep_the_queue_across_restarts() {
     let dns = skein_tests::mail::example_org_dns().await;
-    let sink = SinkMta::builder()
-        .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 2, 0)), "later"))
-        .start()
-        .await
-        .unwrap();
+    let sink = SinkMta::builder().defer_all().start().await.unwrap();
     let plan = ClusterPlan::new(3, dns.addr(), sink.port(), |c| {
         c.retry_schedule = vec!["1h".into()]
     })
@@ -528,11 +520,7 @@ async fn a_long_delivery_renews_its_lease_and_nobody_takes_it_over() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wiped_node_catches_up_from_a_snapshot() {
     let dns = skein_tests::mail::example_org_dns().await;
-    let sink = SinkMta::builder()
-        .on_rcpt(|_| Reply::new(451, Some(EnhancedCode::new(4, 2, 0)), "later"))
-        .start()
-        .await
-        .unwrap();
+    let sink = SinkMta::builder().defer_all().start().await.unwrap();
     let tweak = |c: &mut TestConfig| {
         c.snapshot_every = 20;
         c.retry_schedule = vec!["1h".into()];

@@ -301,7 +301,7 @@ async fn the_hostile_battery_gets_exact_replies_and_smuggles_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dsn_parameters_are_stored_with_the_message() {
     // The MX defers, so the message stays queued to be looked at.
-    let sink = SinkMta::builder().on_rcpt(|_| Reply::new(451, None, "later"));
+    let sink = SinkMta::builder().defer_all();
     let fd = front_door_with("", sink).await;
     let script = format!(
         "{H}MAIL FROM:<a@client.test> RET=HDRS ENVID=env-1\r\nRCPT TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.org\r\n{}{Q}",

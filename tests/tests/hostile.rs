@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use skein_smtp::{has_bare_line_endings, EnhancedCode, Reply};
 use skein_testkit::{wait_for, DnsServer, Received, SinkMta, SinkMtaBuilder};
-use skein_tests::mail::{arrived, http_get, tokened, wait_all_arrived};
+use skein_tests::mail::{arrived, tokened, wait_all_arrived};
 use skein_tests::{
     send, send_with_params, status, wait_for_leader, ClusterPlan, ProcessNode, TestConfig,
 };
@@ -342,12 +342,9 @@ async fn mail_whose_mx_is_the_cluster_fails_at_once_and_a_backup_mx_forwards() {
     // One message accepted in the whole cluster: no hop back into it.
     let mut accepted = 0.0;
     for c in &plan.configs {
-        let (_, body) = http_get(c.metrics, "/metrics").await.unwrap();
-        accepted += body
-            .lines()
-            .find_map(|l| l.strip_prefix("skein_messages_accepted_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        accepted += skein_tests::mail::metric(c.metrics, "skein_messages_accepted_total")
+            .await
+            .unwrap();
     }
     assert_eq!(accepted, 1.0, "the cluster accepted the message once");
 }

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use skein_smtp::{dot_stuff, parse_reply, Reply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use anyhow::bail;
+use skein_delivery::{Session, Stage};
+use skein_smtp::{parse_command, Command, Reply};
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone)]
@@ -89,70 +89,55 @@ pub fn message(n: usize, size: usize, from: &str, rcpt: &str) -> Vec<u8> {
     m
 }
 
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
+/// Every reply is waited for at most this long.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The envelope every message of a run carries, as commands.
+#[derive(Clone)]
+struct Envelope([Command; 3]);
+
+impl Envelope {
+    fn new(from: &str, rcpt: &str) -> anyhow::Result<Self> {
+        let mail = parse_command(format!("MAIL FROM:<{from}>").as_bytes())?;
+        let rcpt = parse_command(format!("RCPT TO:<{rcpt}>").as_bytes())?;
+        Ok(Envelope([mail, rcpt, Command::Data]))
+    }
 }
+
+/// One load session, on the delivery engine's [`Session`].
+struct Conn(Session<TcpStream>);
 
 impl Conn {
     async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let mut c = Conn {
-            stream,
-            buf: Vec::with_capacity(4096),
-        };
-        expect(c.reply().await?, 220)?;
-        c.stream.write_all(b"EHLO skein-load\r\n").await?;
-        expect(c.reply().await?, 250)?;
-        Ok(c)
-    }
-
-    async fn reply(&mut self) -> anyhow::Result<Reply> {
-        loop {
-            if let Some((r, n)) = parse_reply(&self.buf)? {
-                self.buf.drain(..n);
-                return Ok(r);
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(60), self.stream.read(&mut chunk))
-                .await
-                .context("reply timed out")??;
-            if n == 0 {
-                bail!("connection closed");
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+        let mut s = Session::new(stream);
+        expect(s.read_reply(Stage::Greeting, WAIT).await?, 220)?;
+        let ehlo = Command::Ehlo("skein-load".into());
+        expect(s.command(&ehlo, Stage::Ehlo, WAIT).await?, 250)?;
+        Ok(Conn(s))
     }
 
     /// Send one message; the final reply and the acceptance latency.
-    async fn send(
-        &mut self,
-        from: &str,
-        rcpt: &str,
-        body: &[u8],
-    ) -> anyhow::Result<(Reply, Duration)> {
+    async fn send(&mut self, env: &Envelope, body: &[u8]) -> anyhow::Result<(Reply, Duration)> {
+        let s = &mut self.0;
         // Envelope pipelined, as a PIPELINING client does.
-        self.stream
-            .write_all(format!("MAIL FROM:<{from}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n").as_bytes())
-            .await?;
+        s.send_batch(&env.0, Stage::Mail, WAIT).await?;
+        let stages = [Stage::Mail, Stage::Rcpt, Stage::Data];
         for (i, want) in [250, 250, 354].into_iter().enumerate() {
-            let r = self.reply().await?;
+            let r = s.read_reply(stages[i], WAIT).await?;
             if r.code != want {
                 // Read the replies to the rest of the pipelined commands.
-                for _ in i + 1..3 {
-                    self.reply().await?;
+                for stage in &stages[i + 1..] {
+                    s.read_reply(*stage, WAIT).await?;
                 }
-                self.stream.write_all(b"RSET\r\n").await?;
-                self.reply().await?;
+                s.command(&Command::Rset, Stage::Rset, WAIT).await?;
                 return Ok((r, Duration::ZERO));
             }
         }
-        let mut data = Vec::with_capacity(body.len() + 16);
-        dot_stuff(body, &mut data);
-        self.stream.write_all(&data).await?;
+        s.send_body(body, WAIT).await?;
         let t = Instant::now();
-        let r = self.reply().await?;
+        let r = s.read_reply(Stage::EndOfData, WAIT).await?;
         Ok((r, t.elapsed()))
     }
 }
@@ -164,12 +149,13 @@ fn expect(r: Reply, code: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(spec: LoadSpec) -> LoadReport {
+pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
+    let envelope = Envelope::new(&spec.from, &spec.rcpt)?;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for s in 0..spec.sessions {
-        let (spec, next) = (spec.clone(), next.clone());
+        let (spec, next, envelope) = (spec.clone(), next.clone(), envelope.clone());
         tasks.push(tokio::spawn(async move {
             let addr = spec.targets[s % spec.targets.len()];
             let mut report = LoadReport::default();
@@ -197,7 +183,7 @@ pub async fn run(spec: LoadSpec) -> LoadReport {
                 match conn
                     .as_mut()
                     .expect("connected")
-                    .send(&spec.from, &spec.rcpt, &body)
+                    .send(&envelope, &body)
                     .await
                 {
                     Ok((r, lat)) if r.code == 250 => {
@@ -224,5 +210,5 @@ pub async fn run(spec: LoadSpec) -> LoadReport {
         }
     }
     total.elapsed = started.elapsed();
-    total
+    Ok(total)
 }

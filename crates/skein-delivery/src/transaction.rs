@@ -320,6 +320,10 @@ fn refuse_early(c: &Conn, job: &Job) -> Option<String> {
     None
 }
 
+/// How a transaction ends when it ends early: the outcome and the state
+/// the connection is left in.
+type Stop = (HostOutcome, After);
+
 /// One message on an open connection. Every recipient gets a result, or
 /// the whole message moves on to the next host.
 ///
@@ -339,213 +343,309 @@ pub(crate) async fn transact(
     if let Some(text) = refuse_early(c, job) {
         return (HostOutcome::Done(all(job, failed(text))), After::Clean);
     }
-    let t = &cfg.timeouts;
-    let peer = c.peer.clone();
-    let utf8 = c.ext.smtputf8();
-    let dsn = c.ext.dsn();
-    let mut results = Results::new(job.recipients.len());
-    // Recipients to send RCPT for, by index into the job.
-    let mut asked = Vec::with_capacity(job.recipients.len());
-    let mut commands = vec![Command::Mail {
-        from: job.sender.clone(),
-        params: mail_params(&job.params, &c.ext, job.body.len() as u64, eight_bit(job)),
-    }];
-    for (i, (rcpt, params)) in job.recipients.iter().enumerate() {
-        if !utf8 && rcpt.is_utf8() {
-            let text = format!("553 5.6.7 {peer} does not support SMTPUTF8, needed for {rcpt}");
-            results.set(i, failed(text));
-            continue;
-        }
-        asked.push(i);
-        commands.push(Command::Rcpt {
-            to: ForwardPath::Mailbox(rcpt.clone()),
-            params: rcpt_params(params, dsn),
-        });
-    }
-    if asked.is_empty() {
+    let mut tx = Transaction::new(c, job, cfg, pipelined);
+    if tx.asked.is_empty() {
         return (
-            HostOutcome::Done(results.finish(failed(String::new()))),
+            HostOutcome::Done(tx.results.finish(failed(String::new()))),
             After::Clean,
         );
     }
-    let s = &mut c.session;
-    let broken = |e: &SessionError, results: Results| {
+    let steps = async {
+        tx.send_envelope(probe).await?;
+        tx.mail_reply().await?;
+        tx.rcpt_replies().await?;
+        tx.data().await?;
+        tx.body().await?;
+        Err::<std::convert::Infallible, Stop>(tx.final_replies().await)
+    };
+    let Err(stop) = steps.await;
+    stop
+}
+
+/// The dialogue of one message, step by step (RFC 5321 §3.3): the
+/// envelope, MAIL's reply, each RCPT's, DATA's, the body, the final
+/// reply (with LMTP one per accepted recipient).
+struct Transaction<'a> {
+    c: &'a mut Conn,
+    job: &'a Job,
+    t: &'a crate::config::Timeouts,
+    peer: String,
+    pipelined: bool,
+    /// MAIL, then an RCPT for each of `asked` (then DATA when pipelining).
+    commands: Vec<Command>,
+    /// The recipients RCPT is sent for, by index into the job.
+    asked: Vec<usize>,
+    /// Those the peer took.
+    accepted: Vec<usize>,
+    results: Results,
+}
+
+impl<'a> Transaction<'a> {
+    fn new(c: &'a mut Conn, job: &'a Job, cfg: &'a DeliveryConfig, pipelined: bool) -> Self {
+        let peer = c.peer.clone();
+        let (utf8, dsn) = (c.ext.smtputf8(), c.ext.dsn());
+        let mut results = Results::new(job.recipients.len());
+        let mut asked = Vec::with_capacity(job.recipients.len());
+        let mut commands = vec![Command::Mail {
+            from: job.sender.clone(),
+            params: mail_params(&job.params, &c.ext, job.body.len() as u64, eight_bit(job)),
+        }];
+        for (i, (rcpt, params)) in job.recipients.iter().enumerate() {
+            if !utf8 && rcpt.is_utf8() {
+                let text = format!("553 5.6.7 {peer} does not support SMTPUTF8, needed for {rcpt}");
+                results.set(i, failed(text));
+                continue;
+            }
+            asked.push(i);
+            commands.push(Command::Rcpt {
+                to: ForwardPath::Mailbox(rcpt.clone()),
+                params: rcpt_params(params, dsn),
+            });
+        }
+        Transaction {
+            c,
+            job,
+            t: &cfg.timeouts,
+            peer,
+            pipelined,
+            commands,
+            asked,
+            accepted: Vec::new(),
+            results,
+        }
+    }
+
+    /// The session broke after the peer saw the envelope: whoever has no
+    /// result is tried again later.
+    fn broken(&mut self, e: &SessionError) -> Stop {
+        let results = std::mem::replace(&mut self.results, Results::new(0));
         (
-            HostOutcome::Done(results.finish(deferred(broke(e, &peer)))),
+            HostOutcome::Done(results.finish(deferred(broke(e, &self.peer)))),
             After::Closed,
         )
-    };
+    }
 
-    // MAIL, then RCPTs (and DATA when pipelining).
-    if pipelined {
-        commands.push(Command::Data);
-        if probe {
-            commands.insert(0, Command::Rset);
+    /// The recipients not yet decided get `rest`.
+    fn finish(&mut self, rest: RcptResult, after: After) -> Stop {
+        let results = std::mem::replace(&mut self.results, Results::new(0));
+        (HostOutcome::Done(results.finish(rest)), after)
+    }
+
+    /// MAIL alone, or with PIPELINING the whole envelope and DATA in one
+    /// write, led by the probe's RSET on a reused connection.
+    async fn send_envelope(&mut self, probe: bool) -> Result<(), Stop> {
+        let (s, t) = (&mut self.c.session, self.t);
+        if !self.pipelined {
+            return s
+                .send(&self.commands[0], Stage::Mail, t.mail)
+                .await
+                .map_err(|e| (HostOutcome::NextHost(broke(&e, &self.peer)), After::Closed));
         }
-        if let Err(e) = s.send_batch(&commands, Stage::Mail, t.mail).await {
+        self.commands.push(Command::Data);
+        if probe {
+            self.commands.insert(0, Command::Rset);
+        }
+        if let Err(e) = s.send_batch(&self.commands, Stage::Mail, t.mail).await {
             if probe {
-                return (HostOutcome::Stale, After::Closed);
+                return Err((HostOutcome::Stale, After::Closed));
             }
-            return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed);
+            return Err((HostOutcome::NextHost(broke(&e, &self.peer)), After::Closed));
         }
         if probe {
             // Anything but 2xx: the peer is not in the state we think, and
             // the commands behind it cannot be trusted; closing abandons them
             // (DATA never gets its body).
             match s.read_reply(Stage::Rset, t.mail).await {
-                Ok(r) if r.is_success() => commands.remove(0),
-                _ => return (HostOutcome::Stale, After::Closed),
-            };
+                Ok(r) if r.is_success() => {
+                    self.commands.remove(0);
+                }
+                _ => return Err((HostOutcome::Stale, After::Closed)),
+            }
         }
-    } else if let Err(e) = s.send(&commands[0], Stage::Mail, t.mail).await {
-        return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed);
+        Ok(())
     }
-    let mail = match s.read_reply(Stage::Mail, t.mail).await {
-        Ok(r) => r,
-        Err(e) => return (HostOutcome::NextHost(broke(&e, &peer)), After::Closed),
-    };
-    if mail.code == 421 {
-        return (HostOutcome::NextHost(said(&mail, &peer)), After::Closed);
-    }
-    if !mail.is_success() {
-        let after = if pipelined {
-            drain_refused_batch(s, asked.len(), t.rcpt).await
+
+    /// MAIL's reply: the sender refused ends the message here (for good or
+    /// for this host), after the rest of a pipelined batch is read.
+    async fn mail_reply(&mut self) -> Result<(), Stop> {
+        let (s, t) = (&mut self.c.session, self.t);
+        let mail = match s.read_reply(Stage::Mail, t.mail).await {
+            Ok(r) => r,
+            Err(e) => return Err((HostOutcome::NextHost(broke(&e, &self.peer)), After::Closed)),
+        };
+        if mail.code == 421 {
+            return Err((
+                HostOutcome::NextHost(said(&mail, &self.peer)),
+                After::Closed,
+            ));
+        }
+        if mail.is_success() {
+            return Ok(());
+        }
+        let after = if self.pipelined {
+            drain_refused_batch(s, self.asked.len(), t.rcpt).await
         } else {
             After::Clean
         };
         if mail.is_permanent() {
             tracing::info!(reply = %Escaped(&mail), "sender refused");
-            return (
-                HostOutcome::Done(all(job, failed(said(&mail, &peer)))),
+            return Err((
+                HostOutcome::Done(all(self.job, failed(said(&mail, &self.peer)))),
                 after,
-            );
+            ));
         }
         let after = if after == After::Clean {
             After::Quit
         } else {
             after
         };
-        return (HostOutcome::NextHost(said(&mail, &peer)), after);
+        Err((HostOutcome::NextHost(said(&mail, &self.peer)), after))
     }
 
-    let mut accepted = Vec::with_capacity(asked.len());
-    for (k, &i) in asked.iter().enumerate() {
-        if !pipelined {
-            if let Err(e) = s.send(&commands[k + 1], Stage::Rcpt, t.rcpt).await {
-                return broken(&e, results);
+    /// Each RCPT's reply (sent one by one without PIPELINING).
+    async fn rcpt_replies(&mut self) -> Result<(), Stop> {
+        for k in 0..self.asked.len() {
+            let i = self.asked[k];
+            if !self.pipelined {
+                let r = self
+                    .c
+                    .session
+                    .send(&self.commands[k + 1], Stage::Rcpt, self.t.rcpt);
+                if let Err(e) = r.await {
+                    return Err(self.broken(&e));
+                }
+            }
+            let reply = match self.c.session.read_reply(Stage::Rcpt, self.t.rcpt).await {
+                Ok(r) => r,
+                Err(e) => return Err(self.broken(&e)),
+            };
+            if reply.code == 421 {
+                let rest = deferred(said(&reply, &self.peer));
+                return Err(self.finish(rest, After::Closed));
+            }
+            if reply.is_success() {
+                self.accepted.push(i);
+            } else {
+                tracing::info!(rcpt = %Escaped(&self.job.recipients[i].0), reply = %Escaped(&reply), "recipient refused");
+                self.results.set(i, refused(&reply, &self.peer));
             }
         }
-        let reply = match s.read_reply(Stage::Rcpt, t.rcpt).await {
+        Ok(())
+    }
+
+    /// DATA (already sent when pipelining; otherwise only with recipients)
+    /// and its 354.
+    async fn data(&mut self) -> Result<(), Stop> {
+        let no_one = || deferred(format!("{}: no recipient accepted", self.peer));
+        if !self.pipelined && self.accepted.is_empty() {
+            let rest = no_one();
+            return Err(self.finish(rest, After::Clean));
+        }
+        let (s, t) = (&mut self.c.session, self.t);
+        if !self.pipelined {
+            if let Err(e) = s.send(&Command::Data, Stage::Data, t.data_init).await {
+                return Err(self.broken(&e));
+            }
+        }
+        let data = match self.c.session.read_reply(Stage::Data, t.data_init).await {
             Ok(r) => r,
-            Err(e) => return broken(&e, results),
+            Err(e) => return Err(self.broken(&e)),
         };
-        if reply.code == 421 {
-            let rest = deferred(said(&reply, &peer));
-            return (HostOutcome::Done(results.finish(rest)), After::Closed);
+        if self.accepted.is_empty() {
+            // Pipelined DATA after every RCPT was refused: a correct server
+            // refuses it; one that says 354 gets an empty message it must drop.
+            let after = match data.code {
+                354 => end_unwanted_data(&mut self.c.session, t.data_term).await,
+                421 => After::Closed,
+                _ => After::Clean,
+            };
+            let rest = no_one();
+            return Err(self.finish(rest, after));
         }
-        if reply.is_success() {
-            accepted.push(i);
-        } else {
-            tracing::info!(rcpt = %Escaped(&job.recipients[i].0), reply = %Escaped(&reply), "recipient refused");
-            results.set(i, refused(&reply, &peer));
+        if data.code != 354 {
+            // A 2xx instead of 354 is nonsense; retrying is the safe reading.
+            let outcome = if data.is_permanent() {
+                failed(said(&data, &self.peer))
+            } else {
+                deferred(said(&data, &self.peer))
+            };
+            let after = if data.code == 421 {
+                After::Closed
+            } else {
+                After::Clean
+            };
+            return Err(self.finish(outcome, after));
+        }
+        Ok(())
+    }
+
+    async fn body(&mut self) -> Result<(), Stop> {
+        match self
+            .c
+            .session
+            .send_body(&self.job.body, self.t.data_block)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.broken(&e)),
         }
     }
 
-    // DATA: already sent when pipelining; otherwise only with recipients.
-    if !pipelined && accepted.is_empty() {
-        let rest = deferred(format!("{peer}: no recipient accepted"));
-        return (HostOutcome::Done(results.finish(rest)), After::Clean);
-    }
-    if !pipelined {
-        if let Err(e) = s.send(&Command::Data, Stage::Data, t.data_init).await {
-            return broken(&e, results);
-        }
-    }
-    let data = match s.read_reply(Stage::Data, t.data_init).await {
-        Ok(r) => r,
-        Err(e) => return broken(&e, results),
-    };
-    if accepted.is_empty() {
-        // Pipelined DATA after every RCPT was refused: a correct server
-        // refuses it; one that says 354 gets an empty message it must drop.
-        let after = if data.code == 354 {
-            end_unwanted_data(s, t.data_term).await
-        } else if data.code == 421 {
-            After::Closed
-        } else {
-            After::Clean
-        };
-        let rest = deferred(format!("{peer}: no recipient accepted"));
-        return (HostOutcome::Done(results.finish(rest)), after);
-    }
-    if data.code != 354 {
-        // A 2xx instead of 354 is nonsense; retrying is the safe reading.
-        let outcome = if data.is_permanent() {
-            failed(said(&data, &peer))
-        } else {
-            deferred(said(&data, &peer))
-        };
-        let after = if data.code == 421 {
-            After::Closed
-        } else {
-            After::Clean
-        };
-        return (HostOutcome::Done(results.finish(outcome)), after);
-    }
-    if let Err(e) = s.send_body(&job.body, t.data_block).await {
-        return broken(&e, results);
-    }
-
-    // One final reply, or with LMTP one per accepted recipient.
-    let finals = if c.lmtp { accepted.len() } else { 1 };
-    let mut after = After::Clean;
-    for k in 0..finals {
-        let reply = match s.read_reply(Stage::EndOfData, t.data_term).await {
-            Ok(r) => r,
-            // The peer may have taken the message before going silent: this
-            // is the duplicate window every MTA has (RFC 1047).
-            Err(e) => return broken(&e, results),
-        };
-        if reply.code == 421 {
-            after = After::Closed;
-        }
-        let outcome = if reply.is_success() {
-            RcptResult::Delivered {
-                reply: reply.to_string(),
-                host: peer.clone(),
-                tls: c.tls,
-                dsn: dsn || c.lmtp,
-                lmtp: c.lmtp,
+    /// The final reply, or with LMTP one per accepted recipient.
+    async fn final_replies(&mut self) -> Stop {
+        let lmtp = self.c.lmtp;
+        let finals = if lmtp { self.accepted.len() } else { 1 };
+        let mut after = After::Clean;
+        for k in 0..finals {
+            let reply = match self
+                .c
+                .session
+                .read_reply(Stage::EndOfData, self.t.data_term)
+                .await
+            {
+                Ok(r) => r,
+                // The peer may have taken the message before going silent:
+                // this is the duplicate window every MTA has (RFC 1047).
+                Err(e) => return self.broken(&e),
+            };
+            if reply.code == 421 {
+                after = After::Closed;
             }
-        } else {
-            tracing::info!(reply = %Escaped(&reply), "message refused");
-            refused(&reply, &peer)
-        };
-        if c.lmtp {
-            results.set(accepted[k], outcome);
-            if after == After::Closed {
-                let rest = deferred(said(&reply, &peer));
-                return (HostOutcome::Done(results.finish(rest)), after);
-            }
-        } else {
-            if outcome.is_delivered() {
-                // The node logs each recipient's outcome once (Postfix's
-                // status=sent line); this is the transaction's view of it.
-                tracing::debug!(reply = %Escaped(&reply), recipients = accepted.len(), tls = c.tls, "delivered");
-            }
-            for &i in &accepted {
-                results.set(i, outcome.clone());
+            let outcome = if reply.is_success() {
+                RcptResult::Delivered {
+                    reply: reply.to_string(),
+                    host: self.peer.clone(),
+                    tls: self.c.tls,
+                    dsn: self.c.ext.dsn() || lmtp,
+                    lmtp,
+                }
+            } else {
+                tracing::info!(reply = %Escaped(&reply), "message refused");
+                refused(&reply, &self.peer)
+            };
+            if lmtp {
+                self.results.set(self.accepted[k], outcome);
+                if after == After::Closed {
+                    let rest = deferred(said(&reply, &self.peer));
+                    return self.finish(rest, after);
+                }
+            } else {
+                if outcome.is_delivered() {
+                    // The node logs each recipient's outcome once (Postfix's
+                    // status=sent line); this is the transaction's view of it.
+                    tracing::debug!(reply = %Escaped(&reply), recipients = self.accepted.len(), tls = self.c.tls, "delivered");
+                }
+                for &i in &self.accepted {
+                    self.results.set(i, outcome.clone());
+                }
             }
         }
+        if self.c.session.has_unread() {
+            after = After::Quit;
+        }
+        self.c.uses += 1;
+        self.finish(failed(String::new()), after)
     }
-    if s.has_unread() {
-        after = After::Quit;
-    }
-    c.uses += 1;
-    (
-        HostOutcome::Done(results.finish(failed(String::new()))),
-        after,
-    )
 }
 
 /// After a refused MAIL in a pipelined batch: read the RCPT and DATA

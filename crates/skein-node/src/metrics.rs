@@ -55,6 +55,12 @@ pub fn deferral_reason(text: &str) -> &'static str {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// failure, delay or success.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -74,9 +80,11 @@ pub struct Metrics {
     registry: Registry,
     pub messages_accepted: Counter,
     pub messages_delivered: Counter,
+    pub messages_failed: Counter,
     pub delivery_attempts: Family<ResultLabel, Counter>,
     pub delivery_deferrals: Family<ReasonLabel, Counter>,
     pub messages_bounced: Counter,
+    pub notices: Family<KindLabel, Counter>,
     pub recipients_failed: Counter,
     pub queue_messages: Family<StateLabel, Gauge>,
     pub raft_term: Gauge,
@@ -109,9 +117,11 @@ impl Metrics {
         let m = Metrics {
             messages_accepted: Counter::default(),
             messages_delivered: Counter::default(),
+            messages_failed: Counter::default(),
             delivery_attempts: Family::default(),
             delivery_deferrals: Family::default(),
             messages_bounced: Counter::default(),
+            notices: Family::default(),
             recipients_failed: Counter::default(),
             queue_messages: Family::default(),
             raft_term: Gauge::default(),
@@ -143,8 +153,13 @@ impl Metrics {
         );
         r.register(
             "skein_messages_delivered",
-            "Messages whose every recipient was delivered or failed",
+            "Messages finished with every recipient delivered",
             m.messages_delivered.clone(),
+        );
+        r.register(
+            "skein_messages_failed",
+            "Messages finished with at least one recipient failed",
+            m.messages_failed.clone(),
         );
         r.register(
             "skein_delivery_attempts",
@@ -158,8 +173,13 @@ impl Metrics {
         );
         r.register(
             "skein_messages_bounced",
-            "Delivery status notifications generated",
+            "Failure notices (bounces) queued",
             m.messages_bounced.clone(),
+        );
+        r.register(
+            "skein_notices",
+            "Delivery status notifications queued, by kind: failure, delay, success",
+            m.notices.clone(),
         );
         r.register(
             "skein_recipients_failed",
@@ -263,6 +283,18 @@ impl Metrics {
     pub fn accepted(&self, latency: Duration) {
         self.messages_accepted.inc();
         self.accept_latency.observe(latency.as_secs_f64());
+    }
+
+    /// A notice the cluster queued: failures also count as bounces.
+    pub fn notice(&self, kind: skein_queue::NoticeKind) {
+        if kind == skein_queue::NoticeKind::Failure {
+            self.messages_bounced.inc();
+        }
+        self.notices
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 
     pub fn attempt(&self, result: &'static str) {

@@ -4,6 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use anyhow::Context;
+
 use crate::config::Config;
 
 /// Permission bits that let other users in.
@@ -76,6 +78,66 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Without TLS, mail bodies and Raft entries cross the network in clear:
+/// fine on loopback, a warning anywhere else.
+pub fn warn_if_exposed(config: &Config) {
+    let exposed = exposed_addresses(config);
+    if !exposed.is_empty() {
+        tracing::warn!(
+            addresses = ?exposed,
+            "CLUSTER TRAFFIC IS NOT ENCRYPTED: mail bodies and Raft entries cross the network \
+             in clear to peers off loopback; set cluster.tls_cert, cluster.tls_key and cluster.tls_ca"
+        );
+    }
+}
+
+/// The cluster addresses (peers' and this node's advertised one) that are
+/// not on loopback, when there are peers to talk to.
+fn exposed_addresses(config: &Config) -> Vec<&str> {
+    if config.is_single_node() {
+        return Vec::new();
+    }
+    config
+        .cluster
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(_, addr)| addr.as_str())
+        .chain(std::iter::once(config.cluster.advertise.as_str()))
+        .filter(|addr| !is_loopback(crate::tls::host_of(addr)))
+        .collect()
+}
+
+fn is_loopback(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The data directory is the queue: readable by this user alone. One that
+/// exists, belongs to this user and is open to others (a fresh container
+/// volume, say) is closed; one owned by someone else is left as it is, and
+/// reported at start (`crate::privilege`).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() == crate::privilege::euid() && meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "data directory made private (mode 700)");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +201,45 @@ mod tests {
         chmod(&path, 0o644);
         let config = Config::parse(&text).unwrap();
         assert!(findings(&config, Some(&path), 1000).is_empty());
+    }
+
+    fn with_peers(peers: &str) -> Config {
+        Config::parse(&format!(
+            "node_id = 1\n[cluster]\nsecret = \"s-0123456789abcdef\"\n[cluster.peers]\n{peers}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_open_data_directory_of_our_own_is_closed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&data).unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        create_private_dir(&dir.path().join("new/deeper")).unwrap();
+        let mode = std::fs::metadata(dir.path().join("new/deeper"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn peers_off_loopback_without_tls_are_named() {
+        let local =
+            with_peers("1 = \"127.0.0.1:7100\"\n2 = \"127.0.0.2:7100\"\n3 = \"localhost:7100\"\n");
+        assert!(exposed_addresses(&local).is_empty());
+        let lan = with_peers(
+            "1 = \"127.0.0.1:7100\"\n2 = \"10.0.0.2:7100\"\n3 = \"node3.example.com:7100\"\n",
+        );
+        assert_eq!(
+            exposed_addresses(&lan),
+            vec!["10.0.0.2:7100", "node3.example.com:7100"]
+        );
+        assert!(exposed_addresses(&Config::defaults()).is_empty());
     }
 }

@@ -286,6 +286,40 @@ pub fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
+/// Whether a node's cluster certificate would be taken by its peers: its
+/// key matches it, it chains to the CA, and it names `host` (the host of
+/// `cluster.advertise`, which peers verify).
+pub fn check_cluster_files(cert: &Path, key: &Path, ca: &Path, host: &str) -> anyhow::Result<()> {
+    let ck = load_key(cert, key)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .context("the cluster CA")?;
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| anyhow::anyhow!("{host:?} is not a host name or address"))?;
+    let (ee, rest) = ck
+        .cert
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("{} holds no certificate", cert.display()))?;
+    use rustls::client::danger::ServerCertVerifier;
+    verifier
+        .verify_server_cert(ee, rest, &name, &[], rustls_pki_types::UnixTime::now())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not valid for {host} under the CA {}: {e}",
+                cert.display(),
+                ca.display()
+            )
+        })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,37 +346,4 @@ mod tests {
         assert!(!cert_names(der, "node2.example.com"));
         assert!(!cert_names(der, "10.0.0.2"));
     }
-}
-
-/// Whether a node's cluster certificate would be taken by its peers: its
-/// key matches it, it chains to the CA, and it names `host` (the host of
-/// `cluster.advertise`, which peers verify).
-pub fn check_cluster_files(cert: &Path, key: &Path, ca: &Path, host: &str) -> anyhow::Result<()> {
-    let ck = load_key(cert, key)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(ca)? {
-        roots
-            .add(c)
-            .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
-    }
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .context("the cluster CA")?;
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|_| anyhow::anyhow!("{host:?} is not a host name or address"))?;
-    let (ee, rest) = ck
-        .cert
-        .split_first()
-        .ok_or_else(|| anyhow::anyhow!("{} holds no certificate", cert.display()))?;
-    use rustls::client::danger::ServerCertVerifier;
-    verifier
-        .verify_server_cert(ee, rest, &name, &[], rustls_pki_types::UnixTime::now())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not valid for {host} under the CA {}: {e}",
-                cert.display(),
-                ca.display()
-            )
-        })?;
-    Ok(())
 }

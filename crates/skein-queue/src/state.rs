@@ -366,11 +366,7 @@ impl QueueState {
                     == (Response::Enqueued { duplicate: false })
             {
                 enqueued.push(n.message.id);
-                let kind = match n.kind {
-                    NoticeKind::Failure => "failure",
-                    NoticeKind::Delay => "delay",
-                    NoticeKind::Relayed => "success",
-                };
+                let kind = n.kind.as_str();
                 touched.event(
                     n.about,
                     now,

@@ -191,6 +191,17 @@ pub enum NoticeKind {
     Relayed,
 }
 
+impl NoticeKind {
+    /// The kind as operators see it: in history events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::Failure => "failure",
+            NoticeKind::Delay => "delay",
+            NoticeKind::Relayed => "success",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RcptOutcome {
     Delivered { reply: String },

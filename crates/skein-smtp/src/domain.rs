@@ -36,6 +36,12 @@ impl Domain {
         parse_domain(s, true)
     }
 
+    /// Parses an ASCII domain name or address literal (a host name in a
+    /// config, say): the same rules, non-ASCII refused.
+    pub fn parse_ascii(s: &str) -> Result<Domain, AddressError> {
+        parse_domain(s, false)
+    }
+
     pub fn is_utf8(&self) -> bool {
         matches!(self, Domain::Name(name) if !name.is_ascii())
     }

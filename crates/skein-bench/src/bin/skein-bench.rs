@@ -129,7 +129,7 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         rcpt: "sink@example.org".into(),
         rate: None,
     })
-    .await;
+    .await?;
     if a.hold {
         return report_held(&report, &nodes, &configs, n).await;
     }

@@ -35,7 +35,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let r = run(LoadSpec {
         targets: a.targets,
@@ -46,7 +46,7 @@ async fn main() {
         rcpt: a.rcpt,
         rate: a.rate,
     })
-    .await;
+    .await?;
     if a.json {
         println!("{}", r.json());
     } else {
@@ -62,4 +62,5 @@ async fn main() {
             ms(r.percentile(100.0))
         );
     }
+    Ok(())
 }

@@ -7,24 +7,16 @@
 mod backup;
 mod view;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use skein_proto::v1::admin_server::{Admin, AdminServer};
 use skein_proto::v1::*;
 use skein_queue::{AdminCommand, Command, MessageId, Response as QResponse};
-use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster::{Change, Cluster, ProposeError};
-use crate::delivery::DeliveryControl;
 use crate::secrets::Secret;
-
-/// How long a drain waits for running deliveries before handing their
-/// leases back anyway, and for leadership to move.
-const DRAIN_DELIVERY_GRACE: Duration = Duration::from_secs(5);
-const DRAIN_HANDOVER: Duration = Duration::from_secs(15);
 
 /// Refuses calls without `authorization: Bearer <token>`.
 #[derive(Clone)]
@@ -49,8 +41,8 @@ impl tonic::service::Interceptor for RequireToken {
 /// What the admin API may do to the node it runs on.
 #[derive(Clone)]
 pub struct NodeControl {
-    pub smtp_stop: Arc<watch::Sender<bool>>,
-    pub delivery: DeliveryControl,
+    /// Drain: the same way of stopping work as SIGTERM's.
+    pub lifecycle: crate::node::Lifecycle,
     /// Where a drill's fault goes: whoever runs the node (skeind) halts it
     /// and starts it again after the outage.
     pub faults: tokio::sync::mpsc::UnboundedSender<Duration>,
@@ -235,18 +227,14 @@ impl Admin for AdminService {
     }
 
     async fn drain(&self, _req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
-        let c = &self.cluster;
-        tracing::info!("draining: refusing SMTP, handing back leases, giving up leadership");
-        c.set_draining();
-        self.control.smtp_stop.send_replace(true);
-        let released = self.control.delivery.drain(DRAIN_DELIVERY_GRACE).await;
-        let leader = c
-            .give_up_leadership(DRAIN_HANDOVER)
+        let (leader, released) = self
+            .control
+            .lifecycle
+            .drain()
             .await
             .map_err(crate::cluster::control_status)?;
-        tracing::info!(leader, released, "drained: ready to be stopped");
         Ok(Response::new(DrainReply {
-            node_id: c.id(),
+            node_id: self.cluster.id(),
             leader,
             leases_released: released as u64,
         }))

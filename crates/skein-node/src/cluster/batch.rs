@@ -9,7 +9,9 @@
 //! replication round for all of them. Under light load a batch is a single
 //! command and nothing waits; under heavy load batches grow by themselves.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use skein_queue::{Command, Raft, Request, Response};
@@ -37,6 +39,26 @@ pub(crate) struct Proposal {
 pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Proposal>,
     limits: EntryLimit,
+    /// Proposals given to this batcher and not yet answered.
+    waiting: Arc<AtomicUsize>,
+    /// Handing leadership over: new proposals are sent to the next leader.
+    paused: Arc<AtomicBool>,
+}
+
+/// Counts one proposal as waiting for as long as it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The largest command one log entry may carry: what the cluster transport
@@ -72,13 +94,44 @@ impl Batcher {
     pub(crate) fn start(raft: Raft, limits: EntryLimit) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(raft, rx));
-        Batcher { tx, limits }
+        Batcher {
+            tx,
+            limits,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            paused: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub(crate) fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Wait up to `within` for every proposal under way to be answered.
+    /// Before leadership moves on purpose: a write still in flight when
+    /// this node stops leading could be left without an answer until its
+    /// proposer gives up, and its client would be told 451 for mail that
+    /// may well be queued.
+    pub(crate) async fn settle(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.waiting.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Write `cmd` through this node's Raft (it must be the leader) in the
     /// next batch, and return its answer.
     pub(crate) async fn propose(&self, cmd: Command) -> Result<Response, Step> {
         let size = self.limits.check(&cmd).map_err(Step::Fail)?;
+        // Counted before the pause is looked at: whatever `settle` does not
+        // wait for sees the pause and goes to the next leader.
+        let _waiting = Waiting::new(&self.waiting);
+        if self.paused.load(Ordering::SeqCst) {
+            return Err(Step::Forward(None));
+        }
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Proposal { cmd, size, reply }).is_err() {
             return Err(Step::Fail(ProposeError::Fatal("raft stopped".into())));

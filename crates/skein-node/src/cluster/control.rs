@@ -15,6 +15,11 @@ use skein_queue::NodeId;
 
 use super::Cluster;
 
+/// Proposals under way get this long to commit before leadership is
+/// handed over: far more than a commit takes, well under a proposer's own
+/// deadline.
+const HANDOVER_SETTLE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("no leader: the cluster has no majority")]
@@ -128,8 +133,9 @@ impl Cluster {
                         .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
                         .await;
                     return Err(ControlError::Refused(format!(
-                        "node {id} at {addr} {why}: is it running and reachable, and does \
-                         its certificate chain to the cluster CA?"
+                        "node {id} at {addr} {why}: is it running and reachable, does it have \
+                         the cluster's secret, and does its certificate (if any) chain to the \
+                         cluster CA?"
                     )));
                 }
                 tracing::info!(node = id, "node caught up; making it a voter");
@@ -138,13 +144,7 @@ impl Cluster {
                     .map_err(write_error)?
             }
             Change::Remove { id } => {
-                let voters: BTreeSet<NodeId> = raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
+                let voters = self.voters();
                 if !voters.contains(&id) {
                     return Err(ControlError::Refused(format!("node {id} is not a voter")));
                 }
@@ -202,6 +202,17 @@ impl Cluster {
     }
 
     /// This node's view of itself.
+    /// The voters of the membership this node knows.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     pub fn node_info(&self) -> NodeInfoReply {
         let m = self.raft().metrics().borrow().clone();
         let is_leader = m.current_leader == Some(m.id);
@@ -286,18 +297,16 @@ impl Cluster {
             }
             if info.leader == self.id() {
                 if !stopped {
+                    // New proposals wait for the next leader; those under
+                    // way commit here first, while this node still leads.
                     self.set_leader_paused(true);
+                    if !self.inner.batcher.settle(HANDOVER_SETTLE).await {
+                        tracing::warn!("proposals still under way as leadership moves");
+                    }
                     self.raft().runtime_config().heartbeat(false);
                     stopped = true;
                 }
-                let voters: BTreeSet<NodeId> = self
-                    .raft()
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
+                let voters = self.voters();
                 let mut peers: Vec<(NodeId, u64)> = info
                     .matched
                     .iter()

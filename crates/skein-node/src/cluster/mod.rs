@@ -69,8 +69,6 @@ struct Inner {
     commit_timeout: Duration,
     /// Drained: no SMTP, no deliveries, no standing for election.
     draining: AtomicBool,
-    /// A draining leader takes no new proposals while it hands over.
-    leader_paused: AtomicBool,
     /// When the leader was last heard from (ms since the epoch; 0: never).
     leader_contact: AtomicU64,
     /// Where this node takes SMTP mail, told to peers in `NodeInfo`.
@@ -136,7 +134,6 @@ impl Cluster {
                 peers,
                 commit_timeout: c.commit_timeout,
                 draining: AtomicBool::new(false),
-                leader_paused: AtomicBool::new(false),
                 leader_contact: AtomicU64::new(0),
                 smtp_addrs: std::sync::OnceLock::new(),
             }),
@@ -217,8 +214,10 @@ impl Cluster {
         self.inner.draining.store(true, Ordering::Release);
     }
 
+    /// A leader handing over takes no new proposals (they wait for the
+    /// next leader).
     pub(crate) fn set_leader_paused(&self, paused: bool) {
-        self.inner.leader_paused.store(paused, Ordering::Release);
+        self.inner.batcher.pause(paused);
     }
 
     /// A message from the leader arrived (an append or a heartbeat).
@@ -314,10 +313,6 @@ impl Cluster {
 
     /// Propose on this node: it must be the leader, or the answer says who is.
     pub(crate) async fn propose_local(&self, cmd: Command) -> Result<Response, Step> {
-        if self.inner.leader_paused.load(Ordering::Acquire) {
-            // Handing leadership over: the proposer waits for the next leader.
-            return Err(Step::Forward(None));
-        }
         self.inner.batcher.propose(cmd).await
     }
 

@@ -5,7 +5,12 @@
 use super::validate::Checker;
 use super::{ClusterConfig, DeliveryConfig, SmtpConfig};
 
-pub(super) fn check(c: &mut Checker, smtp: &SmtpConfig, cluster: &ClusterConfig, d: &DeliveryConfig) {
+pub(super) fn check(
+    c: &mut Checker,
+    smtp: &SmtpConfig,
+    cluster: &ClusterConfig,
+    d: &DeliveryConfig,
+) {
     if let (Some(cert), Some(key)) = (&smtp.tls_cert, &smtp.tls_key) {
         if let Err(e) = crate::tls::load_key(cert, key) {
             c.problem("smtp.tls_cert", format!("{e:#}"));

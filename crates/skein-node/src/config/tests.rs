@@ -254,7 +254,10 @@ relay = 5
         assert!(keys.contains(&k), "{k} missing from {problems:?}");
     }
     let port = problems.iter().find(|p| p.key == "delivery.port").unwrap();
-    assert_eq!(port.message, "expected a whole number, found string \"2526\"");
+    assert_eq!(
+        port.message,
+        "expected a whole number, found string \"2526\""
+    );
     assert_eq!(
         keys.iter().filter(|k| **k == "route[0].relay").count(),
         1,

@@ -191,7 +191,8 @@ fn raw_config(c: &mut Checker, text: &str) -> Option<RawConfig> {
     for _ in 0..1000 {
         let mut unknown = Vec::new();
         let mut track = serde_path_to_error::Track::new();
-        let de = serde_path_to_error::Deserializer::new(toml::Value::Table(table.clone()), &mut track);
+        let de =
+            serde_path_to_error::Deserializer::new(toml::Value::Table(table.clone()), &mut track);
         let raw: Result<RawConfig, _> =
             serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
         match raw {
@@ -220,7 +221,9 @@ fn wrong_type(msg: &str) -> String {
     let Some(rest) = msg.strip_prefix("invalid type: ") else {
         return msg.to_string();
     };
-    let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "something else"));
+    let (found, expected) = rest
+        .split_once(", expected ")
+        .unwrap_or((rest, "something else"));
     let expected = match expected {
         "u64" | "u32" | "u16" | "u8" | "usize" | "i64" => "a whole number",
         "a sequence" => "a list",
@@ -871,19 +874,14 @@ fn parse_net(s: &str) -> Option<IpNet> {
 
 /// A DNS name of letters, digits and hyphens (or an IP address, for hostnames
 /// given as literals in tests).
+/// A host or domain name as a config may give it: an IP address, or an
+/// ASCII domain name by the SMTP grammar's own rules (`skein_smtp::Domain`).
 pub(crate) fn is_domain(s: &str) -> bool {
-    if s.parse::<std::net::IpAddr>().is_ok() {
-        return true;
-    }
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    s.parse::<std::net::IpAddr>().is_ok()
+        || matches!(
+            skein_smtp::Domain::parse_ascii(s),
+            Ok(skein_smtp::Domain::Name(_))
+        )
 }
 
 fn system_hostname() -> String {

@@ -25,20 +25,24 @@ pub(crate) enum Work {
     Claimed(MessageId),
 }
 
+/// A recipient still to deliver.
+struct PendingRcpt {
+    /// Its place in the message's recipient list, as outcomes name it.
+    index: u32,
+    address: Mailbox,
+    params: RcptParams,
+}
+
 /// What an attempt needs to know of a message.
 struct Target {
     id: MessageId,
     sender: ReversePath,
     params: MailParams,
-    /// Pending recipients with their index in the message.
-    pending: Vec<(u32, Mailbox, RcptParams)>,
+    pending: Vec<PendingRcpt>,
     attempts: u32,
     received_at: u64,
     body: Bytes,
 }
-
-/// How long a claimed message may take to show up in the local replica.
-const REPLICA_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(w: Arc<Worker>, work: Work) {
     let id = match &work {
@@ -76,7 +80,11 @@ fn fresh_target(m: NewMessage) -> Target {
             .recipients
             .into_iter()
             .enumerate()
-            .map(|(i, r)| (i as u32, r.address, r.params))
+            .map(|(i, r)| PendingRcpt {
+                index: i as u32,
+                address: r.address,
+                params: r.params,
+            })
             .collect(),
         sender: m.sender,
         params: m.params,
@@ -91,7 +99,7 @@ fn fresh_target(m: NewMessage) -> Target {
 async fn claimed_target(w: &Worker, id: MessageId) -> Option<Target> {
     let me = w.cluster.id();
     let mut applied = w.cluster.reader().subscribe();
-    let deadline = Instant::now() + REPLICA_WAIT;
+    let deadline = Instant::now() + super::REPLICA_WAIT;
     let msg: Message = loop {
         {
             let state = w.cluster.reader().read();
@@ -136,7 +144,11 @@ async fn claimed_target(w: &Worker, id: MessageId) -> Option<Target> {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.state == RcptState::Pending)
-            .map(|(i, r)| (i as u32, r.address.clone(), r.params.clone()))
+            .map(|(i, r)| PendingRcpt {
+                index: i as u32,
+                address: r.address.clone(),
+                params: r.params.clone(),
+            })
             .collect(),
         sender: msg.sender,
         params: msg.params,
@@ -161,10 +173,10 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
         let recipients = t
             .pending
             .iter()
-            .map(|(i, rcpt, _)| {
-                tracing::warn!(to = %Escaped(&rcpt), status = "expired", reply = %reply, "delivery");
+            .map(|r| {
+                tracing::warn!(to = %Escaped(&r.address), status = "expired", reply = %reply, "delivery");
                 (
-                    *i,
+                    r.index,
                     RcptOutcome::Failed {
                         reply: reply.clone(),
                     },
@@ -179,10 +191,10 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
         return (outcome, Vec::new());
     }
 
-    let mut groups: BTreeMap<String, Vec<&(u32, Mailbox, RcptParams)>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<&PendingRcpt>> = BTreeMap::new();
     for r in &t.pending {
         groups
-            .entry(r.1.domain_str().to_ascii_lowercase())
+            .entry(r.address.domain_str().to_ascii_lowercase())
             .or_default()
             .push(r);
     }
@@ -194,7 +206,7 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
             params: t.params.clone(),
             recipients: rcpts
                 .iter()
-                .map(|(_, m, p)| (m.clone(), p.clone()))
+                .map(|r| (r.address.clone(), r.params.clone()))
                 .collect(),
             body: t.body.clone(),
         };
@@ -204,20 +216,20 @@ async fn attempt(w: &Worker, t: &Target) -> (Outcome, Vec<(u32, Action)>) {
     let mut recipients = Vec::new();
     let mut successes = Vec::new();
     for group in futures::future::join_all(deliveries).await {
-        for ((idx, rcpt, params), result) in group {
+        for (r, result) in group {
             // Only a sender who asked for success notices makes the
             // reporter look at a delivery again.
-            let asked = params.notify.is_some_and(|n| n.success && !n.never);
+            let asked = r.params.notify.is_some_and(|n| n.success && !n.never);
             match &result {
                 RcptResult::Delivered { lmtp: true, .. } if asked => {
-                    successes.push((*idx, Action::Delivered))
+                    successes.push((r.index, Action::Delivered))
                 }
                 RcptResult::Delivered { dsn: false, .. } if asked => {
-                    successes.push((*idx, Action::Relayed))
+                    successes.push((r.index, Action::Relayed))
                 }
                 _ => {}
             }
-            recipients.push((*idx, record(w, t, rcpt, result)));
+            recipients.push((r.index, record(w, t, &r.address, result)));
         }
     }
     let outcome = Outcome {

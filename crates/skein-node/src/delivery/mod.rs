@@ -27,6 +27,11 @@ use crate::cluster::Cluster;
 use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 
+/// How long the worker waits for the local replica to show a message it
+/// was told of (claimed, or one an outcome is about): the entry that names
+/// it may still be on its way here.
+const REPLICA_WAIT: Duration = Duration::from_secs(5);
+
 /// Hands freshly accepted mail to the delivery worker.
 #[derive(Clone)]
 pub struct Dispatcher {

@@ -6,8 +6,6 @@
 //! (itself a notice) never gets one. A delay notice goes once, after
 //! `delivery.delay_warning`, if set.
 
-use std::time::Duration;
-
 use skein_queue::{
     Message, MessageId, NewMessage, NewRecipient, Notice, NoticeKind, Outcome, RcptOutcome,
     RcptState,
@@ -18,9 +16,6 @@ use tokio::time::Instant;
 use super::dsn::{self, Action, RecipientStatus};
 use super::Worker;
 use crate::clock::now_ms;
-
-/// How long to wait for the local replica to show a message.
-const REPLICA_WAIT: Duration = Duration::from_secs(5);
 
 fn wants(notify: Option<Notify>, action: Action) -> bool {
     match notify {
@@ -42,7 +37,7 @@ pub(super) async fn local_message(
     ok: impl Fn(&Message) -> bool,
 ) -> Option<Message> {
     let mut applied = w.cluster.reader().subscribe();
-    let deadline = Instant::now() + REPLICA_WAIT;
+    let deadline = Instant::now() + super::REPLICA_WAIT;
     loop {
         if let Some(m) = w.cluster.reader().read().get(&id).filter(|m| ok(m)) {
             return Some(m.clone());

@@ -38,6 +38,8 @@ pub(crate) struct Report {
 struct Pending {
     outcome: Outcome,
     notices: Vec<Notice>,
+    /// How the message ends with this outcome, if it does.
+    ends: Option<Ending>,
     /// Encoded size of the outcome and its notices.
     size: usize,
 }
@@ -60,7 +62,8 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Rep
         }
         for r in fresh {
             let notices = notices::for_outcome(&w, &r.outcome, &r.successes).await;
-            waiting.push(Pending::new(r.outcome, notices));
+            let ends = ending(&w, &r.outcome);
+            waiting.push(Pending::new(r.outcome, notices, ends));
         }
         let mut failed = false;
         let mut kept = Vec::new();
@@ -102,14 +105,52 @@ pub(crate) async fn reporter(w: Arc<Worker>, mut rx: mpsc::UnboundedReceiver<Rep
 }
 
 impl Pending {
-    fn new(outcome: Outcome, notices: Vec<Notice>) -> Self {
+    fn new(outcome: Outcome, notices: Vec<Notice>, ends: Option<Ending>) -> Self {
         let size = postcard::experimental::serialized_size(&(&outcome, &notices)).unwrap_or(0);
         Pending {
             outcome,
             notices,
+            ends,
             size,
         }
     }
+}
+
+/// How a message ends, for `skein_messages_delivered_total` and
+/// `skein_messages_failed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Every recipient delivered.
+    Delivered,
+    /// Every recipient decided, at least one failed (in this attempt or an
+    /// earlier one).
+    Failed,
+}
+
+/// How the message ends with `o`: not at all while a recipient is still
+/// deferred. Earlier attempts' failures are in the local replica (the
+/// message is there: this node holds its lease).
+fn ending(w: &Worker, o: &Outcome) -> Option<Ending> {
+    let mut failed = false;
+    for (_, r) in &o.recipients {
+        match r {
+            RcptOutcome::Deferred { .. } => return None,
+            RcptOutcome::Failed { .. } => failed = true,
+            RcptOutcome::Delivered { .. } => {}
+        }
+    }
+    let failed_before = || {
+        w.cluster.reader().read().get(&o.id).is_some_and(|m| {
+            m.recipients
+                .iter()
+                .any(|r| r.state == skein_queue::RcptState::Failed)
+        })
+    };
+    Some(if failed || failed_before() {
+        Ending::Failed
+    } else {
+        Ending::Delivered
+    })
 }
 
 /// Cuts the waiting outcomes into reports of at most [`REPORT_BYTES`]
@@ -147,19 +188,16 @@ async fn commit(w: &Worker, chunk: &[Pending]) -> Result<(), ProposeError> {
             .flat_map(|p| &p.notices)
             .filter(|n| queued.contains(&n.message.id))
         {
-            w.metrics.messages_bounced.inc();
+            w.metrics.notice(n.kind);
             let _ = w.fresh.send(n.message.clone());
         }
     }
     for p in chunk {
-        let finished = p
-            .outcome
-            .recipients
-            .iter()
-            .all(|(_, r)| !matches!(r, RcptOutcome::Deferred { .. }));
-        if finished {
-            w.metrics.messages_delivered.inc();
-        }
+        match p.ends {
+            Some(Ending::Delivered) => w.metrics.messages_delivered.inc(),
+            Some(Ending::Failed) => w.metrics.messages_failed.inc(),
+            None => 0,
+        };
     }
     w.finish(chunk.iter().map(|p| p.outcome.id));
     Ok(())
@@ -178,6 +216,7 @@ mod tests {
                 retry_after_ms: 0,
             },
             notices: Vec::new(),
+            ends: None,
             size,
         }
     }

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{
-    chunked, flush_all, flush_durable, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED,
-    KEY_VOTE, LOG_TREE, META_TREE,
+    flush_all, flush_durable, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED, KEY_VOTE,
+    LOG_TREE, META_TREE,
 };
 use crate::{Entry, LogId, NodeId, TypeConfig, Vote};
 
@@ -63,8 +63,16 @@ const RECENT_ENTRIES: usize = 4096;
 /// equal to the log; past its bounds the oldest go (and are read from disk).
 #[derive(Default)]
 pub(crate) struct Recent {
-    entries: BTreeMap<u64, (Entry, Vec<BodyRef>, usize)>,
+    entries: BTreeMap<u64, RecentEntry>,
     bytes: usize,
+}
+
+/// An entry whole, the references its bodies were stored under, and what
+/// it counts against the cache's bound.
+struct RecentEntry {
+    entry: Entry,
+    refs: Vec<BodyRef>,
+    size: usize,
 }
 
 impl Recent {
@@ -76,13 +84,16 @@ impl Recent {
                 _ => 0,
             };
         let index = entry.log_id.index;
-        if let Some((_, _, old)) = self.entries.insert(index, (entry, refs, size)) {
-            self.bytes -= old;
+        if let Some(old) = self
+            .entries
+            .insert(index, RecentEntry { entry, refs, size })
+        {
+            self.bytes -= old.size;
         }
         self.bytes += size;
         while self.bytes > RECENT_BYTES || self.entries.len() > RECENT_ENTRIES {
             match self.entries.pop_first() {
-                Some((_, (_, _, n))) => self.bytes -= n,
+                Some((_, old)) => self.bytes -= old.size,
                 None => break,
             }
         }
@@ -92,8 +103,8 @@ impl Recent {
     fn remove(&mut self, range: impl RangeBounds<u64>) {
         let gone: Vec<u64> = self.entries.range(range).map(|(i, _)| *i).collect();
         for i in gone {
-            if let Some((_, _, n)) = self.entries.remove(&i) {
-                self.bytes -= n;
+            if let Some(old) = self.entries.remove(&i) {
+                self.bytes -= old.size;
             }
         }
     }
@@ -104,13 +115,13 @@ impl Recent {
         let out: Vec<Entry> = self
             .entries
             .range(lo..hi)
-            .map(|(_, (e, _, _))| e.clone())
+            .map(|(_, r)| r.entry.clone())
             .collect();
         (out.len() == len).then_some(out)
     }
 
     pub(crate) fn refs(&self, index: u64) -> Option<Vec<BodyRef>> {
-        self.entries.get(&index).map(|(_, r, _)| r.clone())
+        self.entries.get(&index).map(|r| r.refs.clone())
     }
 }
 
@@ -144,7 +155,7 @@ impl LogStore {
         // reached the disk. Such entries were never reported durable (every
         // flush syncs the bodies first), so the log is cut before the first.
         let mut torn = None;
-        for kv in chunked::group(log.iter(), 8) {
+        for kv in log.iter() {
             let (k, v) = kv?;
             let refs = decode_stored(&v)?.bodies;
             if torn.is_none() && refs.iter().any(|r| bodies.read(r).is_err()) {
@@ -211,7 +222,7 @@ impl LogStore {
         iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
     ) -> Result<Vec<BodyRef>, StoreError> {
         let mut refs = Vec::new();
-        for kv in chunked::group(iter, 8) {
+        for kv in iter {
             let (_, v) = kv?;
             refs.extend(decode_stored(&v)?.bodies);
         }
@@ -229,6 +240,21 @@ impl LogStore {
             )),
             None => Ok(None),
         }
+    }
+
+    /// Take the entries `range` yields out of the log, and release their
+    /// bodies (truncating the tail, purging the head).
+    fn remove_entries(&self, range: impl Fn() -> sled::Iter) -> Result<(), StoreError> {
+        let refs = self.refs_in(range())?;
+        let mut batch = sled::Batch::default();
+        for kv in range() {
+            batch.remove(kv?.0);
+        }
+        self.log.apply_batch(batch)?;
+        for r in &refs {
+            self.bodies.release(r);
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -305,6 +331,17 @@ async fn flusher(
     }
 }
 
+/// The key of the entry at index `i`: the index, big endian, then four
+/// zero bytes (entries were once split into numbered chunks; the one chunk
+/// left keeps the layout every data directory has).
+fn entry_key(i: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&i.to_be_bytes());
+    k
+}
+
+/// Where the entries from index `i` begin (any key of an index sorts
+/// after its 8-byte prefix).
 fn index_key(i: u64) -> [u8; 8] {
     i.to_be_bytes()
 }
@@ -322,7 +359,7 @@ pub(crate) fn stored_refs(
     if let Some(refs) = lock_recent(recent).refs(index) {
         return Ok(Some(refs));
     }
-    Ok(match chunked::get(log, &index_key(index))? {
+    Ok(match log.get(entry_key(index))? {
         Some(v) => Some(decode_stored(&v)?.bodies),
         None => None,
     })
@@ -355,7 +392,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         // Purged entries' segments are not unlinked while this is held.
         let _guard = self.bodies.guard();
-        for kv in chunked::group(iter, 8) {
+        for kv in iter {
             let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
             out.push(self.decode_entry(&v)?);
         }
@@ -369,17 +406,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
         let last_purged_log_id = self.last_purged()?;
         let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((k, _)) => {
-                let v = chunked::get(&self.log, &k[..8])
+            Some((_, v)) => Some(
+                decode_stored(&v)
                     .map_err(|e| StorageIOError::read_logs(&e))?
-                    .unwrap_or_default();
-                Some(
-                    decode_stored(&v)
-                        .map_err(|e| StorageIOError::read_logs(&e))?
-                        .entry
-                        .log_id,
-                )
-            }
+                    .entry
+                    .log_id,
+            ),
             None => None,
         };
         Ok(LogState {
@@ -455,7 +487,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 // entries leave the log soon, so sled holding a large one in
                 // memory for a while does no harm.
                 let stored = v.len();
-                self.log.insert(chunked::key(&index_key(index), 0), v)?;
+                self.log.insert(entry_key(index), v)?;
                 lock_recent(&self.recent).insert(entry, refs, stored);
             }
             Ok::<_, StoreError>(())
@@ -475,21 +507,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), SErr> {
         lock_recent(&self.recent).remove(log_id.index..);
-        let refs = self
-            .refs_in(self.log.range(index_key(log_id.index)..))
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(index_key(log_id.index)..) {
-            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        for r in &refs {
-            self.bodies.release(r);
-        }
-        Ok(())
+        self.remove_entries(|| self.log.range(index_key(log_id.index)..))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), SErr> {
@@ -500,24 +519,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(KEY_LAST_PURGED, v)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let below = || match log_id.index.checked_add(1) {
+        self.remove_entries(|| match log_id.index.checked_add(1) {
             Some(next) => self.log.range(..index_key(next)),
             None => self.log.range::<&[u8], _>(..),
-        };
-        let refs = self
-            .refs_in(below())
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for kv in below() {
-            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        for r in &refs {
-            self.bodies.release(r);
-        }
-        Ok(())
+        })
+        .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }

@@ -1,9 +1,8 @@
 //! sled storage for the Raft log, the vote and the state machine.
 //!
 //! One sled database per node, in `<data_dir>/db`:
-//! - tree `raft_log`: entry index (big endian) → postcard(stored entry)
-//!   (large values are stored in 8 KiB chunks, see [`chunked`]).
-//!   A stored entry is the entry with its bodies taken out, plus a
+//! - tree `raft_log`: entry index (big endian, then four zero bytes) →
+//!   postcard(stored entry): the entry with its bodies taken out, plus a
 //!   [`BodyRef`] for each.
 //! - tree `raft_meta`: `vote`, `last_purged`, `sm_tree` (which state tree is live)
 //! - tree `sm.<gen>`: the state machine. `s` → [`SmHeader`]; `m<id>` → a
@@ -16,8 +15,8 @@
 //! Snapshots are files in `<data_dir>/snapshots` (see [`snapshot`]).
 
 pub mod bodies;
-mod chunked;
 mod log;
+mod refs;
 mod sm;
 pub mod snapshot;
 
@@ -171,10 +170,7 @@ impl QueueReader {
     /// Write a consistent copy of the whole queue to `path`, in the snapshot
     /// format (see [`snapshot`]), synced to disk. Returns the message count.
     pub fn backup(&self, path: &Path) -> Result<u64, StoreError> {
-        self.shared
-            .pins
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let _pin = sm::Pin(self.shared.pins.clone());
+        let _pin = refs::Pin::on(&self.shared.pins);
         let state = self.read().clone();
         let tree = self
             .shared
@@ -192,7 +188,7 @@ impl QueueReader {
             messages: state.len() as u64,
         };
         let file = std::fs::File::create(path)?;
-        let file = sm::write_queue(
+        let file = snapshot::build::write_queue(
             std::io::BufWriter::new(file),
             &header,
             &state,

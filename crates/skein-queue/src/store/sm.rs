@@ -1,36 +1,29 @@
 //! The state machine store: [`QueueState`] in memory, persisted to sled on
 //! every apply, with snapshots streamed to and from files.
 
-use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageError, StorageIOError, StoredMembership,
-};
+use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError, StoredMembership};
 use tokio::io::AsyncSeekExt;
 use tokio::sync::watch;
 
-use super::log::{stored_refs, SharedRecent};
-use super::snapshot::{SnapshotHeader, SnapshotReader, SnapshotWriter};
+use super::log::SharedRecent;
+use super::refs::{Arrivals, Keep, Reclaim};
+use super::snapshot::build::SnapshotBuilder;
+use super::snapshot::files::{SnapshotFiles, CURRENT};
+use super::snapshot::install::{install_file, Installed};
 use super::{
-    body_key, decode_ref, flush_all, id_from_key, message_key, Bodies, BodyRef, Shared, SmHeader,
-    StoreError, KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE,
+    body_key, decode_ref, id_from_key, message_key, Bodies, Shared, SmHeader, StoreError,
+    KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE,
 };
 use crate::state::Touched;
 use crate::{
-    Entry, LogId, Membership, Message, MessageId, NodeId, QueueState, Request, Response,
-    SnapshotMeta, TypeConfig,
+    Entry, LogId, Membership, Message, NodeId, QueueState, Response, SnapshotMeta, TypeConfig,
 };
 
 type SErr = StorageError<NodeId>;
-
-const CURRENT: &str = "current.snap";
-/// Bodies written per sled batch while installing a snapshot.
-const INSTALL_BATCH_BYTES: usize = 32 << 20;
 
 pub struct StateMachineStore {
     db: sled::Db,
@@ -44,24 +37,11 @@ pub struct StateMachineStore {
     gen: u64,
     header: SmHeader,
     snapshots: Arc<SnapshotFiles>,
-    /// Snapshot builders running. While any runs, bodies of removed messages
-    /// stay on disk (their ids wait in `deferred`), so the builder's view of
-    /// the queue keeps every body it names.
-    pins: Arc<AtomicUsize>,
-    deferred: Vec<MessageId>,
-    /// Old state trees replaced by an installed snapshot; dropped once no
-    /// builder can still be reading them.
-    stale_trees: Vec<String>,
+    /// Bodies and state trees kept while snapshot builders run (see [`super::refs`]).
+    reclaim: Reclaim,
 }
 
-/// The snapshot directory and what its current snapshot holds.
-struct SnapshotFiles {
-    dir: PathBuf,
-    current: Mutex<Option<SnapshotMeta>>,
-    seq: AtomicU64,
-}
-
-fn tree_name(gen: u64) -> String {
+pub(crate) fn tree_name(gen: u64) -> String {
     format!("sm.{gen}")
 }
 
@@ -118,12 +98,12 @@ impl StateMachineStore {
         }
         let snapshots = Arc::new(SnapshotFiles::open(snapshot_dir)?);
         let (applied, _) = watch::channel(header.applied);
-        let pins = Arc::new(AtomicUsize::new(0));
+        let reclaim = Reclaim::default();
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             tree: RwLock::new(tree),
             applied,
-            pins: pins.clone(),
+            pins: reclaim.pins(),
             bodies: bodies.clone(),
             history: crate::History::open(&db)?,
             events: tokio::sync::broadcast::channel(4096).0,
@@ -138,9 +118,7 @@ impl StateMachineStore {
             gen,
             header,
             snapshots,
-            pins,
-            deferred: Vec::new(),
-            stale_trees: Vec::new(),
+            reclaim,
         };
         Ok((store, shared))
     }
@@ -153,46 +131,12 @@ impl StateMachineStore {
             .clone()
     }
 
-    /// The body references of a request's bodies, by message id: from the
-    /// stored log entry, or (an entry applied without being in this log, as
-    /// tools do) written now. The bool says whether the reference is already
-    /// counted for this caller (written now) or must be retained.
-    fn body_refs(
-        &self,
-        index: u64,
-        req: &Request,
-        out: &mut HashMap<MessageId, (BodyRef, bool)>,
-    ) -> Result<bool, StoreError> {
-        let bodies = req.cmd.bodies();
-        if bodies.is_empty() {
-            return Ok(false);
-        }
-        if let Some(refs) = stored_refs(&self.log, &self.recent, index)? {
-            if refs.len() == bodies.len() {
-                for ((id, _), r) in bodies.iter().zip(refs) {
-                    if let Some((old, true)) = out.insert(*id, (r, false)) {
-                        self.bodies.release(&old);
-                    }
-                }
-                return Ok(false);
-            }
-        }
-        for (id, body) in bodies {
-            let r = self.bodies.append(body)?;
-            if let Some((old, true)) = out.insert(id, (r, true)) {
-                self.bodies.release(&old);
-            }
-        }
-        Ok(true)
-    }
-
     fn apply_entries(
         &mut self,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<Vec<Response>, StoreError> {
         let mut touched = Touched::default();
-        let mut bodies: HashMap<MessageId, (BodyRef, bool)> = HashMap::new();
-        let mut written = false;
+        let mut arrivals = Arrivals::default();
         let mut responses = Vec::new();
         let tree = self.tree();
         let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
@@ -201,7 +145,13 @@ impl StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => responses.push(Response::Done),
                 EntryPayload::Normal(req) => {
-                    written |= self.body_refs(entry.log_id.index, &req, &mut bodies)?;
+                    arrivals.collect(
+                        &self.bodies,
+                        &self.log,
+                        &self.recent,
+                        entry.log_id.index,
+                        &req,
+                    )?;
                     let from = touched.events.len();
                     responses.push(state.apply(&req, &mut touched));
                     // Keyed by the entry: re-applying it after a crash
@@ -218,68 +168,51 @@ impl StateMachineStore {
         }
         self.header.cluster_time = state.cluster_time();
 
-        let pinned = self.pins.load(Ordering::Acquire) > 0;
+        let pinned = self.reclaim.pinned();
         let mut batch = sled::Batch::default();
-        let mut retained = Vec::new();
-        let mut released = Vec::new();
         touched.ids.sort_unstable();
         touched.ids.dedup();
         for id in &touched.ids {
             match state.get(id) {
                 Some(m) => {
                     batch.insert(&message_key(id), postcard::to_stdvec(m)?);
-                    // A message queued before keeps the body it has.
-                    if let Some((r, counted)) = bodies.remove(id) {
-                        if tree.contains_key(body_key(id))? {
-                            if counted {
-                                released.push(r);
-                            }
-                        } else {
-                            batch.insert(&body_key(id), postcard::to_stdvec(&r)?);
-                            if !counted {
-                                retained.push(r);
-                            }
-                        }
+                    let has_body = tree.contains_key(body_key(id))?;
+                    if let Some(Keep::Store(r)) = arrivals.keep(id, has_body) {
+                        batch.insert(&body_key(id), postcard::to_stdvec(&r)?);
                     }
                 }
                 None => {
                     batch.remove(&message_key(id));
                     if pinned {
-                        self.deferred.push(*id);
+                        self.reclaim.defer(*id);
                     } else if let Some(v) = tree.get(body_key(id))? {
                         batch.remove(&body_key(id));
-                        released.push(decode_ref(&v)?);
+                        arrivals.removed(decode_ref(&v)?);
                     }
                 }
             }
         }
-        // Written here but not kept (the message came and went in this batch).
-        released.extend(bodies.into_values().filter(|(_, c)| *c).map(|(r, _)| r));
         if !pinned {
-            for id in self.deferred.drain(..) {
+            for id in self.reclaim.take_deferred() {
                 if state.get(&id).is_some() {
                     continue;
                 }
                 if let Some(v) = tree.get(body_key(&id))? {
                     batch.remove(&body_key(&id));
-                    released.push(decode_ref(&v)?);
+                    arrivals.removed(decode_ref(&v)?);
                 }
             }
         }
         batch.insert(KEY_HEADER, postcard::to_stdvec(&self.header)?);
-        for r in &retained {
-            self.bodies.retain(r);
-        }
-        if written {
+        arrivals.retain_stored(&self.bodies);
+        if arrivals.wrote() {
             // Bodies this apply wrote must be on disk before sled can be.
             self.bodies.sync()?;
         }
         // The whole batch, with the applied log id, lands atomically.
         tree.apply_batch(batch)?;
         drop(state);
-        for r in &released {
-            self.bodies.release(r);
-        }
+        arrivals.release_dropped(&self.bodies);
         for e in touched.events {
             // Nobody listening is fine.
             let _ = self.shared.events.send(e);
@@ -293,7 +226,7 @@ impl StateMachineStore {
 
     /// Drop state trees an installed snapshot replaced, releasing their bodies.
     fn drop_stale_trees(&mut self) -> Result<(), StoreError> {
-        for name in self.stale_trees.drain(..) {
+        for name in self.reclaim.take_stale_trees() {
             let old = self.db.open_tree(name.as_bytes())?;
             for v in old.scan_prefix(b"b").values() {
                 self.bodies.release(&decode_ref(&v?)?);
@@ -308,247 +241,15 @@ impl StateMachineStore {
         let old = tree_name(self.gen);
         self.gen = installed.gen;
         self.header = installed.header;
-        self.deferred.clear();
-        self.stale_trees.push(old);
+        self.reclaim.retire_tree(old);
         *self.shared.tree.write().unwrap_or_else(|p| p.into_inner()) = installed.tree;
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = installed.state;
-        if self.pins.load(Ordering::Acquire) == 0 {
+        if !self.reclaim.pinned() {
             self.drop_stale_trees()?;
         }
         self.shared.applied.send_replace(self.header.applied);
         Ok(())
     }
-}
-
-/// A snapshot written into a new state tree generation, now live on disk.
-struct Installed {
-    gen: u64,
-    tree: sled::Tree,
-    state: QueueState,
-    header: SmHeader,
-}
-
-/// Load a received snapshot into a fresh tree generation and switch to it.
-fn install_file(
-    db: &sled::Db,
-    bodies: &Bodies,
-    meta_tree: &sled::Tree,
-    snapshots: &SnapshotFiles,
-    gen: u64,
-    meta: &SnapshotMeta,
-    file: std::fs::File,
-) -> Result<Installed, StoreError> {
-    let name = tree_name(gen);
-    db.drop_tree(name.as_bytes())?;
-    let tree = db.open_tree(&name)?;
-    let mut written: Vec<BodyRef> = Vec::new();
-    let mut copy_file: Option<PathBuf> = None;
-    let fill = || -> Result<(QueueState, SmHeader), StoreError> {
-        // Keep a copy of what we read as our own current snapshot.
-        let (copy_path, copy) = snapshots.temp("install")?;
-        copy_file = Some(copy_path.clone());
-        let tee = Tee {
-            r: BufReader::new(file),
-            w: BufWriter::new(copy),
-        };
-        let (header, mut reader) = SnapshotReader::open(tee)?;
-        if header.meta.last_log_id != meta.last_log_id {
-            return Err(StoreError::Corrupt(
-                "snapshot data does not match its metadata".into(),
-            ));
-        }
-        // The count is the sender's word: grow with what really arrives.
-        let mut messages = Vec::with_capacity(header.messages.min(4096) as usize);
-        let mut batch = sled::Batch::default();
-        let mut batch_bytes = 0;
-        while let Some((m, body)) = reader.next_message()? {
-            batch_bytes += body.len();
-            let r = bodies.append(&body)?;
-            written.push(r);
-            batch.insert(&message_key(&m.id), postcard::to_stdvec(&m)?);
-            batch.insert(&body_key(&m.id), postcard::to_stdvec(&r)?);
-            messages.push(m);
-            if batch_bytes > INSTALL_BATCH_BYTES {
-                tree.apply_batch(std::mem::take(&mut batch))?;
-                flush_all(db, bodies)?;
-                batch_bytes = 0;
-            }
-        }
-        let new_header = SmHeader {
-            applied: meta.last_log_id,
-            membership: meta.last_membership.clone(),
-            cluster_time: header.cluster_time,
-        };
-        batch.insert(KEY_HEADER, postcard::to_stdvec(&new_header)?);
-        tree.apply_batch(batch)?;
-        let Tee { w, .. } = reader.into_inner();
-        let copy = w.into_inner().map_err(|e| e.into_error())?;
-        copy.sync_all()?;
-        snapshots.publish(&copy_path, meta, true)?;
-        flush_all(db, bodies)?;
-        // The switch: one write names the new generation live.
-        meta_tree.insert(KEY_SM_TREE, &gen.to_be_bytes())?;
-        flush_all(db, bodies)?;
-        Ok((
-            QueueState::restore(header.cluster_time, messages),
-            new_header,
-        ))
-    };
-    let r = fill();
-    if r.is_err() {
-        // The generation is never made live; its bodies are nobody's, and
-        // the copy of a snapshot that failed is no snapshot.
-        for w in &written {
-            bodies.release(w);
-        }
-        if let Some(p) = &copy_file {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    let (state, header) = r?;
-    Ok(Installed {
-        gen,
-        tree,
-        state,
-        header,
-    })
-}
-
-impl SnapshotFiles {
-    fn open(dir: PathBuf) -> Result<Self, StoreError> {
-        // Leftovers of builds or transfers cut short.
-        for e in std::fs::read_dir(&dir)? {
-            let p = e?.path();
-            if p.extension().is_some_and(|x| x == "tmp") {
-                let _ = std::fs::remove_file(&p);
-            }
-        }
-        let current = match std::fs::File::open(dir.join(CURRENT)) {
-            Ok(f) => Some(SnapshotReader::open(BufReader::new(f))?.0.meta),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e.into()),
-        };
-        Ok(SnapshotFiles {
-            dir,
-            current: Mutex::new(current),
-            seq: AtomicU64::new(0),
-        })
-    }
-
-    fn temp(&self, what: &str) -> Result<(PathBuf, std::fs::File), StoreError> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{what}-{n}.tmp"));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        Ok((path, f))
-    }
-
-    /// Make the file at `path` the current snapshot, unless a newer one is
-    /// already current (a build that finished after an install). `force` is
-    /// for installs, which always replace.
-    fn publish(&self, path: &Path, meta: &SnapshotMeta, force: bool) -> Result<bool, StoreError> {
-        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let newer = cur
-            .as_ref()
-            .is_none_or(|c| c.last_log_id <= meta.last_log_id);
-        if !(force || newer) {
-            std::fs::remove_file(path)?;
-            return Ok(false);
-        }
-        std::fs::rename(path, self.dir.join(CURRENT))?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        *cur = Some(meta.clone());
-        Ok(true)
-    }
-}
-
-/// Copies everything read from `r` into `w`.
-struct Tee<R, W> {
-    r: R,
-    w: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.r.read(buf)?;
-        self.w.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
-/// Decrements the pin count when a builder is done, however it ends.
-pub(crate) struct Pin(pub(crate) Arc<AtomicUsize>);
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-pub struct SnapshotBuilder {
-    state: QueueState,
-    header: SmHeader,
-    tree: sled::Tree,
-    bodies: Arc<Bodies>,
-    snapshots: Arc<SnapshotFiles>,
-    pin: Option<Pin>,
-}
-
-fn build_file(
-    state: QueueState,
-    header: SmHeader,
-    tree: sled::Tree,
-    bodies: &Bodies,
-    snapshots: &SnapshotFiles,
-) -> Result<(SnapshotMeta, std::fs::File), StoreError> {
-    let last = header.applied;
-    let n = snapshots.seq.fetch_add(1, Ordering::Relaxed);
-    let meta = SnapshotMeta {
-        last_log_id: last,
-        last_membership: header.membership.clone(),
-        snapshot_id: match last {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
-            None => format!("0-0-{n}"),
-        },
-    };
-    let (path, file) = snapshots.temp("build")?;
-    let snap_header = SnapshotHeader {
-        meta: meta.clone(),
-        cluster_time: state.cluster_time(),
-        messages: state.len() as u64,
-    };
-    let file = write_queue(BufWriter::new(file), &snap_header, &state, &tree, bodies)?
-        .into_inner()
-        .map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    // Open before publishing: if a newer snapshot wins, the unlinked file
-    // stays readable through this handle.
-    let read = std::fs::File::open(&path)?;
-    snapshots.publish(&path, &meta, false)?;
-    Ok((meta, read))
-}
-
-/// Write the queue `state` (body references from `tree`) in the snapshot
-/// format. The caller holds a pin, so every body the state names is still there.
-pub(crate) fn write_queue<W: std::io::Write>(
-    w: W,
-    header: &SnapshotHeader,
-    state: &QueueState,
-    tree: &sled::Tree,
-    bodies: &Bodies,
-) -> Result<W, StoreError> {
-    let mut w = SnapshotWriter::new(w, header)?;
-    for m in state.messages() {
-        let r = tree
-            .get(body_key(&m.id))?
-            .ok_or_else(|| StoreError::Corrupt(format!("body of {} missing", m.id)))?;
-        w.add(m, &bodies.read(&decode_ref(&r)?)?)?;
-    }
-    w.finish()
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> SErr {
@@ -557,29 +258,6 @@ fn sm_err(e: impl std::error::Error + 'static) -> SErr {
 
 fn snap_err(e: impl std::error::Error + 'static) -> SErr {
     StorageIOError::write_snapshot(None, &e).into()
-}
-
-impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
-        let state = std::mem::take(&mut self.state);
-        let header = self.header.clone();
-        let tree = self.tree.clone();
-        let bodies = self.bodies.clone();
-        let snapshots = self.snapshots.clone();
-        let pin = self.pin.take();
-        let (meta, file) = tokio::task::spawn_blocking(move || {
-            let r = build_file(state, header, tree, &bodies, &snapshots);
-            drop(pin);
-            r
-        })
-        .await
-        .map_err(snap_err)?
-        .map_err(snap_err)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(tokio::fs::File::from_std(file)),
-        })
-    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -600,7 +278,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.pins.fetch_add(1, Ordering::AcqRel);
         SnapshotBuilder {
             state: self
                 .shared
@@ -612,7 +289,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             tree: self.tree(),
             bodies: self.bodies.clone(),
             snapshots: self.snapshots.clone(),
-            pin: Some(Pin(self.pins.clone())),
+            pin: Some(self.reclaim.pin()),
         }
     }
 

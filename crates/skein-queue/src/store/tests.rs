@@ -328,7 +328,7 @@ async fn random_commands_with_reopens_match_the_model() {
 /// Bodies and log entries larger than a chunk come back whole, in order,
 /// and truncation and purging remove every chunk of an entry.
 #[tokio::test(flavor = "multi_thread")]
-async fn large_values_are_chunked_and_read_back_whole() {
+async fn large_bodies_read_back_whole_through_truncate_and_purge() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path()).unwrap();
     let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();

@@ -8,6 +8,13 @@
 //! u32 LE CRC-32 of everything before it
 //! ```
 //! The same format serves `skeinctl backup`.
+//!
+//! Beside the format: [`files`] (the snapshot directory), `build` (writing
+//! one from the queue) and `install` (loading a received one).
+
+pub(crate) mod build;
+pub(crate) mod files;
+pub(crate) mod install;
 
 use std::io::{self, Read, Write};
 

@@ -1,0 +1,213 @@
+//! Who holds a body, and when its segment may go.
+//!
+//! A body is written to a segment once per node ([`Bodies::append`], which
+//! hands the writer one count) and then held by whoever names it:
+//!
+//! 1. **A log entry.** The log writes an entry's bodies when it appends it
+//!    and keeps that count until truncate or purge removes the entry.
+//! 2. **A queued message.** The state tree's `b<id>` holds one count while
+//!    the message is queued. Applying an entry that is in the log takes a new
+//!    count ([`Arrived::InLog`]); applying one that is not (tools apply
+//!    entries directly) writes the body and moves the writer's count to the
+//!    message ([`Arrived::Written`]). A message that already has a body keeps
+//!    it, and a body written for a message that is gone again by the end of
+//!    the apply is dropped.
+//! 3. **A snapshot builder.** While one runs ([`Reclaim::pin`]), nothing
+//!    removed from the state loses its body: removed messages wait in
+//!    [`Reclaim`] with their `b<id>`, and state trees replaced by an
+//!    installed snapshot wait with theirs. The first apply with no builder
+//!    running lets them go.
+//!
+//! A segment goes when no count is left (and, for crash safety, only once
+//! the sled flush after the last release has finished — see [`super::bodies`]).
+//! On open, counts are rebuilt from what sled names: every log entry and
+//! every `b<id>` of a queued message; a `b<id>` whose message is gone was
+//! waiting in [`Reclaim`] and is forgotten.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::log::{stored_refs, SharedRecent};
+use super::{Bodies, BodyRef, StoreError};
+use crate::{MessageId, Request};
+
+/// How a body reached one apply.
+#[derive(Clone, Copy)]
+pub(crate) enum Arrived {
+    /// Named by the stored log entry: the log keeps its count, a message
+    /// that keeps the body takes its own.
+    InLog(BodyRef),
+    /// Written by this apply: the count is the apply's to give to the
+    /// message or to release.
+    Written(BodyRef),
+}
+
+/// What a queued message does about a body that arrived for it.
+pub(crate) enum Keep {
+    /// It has a body already; nothing to store.
+    Had,
+    /// Store this reference under `b<id>`.
+    Store(BodyRef),
+}
+
+/// The bodies the entries of one apply carry, by message id, and the count
+/// changes the apply makes. Retains happen before the state batch is
+/// written, releases after it.
+#[derive(Default)]
+pub(crate) struct Arrivals {
+    by_id: HashMap<MessageId, Arrived>,
+    wrote: bool,
+    retain: Vec<BodyRef>,
+    release: Vec<BodyRef>,
+}
+
+impl Arrivals {
+    /// Note the bodies of the entry at `index`: the references the log
+    /// stored them under, or, for an entry not in the log, written now.
+    pub(crate) fn collect(
+        &mut self,
+        bodies: &Bodies,
+        log: &sled::Tree,
+        recent: &SharedRecent,
+        index: u64,
+        req: &Request,
+    ) -> Result<(), StoreError> {
+        let carried = req.cmd.bodies();
+        if carried.is_empty() {
+            return Ok(());
+        }
+        if let Some(refs) = stored_refs(log, recent, index)? {
+            if refs.len() == carried.len() {
+                for ((id, _), r) in carried.iter().zip(refs) {
+                    self.arrive(*id, Arrived::InLog(r));
+                }
+                return Ok(());
+            }
+        }
+        for (id, body) in carried {
+            let r = bodies.append(body)?;
+            self.arrive(id, Arrived::Written(r));
+        }
+        self.wrote = true;
+        Ok(())
+    }
+
+    /// A later body for the same message replaces an earlier one.
+    fn arrive(&mut self, id: MessageId, a: Arrived) {
+        if let Some(Arrived::Written(old)) = self.by_id.insert(id, a) {
+            self.release.push(old);
+        }
+    }
+
+    /// The message `id` is queued after this apply; `has_body` says whether
+    /// its `b<id>` is already stored.
+    pub(crate) fn keep(&mut self, id: &MessageId, has_body: bool) -> Option<Keep> {
+        let arrived = self.by_id.remove(id)?;
+        Some(match (arrived, has_body) {
+            (Arrived::InLog(_), true) => Keep::Had,
+            (Arrived::Written(r), true) => {
+                self.release.push(r);
+                Keep::Had
+            }
+            (Arrived::InLog(r), false) => {
+                self.retain.push(r);
+                Keep::Store(r)
+            }
+            (Arrived::Written(r), false) => Keep::Store(r),
+        })
+    }
+
+    /// A queued message's stored `b<id>` was removed.
+    pub(crate) fn removed(&mut self, r: BodyRef) {
+        self.release.push(r);
+    }
+
+    /// Whether bodies were written, so segments must be synced before sled.
+    pub(crate) fn wrote(&self) -> bool {
+        self.wrote
+    }
+
+    /// Before the state batch: counts for the references it stores.
+    pub(crate) fn retain_stored(&mut self, bodies: &Bodies) {
+        for r in self.retain.drain(..) {
+            bodies.retain(&r);
+        }
+    }
+
+    /// After the state batch: counts for what it removed, and for bodies
+    /// written for messages that did not stay.
+    pub(crate) fn release_dropped(self, bodies: &Bodies) {
+        let unkept = self.by_id.into_values().filter_map(|a| match a {
+            Arrived::Written(r) => Some(r),
+            Arrived::InLog(_) => None,
+        });
+        for r in self.release.iter().copied().chain(unkept) {
+            bodies.release(&r);
+        }
+    }
+}
+
+/// What waits for snapshot builders to finish before it may go (rule 3).
+#[derive(Default)]
+pub(crate) struct Reclaim {
+    pins: Arc<AtomicUsize>,
+    /// Messages removed while pinned; their `b<id>` still holds the body.
+    deferred: Vec<MessageId>,
+    /// State trees replaced by an installed snapshot, still holding theirs.
+    stale_trees: Vec<String>,
+}
+
+impl Reclaim {
+    /// Held by a snapshot builder for as long as it runs.
+    pub(crate) fn pin(&self) -> Pin {
+        Pin::on(&self.pins)
+    }
+
+    /// The count of running builders, as readers outside the apply see it.
+    pub(crate) fn pins(&self) -> Arc<AtomicUsize> {
+        self.pins.clone()
+    }
+
+    pub(crate) fn pinned(&self) -> bool {
+        self.pins.load(Ordering::Acquire) > 0
+    }
+
+    pub(crate) fn defer(&mut self, id: MessageId) {
+        self.deferred.push(id);
+    }
+
+    /// Removed messages whose bodies may go now that nothing is pinned.
+    pub(crate) fn take_deferred(&mut self) -> Vec<MessageId> {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// A snapshot replaced the state tree `name`: the deferred removals
+    /// belonged to it, and it goes once nothing is pinned.
+    pub(crate) fn retire_tree(&mut self, name: String) {
+        self.deferred.clear();
+        self.stale_trees.push(name);
+    }
+
+    pub(crate) fn take_stale_trees(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.stale_trees)
+    }
+}
+
+/// One running snapshot builder (or reader); the pin goes when it drops,
+/// however the builder ends.
+pub(crate) struct Pin(Arc<AtomicUsize>);
+
+impl Pin {
+    /// Pin through a shared count (readers outside the store's apply).
+    pub(crate) fn on(pins: &Arc<AtomicUsize>) -> Pin {
+        pins.fetch_add(1, Ordering::AcqRel);
+        Pin(pins.clone())
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
