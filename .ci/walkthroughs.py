@@ -4,7 +4,7 @@
 A walk-through is the shell blocks of README.md and docs/*.md marked with an
 HTML comment (invisible on GitHub) just before the fence:
 
-    <!-- ci NAME: OPTION; OPTION ... -->
+    <!-- ci NAME: OPTION; OPTION ... -->   (or <!-- ci NAME --> without options)
     ```sh
     ...
     ```
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MARK = re.compile(r"^\s*<!-- ci ([\w-]+):\s*(.*?)\s*-->\s*$")
+MARK = re.compile(r"^\s*<!-- ci ([\w-]+)(?::\s*(.*?))?\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)```")
 
 
@@ -58,7 +58,7 @@ def steps(name):
             if not m or m.group(1) != name:
                 i += 1
                 continue
-            opts = [o.strip() for o in m.group(2).split(";") if o.strip()]
+            opts = [o.strip() for o in (m.group(2) or "").split(";") if o.strip()]
             j = i + 1
             block = None
             f = FENCE.match(lines[j]) if j < len(lines) else None

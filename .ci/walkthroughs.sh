@@ -19,4 +19,7 @@ fi
 python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd
 cargo build --locked -p skein-node --bin skeind -p skein-ctl --bin skeinctl
 bash .ci/image.sh
+# The compose demo ends with `down -v`; if it fails part way, its cluster
+# must not outlive the run either.
+trap 'docker-compose -f docker/compose.yml down -v --remove-orphans >/dev/null 2>&1 || true' EXIT
 python3 .ci/walkthroughs.py quickstart three-nodes check-config certificates compose
