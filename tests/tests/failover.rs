@@ -103,6 +103,18 @@ async fn sigkill_the_leader_under_load_loses_nothing() {
         resumed < Duration::from_secs(5),
         "acceptance took {resumed:?} to resume"
     );
+    // The survivors found the leader's port closed and settled who leads
+    // next, rather than waiting out their election timers.
+    for (i, n) in nodes.iter().enumerate() {
+        if i as u64 != leader - 1 {
+            let log = n.log();
+            assert!(
+                log.contains("nothing serves the leader's cluster port"),
+                "node {} did not notice the leader was gone:\n{log}",
+                i + 1
+            );
+        }
+    }
     all_delivered(&sink, &log, &nodes).await;
 }
 

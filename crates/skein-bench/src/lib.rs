@@ -5,6 +5,9 @@
 //!   acceptance (end of DATA to the reply).
 //! - `skein-bench` (a binary): starts 1- and 3-node clusters of release
 //!   `skeind` processes with a DNS server and a receiving MTA, drives the
-//!   load and prints a table.
+//!   load and prints a table; with `--failover N`, kills the leader of a
+//!   3-node cluster under load N times ([`failover`]) and prints how soon
+//!   survivors accept again.
 
+pub mod failover;
 pub mod load;

@@ -94,10 +94,10 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The envelope every message of a run carries, as commands.
 #[derive(Clone)]
-struct Envelope([Command; 3]);
+pub struct Envelope([Command; 3]);
 
 impl Envelope {
-    fn new(from: &str, rcpt: &str) -> anyhow::Result<Self> {
+    pub fn new(from: &str, rcpt: &str) -> anyhow::Result<Self> {
         let mail = parse_command(format!("MAIL FROM:<{from}>").as_bytes())?;
         let rcpt = parse_command(format!("RCPT TO:<{rcpt}>").as_bytes())?;
         Ok(Envelope([mail, rcpt, Command::Data]))
@@ -105,10 +105,10 @@ impl Envelope {
 }
 
 /// One load session, on the delivery engine's [`Session`].
-struct Conn(Session<TcpStream>);
+pub struct Conn(Session<TcpStream>);
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+    pub async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let mut s = Session::new(stream);
@@ -119,7 +119,7 @@ impl Conn {
     }
 
     /// Send one message; the final reply and the acceptance latency.
-    async fn send(&mut self, env: &Envelope, body: &[u8]) -> anyhow::Result<(Reply, Duration)> {
+    pub async fn send(&mut self, env: &Envelope, body: &[u8]) -> anyhow::Result<(Reply, Duration)> {
         let s = &mut self.0;
         // Envelope pipelined, as a PIPELINING client does.
         s.send_batch(&env.0, Stage::Mail, WAIT).await?;

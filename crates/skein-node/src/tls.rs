@@ -275,6 +275,11 @@ pub fn tls_incoming(
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
+                    // Closed before a word: a peer checking the port is
+                    // open (see cluster::succession), or a port scan.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "cluster connection closed before TLS")
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "cluster TLS handshake refused")
                     }

@@ -40,6 +40,14 @@ struct Args {
     /// memory and disk with it queued.
     #[arg(long)]
     hold: bool,
+    /// Instead: kill the leader of a fresh 3-node cluster (default Raft
+    /// timings) under load this many times and print, for each run, how
+    /// soon a survivor answered 250 again.
+    #[arg(long)]
+    failover: Option<usize>,
+    /// Sessions per node during `--failover`.
+    #[arg(long, default_value_t = 8)]
+    failover_sessions: usize,
 }
 
 #[tokio::main]
@@ -54,6 +62,9 @@ async fn main() -> anyhow::Result<()> {
         "{} not found: cargo build --release -p skein-node",
         skeind.display()
     );
+    if let Some(runs) = a.failover {
+        return failovers(&a, &skeind, runs).await;
+    }
     if !a.json {
         println!(
             "{} sessions, {} messages of {} bytes, every message replicated to a majority before its 250\n",
@@ -67,6 +78,32 @@ async fn main() -> anyhow::Result<()> {
     for n in &a.nodes {
         measure(&a, &skeind, *n).await?;
     }
+    Ok(())
+}
+
+async fn failovers(a: &Args, skeind: &std::path::Path, runs: usize) -> anyhow::Result<()> {
+    println!(
+        "3 nodes at default Raft timings, {} sessions per node, {} bytes per message; the leader is SIGKILLed after 3 s\n",
+        a.failover_sessions, a.size
+    );
+    let mut resumed = Vec::new();
+    for i in 1..=runs {
+        let r = skein_bench::failover::run_once(skeind, a.failover_sessions, a.size).await?;
+        println!(
+            "run {i}: first 250 from a survivor {:>4} ms after the kill ({} accepted before it, {} leader changes before it)",
+            r.resumed.as_millis(),
+            r.accepted_before,
+            r.elections_before
+        );
+        resumed.push(r.resumed);
+    }
+    resumed.sort();
+    println!(
+        "\nmedian {} ms, min {} ms, max {} ms over {runs} runs",
+        resumed[resumed.len() / 2].as_millis(),
+        resumed[0].as_millis(),
+        resumed[resumed.len() - 1].as_millis()
+    );
     Ok(())
 }
 
@@ -92,6 +129,10 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
             )
             .with_fixed_ports();
             c.lease = "30s".into();
+            // The product's Raft timings and commit timeout, not the
+            // tests' quick ones.
+            c.raft_timings = None;
+            c.commit_timeout = "10s".into();
             if a.hold {
                 // A queue at rest, as between retries: the test kit's
                 // one-second retries would have every node claiming and
@@ -119,6 +160,7 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
     let admins: Vec<SocketAddr> = configs.iter().map(|c| c.cluster).collect();
     wait_for_leader(&admins, Duration::from_secs(30)).await?;
 
+    let changes_at_start = skein_bench::failover::leader_changes(&configs).await;
     let started = Instant::now();
     let report = run(LoadSpec {
         targets: configs.iter().map(|c| c.smtp).collect(),
@@ -140,6 +182,8 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
     }
     let delivered = sink.message_count();
     let e2e = delivered as f64 / started.elapsed().as_secs_f64();
+    // A busy machine must not cost elections: each is a pause in commits.
+    let elections = skein_bench::failover::leader_changes(&configs).await - changes_at_start;
     let rss = nodes
         .iter()
         .filter_map(|p| p.pid())
@@ -154,6 +198,7 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         j["delivered"] = delivered.into();
         j["end_to_end_per_second"] = e2e.into();
         j["max_rss_mib"] = rss.into();
+        j["leader_changes"] = elections.into();
         println!("{j}");
     } else {
         println!(
@@ -166,6 +211,9 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
             e2e,
             rss
         );
+        if elections > 0.0 {
+            println!("      ({elections} leader changes during the run)");
+        }
         if report.refused + report.errors > 0 || delivered < report.accepted {
             println!(
                 "      ({} refused, {} session errors, {} of {} accepted delivered)",

@@ -12,6 +12,7 @@ mod control;
 mod network;
 mod receive;
 mod service;
+mod succession;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,8 +88,12 @@ impl Cluster {
         let raft_config = openraft::Config {
             cluster_name: "skein".into(),
             heartbeat_interval: c.heartbeat_interval.as_millis() as u64,
+            // Followers stand after a random time in [t, 1.25 t] without a
+            // leader. The top of the range is also the leader's lease (no
+            // vote is granted within it of its last message), which bounds
+            // how soon a crashed leader can be replaced: kept close to t.
             election_timeout_min: c.election_timeout.as_millis() as u64,
-            election_timeout_max: c.election_timeout.as_millis() as u64 * 2,
+            election_timeout_max: (c.election_timeout.as_millis() as u64) * 5 / 4,
             // Big snapshots travel in chunks; each chunk may take a while on a
             // slow link, the whole transfer much longer.
             install_snapshot_timeout: 60_000,

@@ -141,12 +141,15 @@ impl<'a> Parts<'a> {
         Ok(cluster)
     }
 
-    /// Compaction when quiet, leader changes and takeovers seen, the
-    /// history pruned, where the cluster takes mail, certificates watched.
+    /// Compaction when quiet, a gone leader replaced, leader changes and
+    /// takeovers seen, the history pruned, where the cluster takes mail,
+    /// certificates watched.
     pub fn observers(&mut self, cluster: &Cluster) {
         let (rx, m) = (&self.shutdown_rx, &self.metrics);
         self.tasks
             .spawn(cluster.clone().compact_when_quiet(rx.clone()));
+        self.tasks
+            .spawn(cluster.clone().take_over_from_gone_leaders(rx.clone()));
         self.tasks.spawn(crate::observe::leader_changes(
             cluster.clone(),
             m.clone(),
