@@ -510,7 +510,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for node in nodes.lock().await.values() {
         node.wait_ready(Duration::from_secs(30)).await?;
     }
-    wait_for_leader(&admins, Duration::from_secs(30)).await?;
+    if let Err(e) = wait_for_leader(&admins, Duration::from_secs(30)).await {
+        // What each node believes, and what it logged last: enough to see
+        // why the cluster did not settle.
+        for (id, node) in nodes.lock().await.iter() {
+            match status(plan.config(*id).admin_addr()).await {
+                Ok(s) => eprintln!("node {id}: leader {}, term {}", s.leader, s.term),
+                Err(e) => eprintln!("node {id}: no status: {e}"),
+            }
+            let log = node.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- node {id}, last log lines");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        return Err(e);
+    }
     let healed = faults_over.elapsed();
     // A little clean load after the storm, then stop sending.
     tokio::time::sleep(Duration::from_secs(3)).await;

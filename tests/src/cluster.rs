@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use skein_proto::v1::admin_client::AdminClient;
 use skein_proto::v1::{
-    AddNodeRequest, DrainReply, DrainRequest, ListQueueRequest, QueuedMessage, RemoveNodeRequest,
-    StatusReply, StatusRequest,
+    AddNodeRequest, DrainReply, DrainRequest, ListQueueRequest, MembershipReply, QueuedMessage,
+    RecoverReply, RecoverRequest, RemoveNodeRequest, StatusReply, StatusRequest,
 };
 
 use crate::config::{free_addr, TestConfig, TOKEN};
@@ -214,25 +214,59 @@ pub async fn status(addr: SocketAddr) -> anyhow::Result<StatusReply> {
         .into_inner())
 }
 
-/// Ask the node at `via` to add node `id` at `addr`.
+/// Ask the node at `via` to add node `id` at `addr` (a voter once caught up).
 pub async fn add_node(via: SocketAddr, id: u64, addr: SocketAddr) -> anyhow::Result<Vec<u64>> {
+    Ok(add_member(via, id, addr, false).await?.voters)
+}
+
+/// Ask the node at `via` to add node `id` at `addr`, a voter or (with
+/// `learner`) a non-voting replica.
+pub async fn add_member(
+    via: SocketAddr,
+    id: u64,
+    addr: SocketAddr,
+    learner: bool,
+) -> anyhow::Result<MembershipReply> {
     let r = admin(via)
         .await?
         .add_node(authed(AddNodeRequest {
             id,
             addr: addr.to_string(),
+            learner,
         }))
         .await?;
-    Ok(r.into_inner().voters)
+    Ok(r.into_inner())
 }
 
-/// Ask the node at `via` to remove node `id` from the voters.
+/// Ask the node at `via` to remove node `id` from the cluster.
 pub async fn remove_node(via: SocketAddr, id: u64) -> anyhow::Result<Vec<u64>> {
     let r = admin(via)
         .await?
         .remove_node(authed(RemoveNodeRequest { id }))
         .await?;
     Ok(r.into_inner().voters)
+}
+
+/// Ask the node at `via` to make learner `id` a voter (`promote`) or voter
+/// `id` a learner.
+pub async fn set_voter(via: SocketAddr, id: u64, promote: bool) -> anyhow::Result<MembershipReply> {
+    let mut a = admin(via).await?;
+    let r = if promote {
+        a.promote_node(authed(RemoveNodeRequest { id })).await?
+    } else {
+        a.demote_node(authed(RemoveNodeRequest { id })).await?
+    };
+    Ok(r.into_inner())
+}
+
+/// Ask the node at `addr` to recover as the single voter (or, without
+/// `force`, what that would lose).
+pub async fn recover(addr: SocketAddr, force: bool) -> anyhow::Result<RecoverReply> {
+    let r = admin(addr)
+        .await?
+        .recover(authed(RecoverRequest { force }))
+        .await?;
+    Ok(r.into_inner())
 }
 
 /// The queue as the node at `addr` sees it; `state` as `skeinctl queue list`.

@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use skein_proto::v1::admin_client::AdminClient;
 use skein_proto::v1::{
     AddNodeRequest, BackupChunk, BackupRequest, DrainRequest, ListQueueRequest, MessageRequest,
-    RemoveNodeRequest, RetryRequest, StatusRequest,
+    RecoverRequest, RemoveNodeRequest, RetryRequest, StatusRequest,
 };
 use tokio::io::AsyncWriteExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -127,9 +127,24 @@ pub enum ClusterCommand {
         id: u64,
         /// host:port where the cluster reaches the node.
         addr: String,
+        /// Leave it a learner: a non-voting replica (a second site) that
+        /// never counts toward a commit, so adds no latency to a 250.
+        #[arg(long)]
+        learner: bool,
     },
-    /// Remove a node from the voters and the cluster.
+    /// Remove a node (voter or learner) from the cluster.
     RemoveNode { id: u64 },
+    /// Make a caught-up learner a voter.
+    Promote { id: u64 },
+    /// Make a voter a learner.
+    Demote { id: u64 },
+    /// After a majority of the voters is lost for good: make the node
+    /// asked (--node) the single voter of a new configuration holding
+    /// everything it has. Without --force, only says what that would lose.
+    Recover {
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -376,11 +391,32 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), Failure> 
             let c = call!(a, delete_message, MessageRequest { id });
             render::changed("deleted", c.changed, json)
         }
-        Command::Cluster(ClusterCommand::AddNode { id, addr }) => {
-            render::membership(&call!(a, add_node, AddNodeRequest { id, addr }), json)
+        Command::Cluster(ClusterCommand::AddNode { id, addr, learner }) => {
+            let request = AddNodeRequest { id, addr, learner };
+            render::membership(&call!(a, add_node, request), json)
         }
         Command::Cluster(ClusterCommand::RemoveNode { id }) => {
             render::membership(&call!(a, remove_node, RemoveNodeRequest { id }), json)
+        }
+        Command::Cluster(ClusterCommand::Promote { id }) => {
+            render::membership(&call!(a, promote_node, RemoveNodeRequest { id }), json)
+        }
+        Command::Cluster(ClusterCommand::Demote { id }) => {
+            render::membership(&call!(a, demote_node, RemoveNodeRequest { id }), json)
+        }
+        Command::Cluster(ClusterCommand::Recover { force }) => {
+            let reply = call!(a, recover, RecoverRequest { force });
+            let text = render::recover(&reply, json);
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| io_failed("stdout", e))?;
+            return if reply.recovering {
+                Ok(())
+            } else {
+                Err(Failure::Failed(
+                    "not recovered: run again with --force to accept what the report says".into(),
+                ))
+            };
         }
         Command::Node(NodeCommand::Drain) => render::drain(&call!(a, drain, DrainRequest {}), json),
         Command::Trace { id } => render::trace(&call!(a, trace, MessageRequest { id }), json),

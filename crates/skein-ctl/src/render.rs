@@ -6,7 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use skein_proto::v1::{
-    DrainReply, MembershipReply, NodeStatus, QueuedMessage, RestoreReply, StatusReply, TraceReply,
+    DrainReply, MembershipReply, NodeStatus, QueuedMessage, RecoverReply, RestoreReply,
+    StatusReply, TraceReply,
 };
 
 fn to_json(v: &Value) -> String {
@@ -325,14 +326,53 @@ pub fn changed(what: &str, n: u64, json: bool) -> String {
 
 pub fn membership(m: &MembershipReply, json: bool) -> String {
     if json {
-        return to_json(&json!({ "voters": m.voters, "log_index": m.log_index }));
+        return to_json(&json!({
+            "voters": m.voters,
+            "learners": m.learners,
+            "log_index": m.log_index,
+        }));
     }
-    let voters: Vec<String> = m.voters.iter().map(u64::to_string).collect();
+    let list = |ids: &[u64]| {
+        if ids.is_empty() {
+            "none".to_string()
+        } else {
+            ids.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
     format!(
-        "voters now: {} (membership entry at log index {})\n",
-        voters.join(", "),
+        "voters now: {}; learners: {} (membership entry at log index {})\n",
+        list(&m.voters),
+        list(&m.learners),
         m.log_index
     )
+}
+
+pub fn recover(r: &RecoverReply, json: bool) -> String {
+    if json {
+        return to_json(&json!({
+            "node": r.node_id,
+            "last_log_index": r.last_log_index,
+            "committed_known": r.committed_known,
+            "committed_known_by": r.committed_known_by,
+            "reachable": r.reachable,
+            "unreachable": r.unreachable,
+            "recovering": r.recovering,
+            "summary": r.summary,
+        }));
+    }
+    let what = if r.recovering {
+        format!(
+            "node {} restarts as the single voter of a new configuration; add nodes with \
+             `skeinctl cluster add-node` (wipe the old members' data first)",
+            r.node_id
+        )
+    } else {
+        "nothing changed: run again with --force to recover here".to_string()
+    };
+    format!("{}\n{what}\n", r.summary)
 }
 
 pub fn drain(d: &DrainReply, json: bool) -> String {

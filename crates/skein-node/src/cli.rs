@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{Config, ConfigError, LogFormat};
+use crate::node::Restart;
 use crate::secrets::SecretSource;
 use crate::Node;
 use clap::{Parser, Subcommand};
@@ -195,17 +196,26 @@ async fn run(config: Config, drill_back_at: Option<u64>) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
-        let outage = tokio::select! {
+        let restart = tokio::select! {
             _ = term.recv() => break None,
             _ = tokio::signal::ctrl_c() => break None,
             why = cluster.failed() => break Some(why),
-            Some(outage) = fault => outage,
+            Some(restart) = fault => restart,
         };
-        // A drill: fail as a crash would — this process is replaced by a
-        // fresh one, which stays down for the outage and then starts from
-        // the data directory — whether or not skeinctl is still there.
+        // This process is replaced by a fresh one, which (after a drill's
+        // outage) starts from the data directory — whether or not skeinctl
+        // is still there.
+        let outage = match restart {
+            Restart::Drill(outage) => {
+                tracing::warn!(outage = ?outage, "down for a drill: restarting as after a crash");
+                outage
+            }
+            Restart::Recover => {
+                tracing::warn!("restarting to become the single voter of a new configuration");
+                Duration::ZERO
+            }
+        };
         let back_at = crate::clock::now_ms() + outage.as_millis() as u64;
-        tracing::warn!(outage = ?outage, "down for a drill: restarting as after a crash");
         let e = restart_after(back_at);
         // Only if the process could not be replaced: the same in-process.
         tracing::warn!(error = %e, "could not restart the process; halting in place");

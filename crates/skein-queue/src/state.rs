@@ -179,7 +179,9 @@ impl QueueState {
             attempts: 0,
             next_attempt: now,
             last_error: None,
-            lease: Some(Lease {
+            // No lease asked (a learner that does not deliver): due at once,
+            // for the voters to claim.
+            lease: (m.lease_ms > 0).then(|| Lease {
                 node: m.owner,
                 until: now.saturating_add(m.lease_ms),
             }),

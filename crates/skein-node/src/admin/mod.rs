@@ -5,6 +5,7 @@
 //! the local replica.
 
 mod backup;
+mod recover;
 mod view;
 
 use std::time::Duration;
@@ -45,7 +46,7 @@ pub struct NodeControl {
     pub lifecycle: crate::node::Lifecycle,
     /// Where a drill's fault goes: whoever runs the node (skeind) halts it
     /// and starts it again after the outage.
-    pub faults: tokio::sync::mpsc::UnboundedSender<Duration>,
+    pub faults: tokio::sync::mpsc::UnboundedSender<crate::node::Restart>,
 }
 
 /// The shortest and longest outage a drill may ask for.
@@ -77,6 +78,19 @@ impl AdminService {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         InterceptedService::new(server, RequireToken(token.clone()))
+    }
+
+    async fn membership(&self, change: Change) -> Result<Response<MembershipReply>, Status> {
+        let m = self
+            .cluster
+            .change_membership(change)
+            .await
+            .map_err(crate::cluster::control_status)?;
+        Ok(Response::new(MembershipReply {
+            voters: m.voters,
+            learners: m.learners,
+            log_index: m.log_index,
+        }))
     }
 
     async fn admin(&self, cmd: AdminCommand) -> Result<u64, Status> {
@@ -202,15 +216,12 @@ impl Admin for AdminService {
                 r.addr
             )));
         }
-        let (voters, log_index) = self
-            .cluster
-            .change_membership(Change::Add {
-                id: r.id,
-                addr: r.addr,
-            })
-            .await
-            .map_err(crate::cluster::control_status)?;
-        Ok(Response::new(MembershipReply { voters, log_index }))
+        self.membership(Change::Add {
+            id: r.id,
+            addr: r.addr,
+            learner: r.learner,
+        })
+        .await
     }
 
     async fn remove_node(
@@ -218,12 +229,33 @@ impl Admin for AdminService {
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<MembershipReply>, Status> {
         let id = req.into_inner().id;
-        let (voters, log_index) = self
-            .cluster
-            .change_membership(Change::Remove { id })
+        self.membership(Change::Remove { id }).await
+    }
+
+    async fn promote_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let id = req.into_inner().id;
+        self.membership(Change::Promote { id }).await
+    }
+
+    async fn demote_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let id = req.into_inner().id;
+        self.membership(Change::Demote { id }).await
+    }
+
+    async fn recover(
+        &self,
+        req: Request<RecoverRequest>,
+    ) -> Result<Response<RecoverReply>, Status> {
+        let force = req.into_inner().force;
+        recover::recover(&self.cluster, &self.control.faults, &self.data_dir, force)
             .await
-            .map_err(crate::cluster::control_status)?;
-        Ok(Response::new(MembershipReply { voters, log_index }))
+            .map(Response::new)
     }
 
     async fn drain(&self, _req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
@@ -288,7 +320,7 @@ impl Admin for AdminService {
         let faults = self.control.faults.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let _ = faults.send(outage);
+            let _ = faults.send(crate::node::Restart::Drill(outage));
         });
         Ok(Response::new(FaultReply {
             node_id: self.cluster.id(),

@@ -40,8 +40,28 @@ pub const CATCH_UP_STALL: Duration = Duration::from_secs(30);
 /// A membership change.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Add { id: NodeId, addr: String },
+    /// A learner until caught up, then a voter — or, with `learner`, a
+    /// non-voting replica for good.
+    Add {
+        id: NodeId,
+        addr: String,
+        learner: bool,
+    },
+    /// Out of the cluster, voter or learner.
     Remove { id: NodeId },
+    /// A caught-up learner becomes a voter.
+    Promote { id: NodeId },
+    /// A voter becomes a learner.
+    Demote { id: NodeId },
+}
+
+/// The membership after a change.
+#[derive(Debug, Clone, Default)]
+pub struct Members {
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// The log index of the membership entry.
+    pub log_index: u64,
 }
 
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ControlError {
@@ -69,12 +89,8 @@ pub fn role_name(state: ServerState, is_leader: bool) -> &'static str {
 }
 
 impl Cluster {
-    /// Make `change` on the leader, from whichever node is asked; returns
-    /// the voters after it and the log index of the change.
-    pub async fn change_membership(
-        &self,
-        change: Change,
-    ) -> Result<(Vec<NodeId>, u64), ControlError> {
+    /// Make `change` on the leader, from whichever node is asked.
+    pub async fn change_membership(&self, change: Change) -> Result<Members, ControlError> {
         let leader = self
             .wait_for_leader_id()
             .await
@@ -92,9 +108,21 @@ impl Cluster {
             .channel_for(leader, self.raft())
             .await
             .ok_or_else(|| ControlError::Unreachable(leader, "no known address".into()))?;
+        use change_membership_request::Change as Wire;
         let (node_id, change) = match change {
-            Change::Add { id, addr } => (id, change_membership_request::Change::AddAddr(addr)),
-            Change::Remove { id } => (id, change_membership_request::Change::Remove(true)),
+            Change::Add {
+                id,
+                addr,
+                learner: false,
+            } => (id, Wire::AddAddr(addr)),
+            Change::Add {
+                id,
+                addr,
+                learner: true,
+            } => (id, Wire::AddLearnerAddr(addr)),
+            Change::Remove { id } => (id, Wire::Remove(true)),
+            Change::Promote { id } => (id, Wire::Promote(true)),
+            Change::Demote { id } => (id, Wire::Demote(true)),
         };
         let reply = self
             .peers()
@@ -111,18 +139,29 @@ impl Cluster {
                 _ => ControlError::Refused(s.message().to_string()),
             })?
             .into_inner();
-        Ok((reply.voters, reply.log_index))
+        Ok(Members {
+            voters: reply.voters,
+            learners: reply.learners,
+            log_index: reply.log_index,
+        })
     }
 
     /// The change itself; this node must be the leader.
     pub(crate) async fn change_membership_here(
         &self,
         change: Change,
-    ) -> Result<(Vec<NodeId>, u64), ControlError> {
+    ) -> Result<Members, ControlError> {
         let raft = self.raft();
+        let voters = self.voters();
+        let learners = self.learners();
         let resp = match change {
-            Change::Add { id, addr } => {
-                tracing::info!(node = id, addr = %addr, "adding a node: learner until caught up");
+            Change::Add { id, addr, learner } => {
+                if voters.contains(&id) || learners.contains(&id) {
+                    return Err(ControlError::Refused(format!(
+                        "node {id} is already a member"
+                    )));
+                }
+                tracing::info!(node = id, addr = %addr, learner, "adding a node: learner until caught up");
                 let added = raft
                     .add_learner(id, BasicNode { addr: addr.clone() }, false)
                     .await
@@ -138,31 +177,69 @@ impl Cluster {
                          cluster CA?"
                     )));
                 }
-                tracing::info!(node = id, "node caught up; making it a voter");
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                if learner {
+                    tracing::info!(node = id, "node caught up; it stays a learner");
+                    added
+                } else {
+                    tracing::info!(node = id, "node caught up; making it a voter");
+                    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(write_error)?
+                }
+            }
+            Change::Remove { id } if learners.contains(&id) => {
+                tracing::info!(node = id, "removing a learner");
+                raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
                     .await
                     .map_err(write_error)?
             }
+            Change::Remove { id } | Change::Demote { id } if !voters.contains(&id) => {
+                return Err(ControlError::Refused(format!("node {id} is not a voter")));
+            }
+            Change::Remove { .. } | Change::Demote { .. } if voters.len() == 1 => {
+                return Err(ControlError::Refused(
+                    "cannot take away the last voter".into(),
+                ));
+            }
             Change::Remove { id } => {
-                let voters = self.voters();
-                if !voters.contains(&id) {
-                    return Err(ControlError::Refused(format!("node {id} is not a voter")));
-                }
-                if voters.len() == 1 {
-                    return Err(ControlError::Refused("cannot remove the last voter".into()));
-                }
                 tracing::info!(node = id, "removing a node from the voters");
                 raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                     .await
                     .map_err(write_error)?
             }
+            Change::Demote { id } => {
+                tracing::info!(node = id, "making a voter a learner");
+                raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
+                    .await
+                    .map_err(write_error)?
+            }
+            Change::Promote { id } => {
+                if !learners.contains(&id) {
+                    return Err(ControlError::Refused(format!("node {id} is not a learner")));
+                }
+                let last = self.raft().metrics().borrow().last_log_index.unwrap_or(0);
+                if let Err(why) = self.wait_caught_up(id, last).await {
+                    return Err(ControlError::Refused(format!(
+                        "node {id} {why}: not made a voter"
+                    )));
+                }
+                tracing::info!(node = id, "making a learner a voter");
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(write_error)?
+            }
         };
-        let voters = resp
-            .membership
-            .as_ref()
-            .map(|m| m.voter_ids().collect())
-            .unwrap_or_default();
-        Ok((voters, resp.log_id.index))
+        Ok(match resp.membership.as_ref() {
+            Some(m) => Members {
+                voters: m.voter_ids().collect(),
+                learners: m.learner_ids().collect(),
+                log_index: resp.log_id.index,
+            },
+            None => Members {
+                log_index: resp.log_id.index,
+                ..Members::default()
+            },
+        })
     }
 
     /// Wait until the new learner `id` holds the log up to `index` (the
@@ -201,7 +278,6 @@ impl Cluster {
         }
     }
 
-    /// This node's view of itself.
     /// The voters of the membership this node knows.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.raft()
@@ -213,6 +289,30 @@ impl Cluster {
             .collect()
     }
 
+    /// The learners (non-voting replicas) of the membership this node knows.
+    pub fn learners(&self) -> BTreeSet<NodeId> {
+        self.raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .learner_ids()
+            .collect()
+    }
+
+    /// Whether this node is a learner: it never counts toward a commit.
+    pub fn is_learner(&self) -> bool {
+        let me = self.id();
+        self.raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .learner_ids()
+            .any(|l| l == me)
+    }
+
+    /// This node's view of itself.
     pub fn node_info(&self) -> NodeInfoReply {
         let m = self.raft().metrics().borrow().clone();
         let is_leader = m.current_leader == Some(m.id);
@@ -234,6 +334,7 @@ impl Cluster {
             matched,
             smtp_addrs: self.smtp_addrs().iter().map(|a| a.to_string()).collect(),
             version: env!("CARGO_PKG_VERSION").into(),
+            can_commit: self.can_commit(),
         }
     }
 

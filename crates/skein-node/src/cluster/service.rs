@@ -253,18 +253,30 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<ChangeMembershipReply>, Status> {
         check_certificate(&self.cluster, &req)?;
         let r = req.into_inner();
+        use change_membership_request::Change as Wire;
+        let id = r.node_id;
         let change = match r.change {
-            Some(change_membership_request::Change::AddAddr(addr)) => Change::Add {
-                id: r.node_id,
+            Some(Wire::AddAddr(addr)) => Change::Add {
+                id,
                 addr,
+                learner: false,
             },
-            Some(change_membership_request::Change::Remove(_)) => Change::Remove { id: r.node_id },
+            Some(Wire::AddLearnerAddr(addr)) => Change::Add {
+                id,
+                addr,
+                learner: true,
+            },
+            Some(Wire::Remove(_)) => Change::Remove { id },
+            Some(Wire::Promote(_)) => Change::Promote { id },
+            Some(Wire::Demote(_)) => Change::Demote { id },
             None => return Err(Status::invalid_argument("no change given")),
         };
         match self.cluster.change_membership(change).await {
-            Ok((voters, log_index)) => {
-                Ok(Response::new(ChangeMembershipReply { voters, log_index }))
-            }
+            Ok(m) => Ok(Response::new(ChangeMembershipReply {
+                voters: m.voters,
+                learners: m.learners,
+                log_index: m.log_index,
+            })),
             Err(e) => Err(control_status(e)),
         }
     }

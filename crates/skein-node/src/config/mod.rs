@@ -129,6 +129,10 @@ pub struct DeliveryConfig {
     pub lease: Duration,
     /// How often an idle node looks for due mail to claim.
     pub claim_interval: Duration,
+    /// Whether this node delivers while it is a learner (a non-voting
+    /// replica, e.g. at a second site). Off: mail accepted there is left
+    /// to the voters to claim.
+    pub deliver_as_learner: bool,
     pub concurrency_per_domain: usize,
     /// Deliveries one node runs at once.
     pub max_concurrency: usize,

@@ -87,6 +87,7 @@ pub struct RawDelivery {
     pub delay_warning: Option<String>,
     pub lease: Option<String>,
     pub claim_interval: Option<String>,
+    pub deliver_as_learner: Option<bool>,
     pub concurrency_per_domain: Option<u64>,
     pub max_concurrency: Option<u64>,
     pub connect_timeout: Option<String>,

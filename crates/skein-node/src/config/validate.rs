@@ -733,6 +733,7 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
         delay_warning,
         lease,
         claim_interval,
+        deliver_as_learner: r.deliver_as_learner.unwrap_or(false),
         concurrency_per_domain: concurrency_per_domain as usize,
         max_concurrency: max_concurrency as usize,
         connect_timeout,

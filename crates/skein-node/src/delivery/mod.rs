@@ -126,6 +126,12 @@ impl Worker {
         *self.draining.borrow()
     }
 
+    /// Whether this node claims mail: not while it is a learner, unless
+    /// `delivery.deliver_as_learner` says so.
+    fn claims(&self) -> bool {
+        self.cfg.deliver_as_learner || !self.cluster.is_learner()
+    }
+
     /// Mark a message in flight; false if it already is.
     fn begin(&self, id: MessageId) -> bool {
         self.in_flight
@@ -206,7 +212,7 @@ async fn claimer(w: Arc<Worker>) {
             _ = draining.wait_for(|d| *d) => return,
         }
         let capacity = w.slots.available_permits().min(64);
-        if capacity == 0 || !w.cluster.reader().read().has_claimable(now_ms()) {
+        if capacity == 0 || !w.claims() || !w.cluster.reader().read().has_claimable(now_ms()) {
             continue;
         }
         let cmd = Command::Claim {

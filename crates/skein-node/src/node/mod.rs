@@ -18,6 +18,17 @@ use tokio::task::JoinSet;
 
 pub use lifecycle::Lifecycle;
 
+/// A restart asked of whoever runs the node: skeind replaces its process,
+/// which closes every socket and file at once, as a crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// A drill: stay down this long, then start from the data directory.
+    Drill(Duration),
+    /// `cluster recover --force`: start again at once; opening the store
+    /// makes this node the single voter.
+    Recover,
+}
+
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::delivery::DeliveryHandle;
@@ -34,7 +45,7 @@ pub struct Node {
     /// Ends every SMTP session at once (a drill's crash).
     halt: watch::Sender<bool>,
     /// Faults asked for by a drill, for whoever runs the node.
-    faults: Option<mpsc::UnboundedReceiver<Duration>>,
+    faults: Option<mpsc::UnboundedReceiver<Restart>>,
     tasks: JoinSet<()>,
     pub smtp_addrs: Vec<SocketAddr>,
     pub submission_addrs: Vec<SocketAddr>,
@@ -109,7 +120,7 @@ impl Node {
     /// The faults a drill asks of this node (`skeinctl drill`): each is an
     /// outage to fail for, as a crash would. Whoever runs the node takes
     /// them (skeind does: it replaces its process, see `cli`).
-    pub fn take_faults(&mut self) -> Option<mpsc::UnboundedReceiver<Duration>> {
+    pub fn take_faults(&mut self) -> Option<mpsc::UnboundedReceiver<Restart>> {
         self.faults.take()
     }
 

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use skein_delivery::{Deliverer, OwnAddrs, Timeouts};
@@ -249,6 +248,7 @@ impl<'a> Parts<'a> {
             cluster.clone(),
             self.ids.clone(),
             c.delivery.lease.as_millis() as u64,
+            c.delivery.deliver_as_learner,
             dispatcher,
             self.metrics.clone(),
         );
@@ -306,7 +306,7 @@ impl<'a> Parts<'a> {
         secret: &Secret,
         admin_token: &Secret,
         lifecycle: Lifecycle,
-        faults: mpsc::UnboundedSender<Duration>,
+        faults: mpsc::UnboundedSender<super::Restart>,
     ) -> anyhow::Result<SocketAddr> {
         let c = self.config;
         let addr = listener.local_addr()?;

@@ -112,6 +112,8 @@ pub struct Acceptor {
     cluster: Cluster,
     ids: Arc<IdGenerator>,
     lease_ms: u64,
+    /// `delivery.deliver_as_learner`.
+    deliver_as_learner: bool,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
 }
@@ -121,6 +123,7 @@ impl Acceptor {
         cluster: Cluster,
         ids: Arc<IdGenerator>,
         lease_ms: u64,
+        deliver_as_learner: bool,
         dispatcher: Dispatcher,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -128,6 +131,7 @@ impl Acceptor {
             ids,
             cluster,
             lease_ms,
+            deliver_as_learner,
             dispatcher,
             metrics,
         }
@@ -138,7 +142,8 @@ impl Acceptor {
     }
 
     /// Commit the message through Raft (this node takes the delivery lease in
-    /// the same entry), then hand it to this node's delivery worker.
+    /// the same entry), then hand it to this node's delivery worker. A
+    /// learner that does not deliver takes no lease: the voters claim it.
     pub async fn accept(
         &self,
         id: MessageId,
@@ -148,6 +153,7 @@ impl Acceptor {
         body: Bytes,
     ) -> Result<(), ProposeError> {
         let started = Instant::now();
+        let delivers = self.deliver_as_learner || !self.cluster.is_learner();
         let msg = NewMessage {
             id,
             sender,
@@ -155,12 +161,14 @@ impl Acceptor {
             params,
             body,
             owner: self.cluster.id(),
-            lease_ms: self.lease_ms,
+            lease_ms: if delivers { self.lease_ms } else { 0 },
         };
         match self.cluster.propose(Command::Enqueue(msg.clone())).await? {
             Response::Enqueued { .. } => {
                 self.metrics.accepted(started.elapsed());
-                self.dispatcher.fresh(msg);
+                if delivers {
+                    self.dispatcher.fresh(msg);
+                }
                 Ok(())
             }
             other => Err(ProposeError::Refused(format!(

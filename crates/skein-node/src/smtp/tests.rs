@@ -45,6 +45,7 @@ async fn harness(cluster: &str) -> Harness {
             cluster.clone(),
             Arc::new(skein_queue::IdGenerator::new(1)),
             30_000,
+            false,
             dispatcher,
             metrics.clone(),
         ),

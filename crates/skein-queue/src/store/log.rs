@@ -40,9 +40,9 @@ pub(crate) struct Stored {
 
 /// [`Stored`] borrowed, for writing: the same encoding.
 #[derive(Serialize)]
-struct StoredRef<'a> {
-    entry: &'a Entry,
-    bodies: &'a [BodyRef],
+pub(crate) struct StoredRef<'a> {
+    pub entry: &'a Entry,
+    pub bodies: &'a [BodyRef],
 }
 
 /// How often settled-but-unflushed body releases are flushed when no
@@ -334,7 +334,7 @@ async fn flusher(
 /// The key of the entry at index `i`: the index, big endian, then four
 /// zero bytes (entries were once split into numbered chunks; the one chunk
 /// left keeps the layout every data directory has).
-fn entry_key(i: u64) -> [u8; 12] {
+pub(crate) fn entry_key(i: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&i.to_be_bytes());
     k

@@ -16,6 +16,7 @@
 
 pub mod bodies;
 mod log;
+pub mod recovery;
 mod refs;
 mod sm;
 pub mod snapshot;
@@ -266,6 +267,9 @@ pub struct Stores {
 pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     std::fs::create_dir_all(dir)?;
     let db = open_db(&dir.join("db"))?;
+    if let Some(req) = recovery::pending(dir)? {
+        recovery::apply(&db, dir, &req)?;
+    }
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
     let bodies = Arc::new(Bodies::open(&dir.join("bodies"))?);
