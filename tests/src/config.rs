@@ -28,6 +28,8 @@ pub struct TestConfig {
     pub metrics: SocketAddr,
     /// What peers dial, when not the cluster listener itself.
     pub advertise: Option<SocketAddr>,
+    /// `cluster.site`, if any.
+    pub site: Option<String>,
     /// The initial voters' advertised addresses; empty for one node.
     pub peers: Vec<(u64, SocketAddr)>,
     pub dns: SocketAddr,
@@ -74,6 +76,7 @@ impl TestConfig {
             cluster: any,
             metrics: any,
             advertise: None,
+            site: None,
             peers: Vec::new(),
             dns,
             delivery_port,
@@ -141,6 +144,7 @@ greet_pause = "{greet_pause}"
 [cluster]
 listen = "{cluster}"
 {advertise}
+{site}
 commit_timeout = "{commit}"
 {raft_timings}
 {secret}
@@ -169,6 +173,11 @@ listen = "{metrics}"
             cluster = self.cluster,
             commit = self.commit_timeout,
             raft_timings = raft_timings,
+            site = self
+                .site
+                .as_ref()
+                .map(|s| format!("site = {s:?}"))
+                .unwrap_or_default(),
             snapshot_every = self.snapshot_every,
             token = TOKEN,
             secret = match &self.secret {

@@ -2,13 +2,18 @@
 //!
 //! Every node's advertised cluster address is a proxy in front of its real
 //! listener. Nodes dial peers from their own listener's IP, so a proxy knows
-//! which node is calling. A blocked direction drops bytes silently, like a
-//! firewall DROP rule: connections stay open and go quiet, and only Raft's
-//! own timeouts notice.
+//! which node is calling. A blocked direction holds its bytes back, as TCP
+//! does behind a firewall DROP rule: nothing arrives, connections stay open
+//! and go quiet, only Raft's own timeouts notice — and once healed, what
+//! was held arrives, in order, as retransmission would bring it. (Dropping
+//! the bytes instead would lose HTTP/2 frames mid-connection, which no TCP
+//! connection ever does, and can leave one stuck for good with its flow
+//! control credit lost.)
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +32,9 @@ struct Inner {
     blocked: Mutex<HashSet<(u64, u64)>>,
     /// Every byte between nodes, both ways, while recording.
     recording: Mutex<Option<Vec<u8>>>,
+    /// (from, to): bytes from `from` to `to` arrive this much later (a
+    /// link between sites; half the round trip).
+    delays: Mutex<HashMap<(u64, u64), Duration>>,
     tasks: Mutex<JoinSet<()>>,
 }
 
@@ -98,6 +106,14 @@ impl Fabric {
         self.set([(from, to)], true);
     }
 
+    /// Delay every byte between `a` and `b`, both ways, so that a round
+    /// trip between them takes `rtt` longer (sites apart).
+    pub fn set_rtt(&self, a: u64, b: u64, rtt: Duration) {
+        let mut d = self.inner.delays.lock().unwrap();
+        d.insert((a, b), rtt / 2);
+        d.insert((b, a), rtt / 2);
+    }
+
     pub fn heal(&self) {
         self.inner.blocked.lock().unwrap().clear();
     }
@@ -126,28 +142,43 @@ async fn pump(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
 ) {
+    // A delayed link: what is read now is written `delay` later, in order,
+    // by a writer of its own (so the link's capacity is not cut by it).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if w.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = w.shutdown().await;
-                return;
-            }
+            Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let dropped = match (from, to) {
-            (Some(f), Some(t)) => inner.blocked.lock().unwrap().contains(&(f, t)),
-            // Callers that are not nodes (the test itself) are never cut.
-            _ => false,
-        };
-        if dropped {
-            continue;
+        // Callers that are not nodes (the test itself) are never cut.
+        let link = from.zip(to);
+        let blocked = |l| inner.blocked.lock().unwrap().contains(&l);
+        while link.is_some_and(blocked) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let delay = link
+            .and_then(|l| inner.delays.lock().unwrap().get(&l).copied())
+            .unwrap_or_default();
         if let Some(tap) = inner.recording.lock().unwrap().as_mut() {
             tap.extend_from_slice(&buf[..n]);
         }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return;
+        if tx
+            .send((Instant::now() + delay, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
         }
     }
+    drop(tx);
+    let _ = writer.await;
 }

@@ -174,3 +174,73 @@ async fn a_drill_refuses_an_unhealthy_cluster() {
         assert!(status(plan.config(id).admin_addr()).await.is_ok());
     }
 }
+
+/// A second site: voters 1–3 at site `a`, a learner at site `b`. A drill on
+/// site `a` takes every voter down at once: mail is refused while it is out
+/// (the learner is no majority), and the drill reports how long the cluster
+/// took to lead and catch up again, with every accepted canary delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drill_on_a_whole_site_reports_the_recovery() {
+    let sink = SinkMta::builder().start().await.unwrap();
+    let dns = example_org_dns().await;
+    let at = |site: &str| {
+        let site = site.to_string();
+        move |c: &mut TestConfig| {
+            timings(c);
+            c.site = Some(site.clone());
+        }
+    };
+    let mut plan = ClusterPlan::new(3, dns.addr(), sink.port(), at("a"))
+        .await
+        .unwrap();
+    let mut nodes = start(&plan).await;
+    let leader = wait_for_leader(&admins(&plan), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let c4 = plan.joining_node(4, at("b")).await.unwrap();
+    let learner = ProcessNode::start(skein_tests::skeind!(), c4.clone()).unwrap();
+    learner.wait_ready(Duration::from_secs(30)).await.unwrap();
+    skein_tests::cluster::add_member(
+        plan.config(leader).admin_addr(),
+        4,
+        c4.advertise.unwrap(),
+        true,
+    )
+    .await
+    .unwrap();
+    let via = c4.admin_addr();
+    let st = run_ctl(
+        skein_tests::skeinctl!(),
+        via,
+        Some(TOKEN),
+        None,
+        &["status"],
+    )
+    .await;
+    assert!(st.stdout.contains("SITE"), "{}", st.stdout);
+
+    let out = drill(via, &["--site", "a"]).await;
+    println!("drill on site a: {}{}", out.stdout, out.stderr);
+    if out.code != 0 {
+        for n in nodes.iter().chain([&learner]) {
+            eprintln!("--- node {} ---\n{}", n.config.node_id, n.log());
+        }
+    }
+    let r = out.json();
+    assert_eq!(r["targets"], serde_json::json!([1, 2, 3]), "{r:#}");
+    assert_eq!(r["site"], "a");
+    assert_eq!(r["majority_lost"], true, "{r:#}");
+    assert_eq!(r["passed"], true, "{r:#}");
+    assert_eq!(r["canaries"]["lost"], 0, "{r:#}");
+    assert!(r["canaries"]["accepted"].as_u64().unwrap() > 0, "{r:#}");
+    // Mail stopped for the outage at least; the cluster led again and the
+    // site caught up within the settle time.
+    let gap = r["acceptance_gap_ms"].as_u64().unwrap();
+    assert!(gap >= 3000, "acceptance went on without a majority? {r:#}");
+    let led = r["new_leader_ms"].as_u64().expect("a leader again");
+    assert!(led >= 3000, "a leader while every voter was down? {r:#}");
+    assert!(r["rejoin_ms"].as_u64().is_some(), "{r:#}");
+    for n in nodes.iter_mut() {
+        assert!(n.is_running(), "node {} exited", n.config.node_id);
+    }
+}

@@ -7,7 +7,9 @@
 //!   `skeind` processes with a DNS server and a receiving MTA, drives the
 //!   load and prints a table; with `--failover N`, kills the leader of a
 //!   3-node cluster under load N times ([`failover`]) and prints how soon
-//!   survivors accept again.
+//!   survivors accept again; with `--placement`, runs clusters spread over
+//!   sites with simulated round trips between them ([`placement`]).
 
 pub mod failover;
 pub mod load;
+pub mod placement;

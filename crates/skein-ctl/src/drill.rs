@@ -36,6 +36,12 @@ pub struct DrillArgs {
     /// The node to fail: `leader`, or a node id.
     #[arg(long, default_value = "leader")]
     pub target: String,
+    /// Instead: fail every node at this site (`cluster.site`) at once. If
+    /// the site holds a majority of the voters, mail is refused until it
+    /// is back; the drill then measures how long the cluster took to
+    /// recover.
+    #[arg(long, conflicts_with = "target")]
+    pub site: Option<String>,
     /// How long the target stays down.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub outage: Duration,
@@ -57,7 +63,12 @@ pub struct DrillArgs {
 
 /// What a drill measured.
 pub struct Report {
-    pub target: u64,
+    /// The nodes failed (one, or a site's).
+    pub targets: Vec<u64>,
+    pub site: Option<String>,
+    /// The targets held a majority of the voters: nothing could commit
+    /// until they were back.
+    pub majority_lost: bool,
     pub was_leader: bool,
     pub outage_ms: u64,
     pub new_leader_ms: Option<u64>,
@@ -280,23 +291,51 @@ pub async fn run(conn: &Conn, a: &mut Admin, args: DrillArgs) -> Result<Report, 
     let s = wait_healthy(a, HEALTHY_WITHIN)
         .await
         .map_err(|why| Failure::Failed(format!("the cluster is not healthy, no drill: {why}")))?;
-    let target = match args.target.as_str() {
-        "leader" => s.leader,
-        id => id
-            .parse()
-            .map_err(|_| Failure::Failed(format!("--target {id:?}: leader or a node id")))?,
-    };
     let member = |id: u64| s.nodes.iter().find(|n| n.id == id).cloned();
-    let Some(t) = member(target) else {
-        return Err(Failure::Failed(format!(
-            "node {target} is not a member of this cluster"
-        )));
+    let targets: Vec<NodeStatus> = match &args.site {
+        Some(site) => {
+            let at: Vec<NodeStatus> = s
+                .nodes
+                .iter()
+                .filter(|n| &n.site == site)
+                .cloned()
+                .collect();
+            if at.is_empty() {
+                return Err(Failure::Failed(format!(
+                    "no node is at site {site:?} (cluster.site)"
+                )));
+            }
+            at
+        }
+        None => {
+            let id = match args.target.as_str() {
+                "leader" => s.leader,
+                id => id.parse().map_err(|_| {
+                    Failure::Failed(format!("--target {id:?}: leader or a node id"))
+                })?,
+            };
+            vec![member(id).ok_or_else(|| {
+                Failure::Failed(format!("node {id} is not a member of this cluster"))
+            })?]
+        }
     };
-    let was_leader = target == s.leader;
-    let survivors: Vec<NodeStatus> = s.nodes.iter().filter(|n| n.id != target).cloned().collect();
+    let ids: BTreeSet<u64> = targets.iter().map(|t| t.id).collect();
+    let was_leader = ids.contains(&s.leader);
+    let survivors: Vec<NodeStatus> = s
+        .nodes
+        .iter()
+        .filter(|n| !ids.contains(&n.id))
+        .cloned()
+        .collect();
+    if survivors.is_empty() {
+        return Err(Failure::Failed(
+            "every node would be down: nobody left to watch, no drill".into(),
+        ));
+    }
     let voters = s.nodes.iter().filter(|n| n.voter).count();
-    let remaining = voters - usize::from(t.voter);
-    if remaining * 2 <= voters {
+    let remaining = survivors.iter().filter(|n| n.voter).count();
+    let majority_lost = remaining * 2 <= voters;
+    if majority_lost && args.site.is_none() {
         return Err(Failure::Failed(
             "without the target no majority of voters is left: no drill".into(),
         ));
@@ -320,7 +359,10 @@ pub async fn run(conn: &Conn, a: &mut Admin, args: DrillArgs) -> Result<Report, 
         }
     }
     let mut obs = observer.ok_or_else(|| Failure::Unreachable("no other node answers".into()))?;
-    let mut target_admin = conn.admin(&t.addr).await?;
+    let mut faulted = Vec::new();
+    for t in &targets {
+        faulted.push(conn.admin(&t.addr).await?);
+    }
 
     let run = format!("{:x}", rand_run());
     let to: Arc<dyn Fn(u64) -> String + Send + Sync> = match &args.canary_to {
@@ -356,20 +398,24 @@ pub async fn run(conn: &Conn, a: &mut Admin, args: DrillArgs) -> Result<Report, 
                 .into_inner()
                 .messages
                 .into_iter()
-                .filter(|m| m.owner == target)
+                .filter(|m| ids.contains(&m.owner))
                 .map(|m| m.id)
                 .collect(),
             Err(_) => BTreeSet::new(),
         }
     };
-    let r = target_admin.request(FaultRequest {
-        outage_ms: ms(args.outage),
-    })?;
-    target_admin
-        .client
-        .fault(r)
-        .await
-        .map_err(|e| target_admin.fail(e))?;
+    if majority_lost {
+        notes.push(format!(
+            "{} of the {voters} voters down at once: no majority, mail refused with 451 until they are back",
+            voters - remaining
+        ));
+    }
+    for f in &mut faulted {
+        let r = f.request(FaultRequest {
+            outage_ms: ms(args.outage),
+        })?;
+        f.client.fault(r).await.map_err(|e| f.fail(e))?;
+    }
     let t0 = Instant::now();
     let back_at = t0 + args.outage;
 
@@ -381,14 +427,28 @@ pub async fn run(conn: &Conn, a: &mut Admin, args: DrillArgs) -> Result<Report, 
     loop {
         let now = Instant::now();
         if let Ok(st) = status(&mut obs).await {
-            if was_leader && new_leader_ms.is_none() && st.leader != 0 && st.leader != target {
+            // A leader that answers as one (a survivor's view of the old
+            // one may linger). Without a majority, none can come before
+            // the failed nodes are back.
+            let leads = st.leader != 0
+                && st
+                    .nodes
+                    .iter()
+                    .any(|n| n.id == st.leader && n.reachable && n.role == "leader");
+            let new = if majority_lost {
+                now >= back_at
+            } else {
+                !ids.contains(&st.leader)
+            };
+            if (was_leader || majority_lost) && new_leader_ms.is_none() && leads && new {
                 new_leader_ms = Some(ms(now - t0));
             }
             if now >= back_at && rejoin_ms.is_none() {
-                let back = st
-                    .nodes
-                    .iter()
-                    .any(|n| n.id == target && n.reachable && n.lag == Some(0));
+                let back = ids.iter().all(|id| {
+                    st.nodes
+                        .iter()
+                        .any(|n| n.id == *id && n.reachable && n.lag == Some(0))
+                });
                 if back {
                     rejoin_ms = Some(ms(now.saturating_duration_since(back_at)));
                 }
@@ -409,20 +469,21 @@ pub async fn run(conn: &Conn, a: &mut Admin, args: DrillArgs) -> Result<Report, 
                 }
             }
         }
-        let leader_done = !was_leader || new_leader_ms.is_some();
+        let leader_done = !(was_leader || majority_lost) || new_leader_ms.is_some();
         if rejoin_ms.is_some() && leader_done && left.is_empty() {
             break;
         }
         if now >= deadline {
             if rejoin_ms.is_none() {
                 notes.push(format!(
-                    "node {target} did not rejoin and catch up within {:?} of its return",
+                    "{} did not rejoin and catch up within {:?} of the return",
+                    node_list(&ids),
                     args.settle
                 ));
             }
             if !left.is_empty() {
                 notes.push(format!(
-                    "{} of the target's {} leased messages were not delivered by the others",
+                    "{} of the {} leased messages of the failed nodes were not delivered",
                     left.len(),
                     leased.len()
                 ));
@@ -479,7 +540,9 @@ pub async fn run(conn: &Conn, a: &mut Admin, args: DrillArgs) -> Result<Report, 
         notes.push("no canary was accepted".into());
     }
     Ok(Report {
-        target,
+        targets: ids.iter().copied().collect(),
+        site: args.site.clone(),
+        majority_lost,
         was_leader,
         outage_ms: ms(args.outage),
         new_leader_ms,
@@ -512,6 +575,14 @@ fn rand_run() -> u64 {
     (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
 }
 
+fn node_list(ids: &BTreeSet<u64>) -> String {
+    let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+    match list.len() {
+        1 => format!("node {}", list[0]),
+        _ => format!("nodes {}", list.join(", ")),
+    }
+}
+
 fn opt_ms(v: Option<u64>) -> String {
     v.map_or("—".into(), |ms| format!("{:.2} s", ms as f64 / 1000.0))
 }
@@ -519,7 +590,10 @@ fn opt_ms(v: Option<u64>) -> String {
 impl Report {
     pub fn json(&self) -> serde_json::Value {
         json!({
-            "target": self.target,
+            "target": self.targets.first(),
+            "targets": self.targets,
+            "site": self.site,
+            "majority_lost": self.majority_lost,
             "was_leader": self.was_leader,
             "outage_ms": self.outage_ms,
             "new_leader_ms": self.new_leader_ms,
@@ -545,15 +619,27 @@ impl Report {
             (
                 "target",
                 format!(
-                    "node {}{}",
-                    self.target,
-                    if self.was_leader { " (the leader)" } else { "" }
+                    "{}{}{}",
+                    self.site
+                        .as_ref()
+                        .map(|s| format!("site {s}: "))
+                        .unwrap_or_default(),
+                    node_list(&self.targets.iter().copied().collect()),
+                    match (self.was_leader, self.targets.len()) {
+                        (false, _) => "",
+                        (true, 1) => " (the leader)",
+                        (true, _) => " (the leader among them)",
+                    }
                 ),
             ),
             ("outage", opt_ms(Some(self.outage_ms))),
             (
-                "new leader after",
-                if self.was_leader {
+                if self.majority_lost {
+                    "leading again after"
+                } else {
+                    "new leader after"
+                },
+                if self.was_leader || self.majority_lost {
                     opt_ms(self.new_leader_ms)
                 } else {
                     "— (not the leader)".into()

@@ -74,6 +74,7 @@ fn node_json(n: &NodeStatus) -> Value {
         "draining": n.draining,
         "version": if n.version.is_empty() { Value::Null } else { json!(n.version) },
         "smtp": n.smtp_addrs,
+        "site": if n.site.is_empty() { Value::Null } else { json!(n.site) },
     })
 }
 
@@ -121,6 +122,8 @@ pub fn status(s: &StatusReply, json: bool) -> String {
         s.term, s.node_id
     );
     out.push('\n');
+    // Sites only when the cluster names them.
+    let sites = s.nodes.iter().any(|n| !n.site.is_empty());
     let rows: Vec<Vec<String>> = s
         .nodes
         .iter()
@@ -140,7 +143,7 @@ pub fn status(s: &StatusReply, json: bool) -> String {
             } else {
                 health.join(", ")
             };
-            vec![
+            let mut row = vec![
                 n.id.to_string(),
                 n.addr.clone(),
                 n.role.clone(),
@@ -154,15 +157,27 @@ pub fn status(s: &StatusReply, json: bool) -> String {
                 } else {
                     n.version.clone()
                 },
-            ]
+            ];
+            if sites {
+                row.insert(
+                    2,
+                    if n.site.is_empty() {
+                        "-".into()
+                    } else {
+                        n.site.clone()
+                    },
+                );
+            }
+            row
         })
         .collect();
-    out.push_str(&table(
-        &[
-            "ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LAST LOG", "APPLIED", "LAG", "VERSION",
-        ],
-        &rows,
-    ));
+    let mut header = vec![
+        "ID", "ADDRESS", "ROLE", "VOTER", "HEALTH", "LAST LOG", "APPLIED", "LAG", "VERSION",
+    ];
+    if sites {
+        header.insert(2, "SITE");
+    }
+    out.push_str(&table(&header, &rows));
     if let Some(v) = mixed_versions(s) {
         let _ = writeln!(
             out,

@@ -48,6 +48,13 @@ struct Args {
     /// Sessions per node during `--failover`.
     #[arg(long, default_value_t = 8)]
     failover_sessions: usize,
+    /// Instead: clusters spread over sites (3 voters and 2 learners at a
+    /// second site; voters over 2 sites; over 3), with these round trips
+    /// between sites, in ms (repeat).
+    #[arg(long)]
+    placement: bool,
+    #[arg(long = "rtt-ms", default_values_t = vec![1, 10, 40])]
+    rtt_ms: Vec<u64>,
 }
 
 #[tokio::main]
@@ -64,6 +71,9 @@ async fn main() -> anyhow::Result<()> {
     );
     if let Some(runs) = a.failover {
         return failovers(&a, &skeind, runs).await;
+    }
+    if a.placement {
+        return placements(&a, &skeind).await;
     }
     if !a.json {
         println!(
@@ -104,6 +114,43 @@ async fn failovers(a: &Args, skeind: &std::path::Path, runs: usize) -> anyhow::R
         resumed[0].as_millis(),
         resumed[resumed.len() - 1].as_millis()
     );
+    Ok(())
+}
+
+async fn placements(a: &Args, skeind: &std::path::Path) -> anyhow::Result<()> {
+    let rate = 100.0;
+    println!(
+        "release skeind at default settings; SMTP clients local to the voters they send to; \
+         throughput: {} sessions, {} messages of {} bytes; latency: {rate} messages/s for 10 s\n",
+        a.sessions, a.messages, a.size
+    );
+    println!(
+        "| layout | RTT between sites | leader at | accepted/s | p50 ms at {rate}/s | p99 ms at {rate}/s |"
+    );
+    println!("|---|---:|---|---:|---:|---:|");
+    let bin = skeind.to_str().expect("utf-8 path");
+    for layout in skein_bench::placement::LAYOUTS {
+        for rtt in &a.rtt_ms {
+            let m = skein_bench::placement::measure(
+                bin,
+                layout,
+                Duration::from_millis(*rtt),
+                a.sessions,
+                a.messages,
+                a.size,
+                rate,
+            )
+            .await?;
+            println!(
+                "| {} | {rtt} ms | {} | {:.0} | {} | {} |",
+                layout.name,
+                m.leader_site,
+                m.throughput.rate(),
+                ms(m.latency.percentile(50.0)),
+                ms(m.latency.percentile(99.0)),
+            );
+        }
+    }
     Ok(())
 }
 

@@ -43,6 +43,7 @@ pub async fn status(cluster: &Cluster) -> StatusReply {
                     draining: i.draining,
                     version: i.version,
                     smtp_addrs: i.smtp_addrs,
+                    site: i.site,
                 },
                 None => NodeStatus {
                     id,
@@ -56,6 +57,7 @@ pub async fn status(cluster: &Cluster) -> StatusReply {
                     draining: false,
                     version: String::new(),
                     smtp_addrs: Vec::new(),
+                    site: String::new(),
                 },
             }
         })

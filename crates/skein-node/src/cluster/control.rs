@@ -335,6 +335,7 @@ impl Cluster {
             smtp_addrs: self.smtp_addrs().iter().map(|a| a.to_string()).collect(),
             version: env!("CARGO_PKG_VERSION").into(),
             can_commit: self.can_commit(),
+            site: self.inner.site.clone(),
         }
     }
 

@@ -74,6 +74,8 @@ struct Inner {
     leader_contact: AtomicU64,
     /// Where this node takes SMTP mail, told to peers in `NodeInfo`.
     smtp_addrs: std::sync::OnceLock<Vec<std::net::SocketAddr>>,
+    /// `cluster.site`.
+    site: String,
 }
 
 impl Cluster {
@@ -141,6 +143,7 @@ impl Cluster {
                 draining: AtomicBool::new(false),
                 leader_contact: AtomicU64::new(0),
                 smtp_addrs: std::sync::OnceLock::new(),
+                site: c.site.clone(),
             }),
         })
     }

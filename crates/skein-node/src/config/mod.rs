@@ -91,6 +91,9 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     /// What peers dial to reach this node (`host:port`).
     pub advertise: String,
+    /// Where the node is (a data centre, a region): shown in status, and
+    /// what `skeinctl drill --site` fails at once.
+    pub site: String,
     /// `None`: the one kept in the data directory (made at first start).
     pub secret: Option<Secret>,
     pub tls: Option<TlsFiles>,

@@ -60,6 +60,7 @@ pub struct RawSmtp {
 pub struct RawCluster {
     pub listen: Option<String>,
     pub advertise: Option<String>,
+    pub site: Option<String>,
     pub secret: Option<String>,
     pub secret_file: Option<String>,
     pub tls_cert: Option<String>,

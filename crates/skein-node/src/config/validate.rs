@@ -600,9 +600,21 @@ fn check_cluster(c: &mut Checker, node_id: u64, r: &RawCluster) -> ClusterConfig
     if snapshot_every < 10 {
         c.problem("cluster.snapshot_every", "must be at least 10 entries");
     }
+    let site = r.site.clone().unwrap_or_default();
+    if site.len() > 64
+        || !site
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    {
+        c.problem(
+            "cluster.site",
+            "at most 64 letters, digits, '-', '_' or '.'",
+        );
+    }
     ClusterConfig {
         listen,
         advertise,
+        site,
         secret,
         tls,
         peers,
