@@ -54,14 +54,46 @@ wait_delivered() { # wait_delivered N: until the sink has N messages (10 min at 
     done
 }
 
+# cpu_ms: CPU time (user + system, ms) the MTA under test has used so far:
+# its processes in MTA_ROOTS and all their descendants, plus what the roots'
+# children that already exited used (Postfix's smtpd and cleanup come and go).
+cpu_ms() {
+    python3 - "${MTA_ROOTS[@]}" <<'PY'
+import os, sys
+roots = {int(p) for p in sys.argv[1:]}
+hz = os.sysconf("SC_CLK_TCK")
+stat = {}
+for d in os.listdir("/proc"):
+    if d.isdigit():
+        try:
+            f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
+        stat[int(d)] = (int(f[1]), sum(map(int, f[11:13])), sum(map(int, f[13:15])))
+children = {}
+for pid, (ppid, _, _) in stat.items():
+    children.setdefault(ppid, []).append(pid)
+ticks, todo = 0, [r for r in roots if r in stat]
+ticks += sum(stat[r][2] for r in todo)
+while todo:
+    pid = todo.pop()
+    ticks += stat[pid][1]
+    todo += children.get(pid, [])
+print(ticks * 1000 // hz)
+PY
+}
+
 ROWS=()
 # measure NAME GENERATOR TARGET...: drive MESSAGES at the targets, wait until
-# every accepted message reached the sink, record a row.
+# every accepted message reached the sink, record a row with the MTA's CPU
+# time per message.
 measure() {
     local name=$1 gen=$2
     shift 2
-    local before start end accepted rate p50 p99
+    local before start end accepted rate p50 p99 cpu0
     before=$(delivered)
+    cpu0=$(cpu_ms)
     start=$(date +%s.%N)
     if [ "$gen" = skein-load ]; then
         local args=()
@@ -91,11 +123,12 @@ measure() {
     fi
     wait_delivered $((before + accepted))
     end=$(date +%s.%N)
-    local e2e
+    local e2e cpu
     e2e=$(python3 -c "print(round($accepted / ($end - $start)))")
-    ROWS+=("$name|$gen|$accepted|$rate|$p50|$p99|$e2e")
-    printf '  %-14s %-11s accepted %6s  %6s/s  p50 %6s ms  p99 %6s ms  end-to-end %6s/s\n' \
-        "$name" "$gen" "$accepted" "$rate" "$p50" "$p99" "$e2e"
+    cpu=$(python3 -c "print(f'{($(cpu_ms) - $cpu0) / $accepted:.2f}')")
+    ROWS+=("$name|$gen|$accepted|$rate|$p50|$p99|$e2e|$cpu")
+    printf '  %-14s %-11s accepted %6s  %6s/s  p50 %6s ms  p99 %6s ms  end-to-end %6s/s  cpu %5s ms/msg\n' \
+        "$name" "$gen" "$accepted" "$rate" "$p50" "$p99" "$e2e" "$cpu"
 }
 
 HALF_ROWS=()
@@ -175,6 +208,7 @@ EOF
 postfix -c "$PF/conf" check
 postfix -c "$PF/conf" start >/dev/null 2>&1
 until (exec 3<>"/dev/tcp/127.0.0.1/$PF_PORT") 2>/dev/null; do sleep 0.1; done
+MTA_ROOTS=("$(head -n1 "$PF/queue/pid/master.pid" | tr -d ' ')")
 
 echo "$SESSIONS sessions, $MESSAGES messages of $SIZE bytes, one sink"
 measure postfix skein-load "127.0.0.1:$PF_PORT"
@@ -228,6 +262,7 @@ EOF
         PIDS+=($!)
         TARGETS+=("127.0.0.$i:${sp[$i]}")
     done
+    MTA_ROOTS=("${NODE_PIDS[@]}")
     for ((i = 1; i <= n; i++)); do
         local until=$((SECONDS + 60))
         until "$BIN/skeind" ready --config "$base/node$i.toml" >/dev/null 2>&1; do
@@ -251,18 +286,22 @@ done
 
 # ---------------------------------------------------------------- ratios
 echo
-echo "| system | generator | accepted | accepted/s | p50 ms | p99 ms | end-to-end/s | vs Postfix |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|"
+echo "| system | generator | accepted | accepted/s | p50 ms | p99 ms | end-to-end/s | vs Postfix | MTA CPU ms/msg |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for row in "${ROWS[@]}"; do
-    IFS='|' read -r name gen acc rate p50 p99 e2e <<<"$row"
+    IFS='|' read -r name gen acc rate p50 p99 e2e cpu <<<"$row"
     base=""
     for r in "${ROWS[@]}"; do
-        IFS='|' read -r n2 g2 _ _ _ _ e2 <<<"$r"
+        IFS='|' read -r n2 g2 _ _ _ _ e2 _ <<<"$r"
         [ "$n2" = postfix ] && [ "$g2" = "$gen" ] && base=$e2
     done
     ratio=$(python3 -c "print(f'{$e2e / $base:.2f}x')")
-    echo "| $name | $gen | $acc | $rate | $p50 | $p99 | $e2e | $ratio |"
+    echo "| $name | $gen | $acc | $rate | $p50 | $p99 | $e2e | $ratio | $cpu |"
 done
+echo
+echo "MTA CPU ms/msg: user + system time of the MTA's processes (every node of"
+echo "a cluster, all of Postfix's) over the row, divided by the messages."
+
 
 echo
 echo "Acceptance latency at half the maximum load (skein-load, open loop):"

@@ -159,6 +159,12 @@ async fn a_node_cut_off_gives_no_250_and_catches_up_after_healing() {
     wait_all_arrived(&sink, &majority_tokens, Duration::from_secs(20))
         .await
         .unwrap();
+    // While cut off, nothing sent to node 3 was committed: it never said 250.
+    let before_heal = arrived(&sink);
+    assert!(
+        !before_heal.keys().any(|t| t.starts_with("cut-")),
+        "a 451'd message was delivered during the cut: {before_heal:?}"
+    );
 
     // Healed, node 3 catches up with the log and accepts again.
     plan.fabric.heal();
@@ -181,12 +187,14 @@ async fn a_node_cut_off_gives_no_250_and_catches_up_after_healing() {
     assert!(s.accepted(), "{}", s.reply);
     assert_eq!(http_status(metrics3, "/readyz").await.unwrap(), 200);
     queues_empty(&nodes.iter().collect::<Vec<_>>()).await;
-    // Nothing sent to the cut-off node was delivered: it never said 250.
+    // A proposal node 3 forwarded just before the cut can sit in the TCP
+    // connection until the heal and still be committed then, as a timed-out
+    // write can in any Raft system: a 451 after a timeout means the outcome
+    // is unknown, and the client's retry may make a duplicate (RFC 5321
+    // 6.1 prefers that to a loss). Never more than one copy, though.
     let got = arrived(&sink);
-    assert!(
-        !got.keys().any(|t| t.starts_with("cut-")),
-        "a 451'd message was delivered: {got:?}"
-    );
+    let dups: Vec<_> = got.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(dups.is_empty(), "delivered more than once: {dups:?}");
     shutdown(nodes).await;
 }
 

@@ -158,10 +158,17 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
                 None => return,
             },
         };
+        // A proposer that gave up (its client was told 451) is not waiting
+        // for an answer: what it proposed is not written.
+        if first.reply.is_closed() {
+            drop(slot);
+            continue;
+        }
         let mut bytes = first.size;
         let mut batch = vec![first];
         while batch.len() < MAX_COMMANDS {
             match rx.try_recv() {
+                Ok(p) if p.reply.is_closed() => {}
                 Ok(p) if bytes + p.size > MAX_BATCH_BYTES => {
                     held = Some(p);
                     break;
