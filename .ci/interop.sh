@@ -53,6 +53,12 @@ install_deps() {
     command -v python3 >/dev/null || pkgs+=(python3)
     # swaks needs Net::SSLeay for --tls (a Recommends, so maybe absent).
     perl -MNet::SSLeay -e 1 2>/dev/null || pkgs+=(libnet-ssleay-perl)
+    # dkimpy, an independent DKIM verifier (Ed25519 through PyNaCl), and
+    # dnspython for the DNS server that publishes the keys.
+    # Debian's packages serve Debian's interpreter, whatever python3 is first
+    # on the PATH.
+    /usr/bin/python3 -c 'import dkim, nacl, dns.resolver' 2>/dev/null ||
+        pkgs+=(python3-dkim python3-nacl python3-dnspython)
     [ ${#pkgs[@]} -eq 0 ] && return 0
     is_root || die "missing ${pkgs[*]}; run as root (or install them) first"
     say "installing: ${pkgs[*]}"
@@ -204,6 +210,27 @@ start_skeind() { # start_skeind CONFIG LOG SMTP METRICS -> sets STARTED_PID
 
 SK="$T/skein"
 write_config "$SK/skein.toml" "$SK" "$SMTP_PORT" "$CLUSTER_PORT" "$METRICS_PORT"
+# DKIM: an RSA key in PKCS#1 and an Ed25519 key in PKCS#8, as OpenSSL makes
+# them; mail from dkim.interop.test is signed with both.
+DKIM_DIR="$SK/dkim"
+mkdir -p "$DKIM_DIR"
+openssl genrsa -traditional -out "$DKIM_DIR/rsa.pem" 2048 2>/dev/null
+openssl genpkey -algorithm ed25519 -out "$DKIM_DIR/ed25519.pem"
+chmod 600 "$DKIM_DIR"/*.pem
+DKIM_RSA_P="$(openssl rsa -in "$DKIM_DIR/rsa.pem" -pubout -outform DER 2>/dev/null | base64 -w0)"
+DKIM_ED_P="$(openssl pkey -in "$DKIM_DIR/ed25519.pem" -pubout -outform DER | tail -c 32 | base64 -w0)"
+cat >>"$SK/skein.toml" <<EOF
+
+[[dkim]]
+domain = "dkim.interop.test"
+selector = "rsa"
+key_file = "$DKIM_DIR/rsa.pem"
+
+[[dkim]]
+domain = "dkim.interop.test"
+selector = "ed"
+key_file = "$DKIM_DIR/ed25519.pem"
+EOF
 "$SKEIND" check-config --config "$SK/skein.toml" >"$SK/check-config.out" 2>&1 ||
     { cat "$SK/check-config.out" >&2; die "skeind check-config rejects the plain config"; }
 STARTED_PID=""
@@ -378,6 +405,21 @@ case_smtplib() {
         >/dev/null 2>>"$CURRENT_LOG" || { warn "smtplib session failed"; return 1; }
     await_tokens "$exp"
     expect_dot_lines "c3-$RUN_ID-1"
+}
+
+# A message From: dkim.interop.test, from 127.0.0.1 (a relay network): signed
+# with both keys, and both signatures verify with dkimpy against the keys
+# published in DNS.
+case_dkim() {
+    local exp="$T/exp-dkim" token="dkim-$RUN_ID-1" file
+    echo "$token" >"$exp"
+    swaks_send "$SMTP_PORT" "$token" --header "From: DKIM <swaks@dkim.interop.test>"
+    await_tokens "$exp"
+    file="$({ grep -rlx "X-Interop-Token: $token" "$SINK_DIR" || true; } | head -n 1)"
+    /usr/bin/python3 "$HELPER" dkim-verify "$file" --expect 2 \
+        --txt "rsa._domainkey.dkim.interop.test=v=DKIM1; k=rsa; p=$DKIM_RSA_P" \
+        --txt "ed._domainkey.dkim.interop.test=v=DKIM1; k=ed25519; p=$DKIM_ED_P" \
+        >>"$CURRENT_LOG" 2>&1 || { warn "dkimpy did not verify both signatures:"; tail -n 5 "$CURRENT_LOG" >&2; return 1; }
 }
 
 SOURCE_MSGS=500
@@ -694,6 +736,7 @@ run_case swaks-pipeline 3 case_swaks_pipeline "$SK/skeind.log"
 run_case smtplib 10 case_smtplib "$SK/skeind.log"
 run_case smtp-source "$SOURCE_MSGS" case_smtp_source "$SK/skeind.log"
 run_case postfix-relay 5 case_postfix "$SK/skeind.log"
+run_case dkim-dkimpy 1 case_dkim "$SK/skeind.log"
 
 say "== STARTTLS/AUTH setup (INTEROP_TLS=$INTEROP_TLS)"
 TLS_LOG="$T/skein-tls/skeind.log"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Helpers for .ci/interop.sh: free ports, readiness polling, and the Python
-smtplib client cases (the standard library's SMTP client, not ours).
+"""Helpers for .ci/interop.sh: free ports, readiness polling, the Python
+smtplib client cases (the standard library's SMTP client, not ours), and
+DKIM verification with dkimpy against keys served by a small DNS server.
 
 Every subcommand exits 0 on success and non-zero with a message on stderr.
 """
@@ -170,6 +171,76 @@ def cmd_send(args):
     return 0
 
 
+def serve_txt(records):
+    """Answer TXT queries for `records` ({name: text}) on a UDP port of
+    127.0.0.1 (dnspython's wire format); every other name is NXDOMAIN.
+    Returns the port."""
+    import threading
+
+    import dns.message
+    import dns.rcode
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rdtypes.ANY.TXT
+    import dns.rrset
+
+    wanted = {k.lower().rstrip(".") + ".": v for k, v in records.items()}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+
+    def loop():
+        while True:
+            data, peer = sock.recvfrom(4096)
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:
+                continue
+            reply = dns.message.make_response(query)
+            q = query.question[0]
+            text = wanted.get(q.name.to_text().lower())
+            if text is not None and q.rdtype == dns.rdatatype.TXT:
+                # A character-string holds 255 bytes; a key takes several.
+                chunks = [text[i:i + 255].encode() for i in range(0, len(text), 255)]
+                rdata = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks)
+                reply.answer.append(dns.rrset.from_rdata(q.name, 60, rdata))
+            elif text is None:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+            sock.sendto(reply.to_wire(), peer)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return sock.getsockname()[1]
+
+
+def cmd_dkim_verify(args):
+    import dkim
+    import dns.resolver
+
+    records = dict(r.split("=", 1) for r in args.txt)
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = serve_txt(records)
+
+    def dnsfunc(name, timeout=5):
+        name = name.decode() if isinstance(name, bytes) else name
+        answer = resolver.resolve(name, "TXT", lifetime=timeout)
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    raw = open(args.file, "rb").read()
+    # smtp-sink dumps with bare LF line ends; the message had CRLF.
+    message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    found = [l for l in message.split(b"\r\n") if l.lower().startswith(b"dkim-signature:")]
+    if len(found) != args.expect:
+        print(f"{args.file}: {len(found)} DKIM-Signature fields, expected {args.expect}", file=sys.stderr)
+        return 1
+    failed = 0
+    for i in range(len(found)):
+        d = dkim.DKIM(message)
+        ok = d.verify(idx=i, dnsfunc=dnsfunc)
+        print(f"dkimpy: {'pass' if ok else 'FAIL'}: {found[i].decode(errors='replace')}")
+        failed += 0 if ok else 1
+    return 1 if failed else 0
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -188,6 +259,12 @@ def main():
     a.add_argument("port", type=int)
     a.add_argument("--deadline", type=float, default=60)
     a.set_defaults(func=cmd_wait_banner)
+
+    a = sub.add_parser("dkim-verify")
+    a.add_argument("file")
+    a.add_argument("--expect", type=int, required=True, help="DKIM-Signature fields expected")
+    a.add_argument("--txt", action="append", default=[], help="NAME=TEXT served as TXT")
+    a.set_defaults(func=cmd_dkim_verify)
 
     for name, func in (("probe", cmd_probe), ("send", cmd_send)):
         a = sub.add_parser(name)

@@ -52,6 +52,8 @@ pub struct TestConfig {
     pub cluster_tls: Option<[PathBuf; 3]>,
     /// How the node gets its cluster secret.
     pub secret: SecretConf,
+    /// Tables appended at the end of the file, such as `[[dkim]]`.
+    pub tail: String,
 }
 
 /// Where a test node's cluster secret comes from.
@@ -91,6 +93,7 @@ impl TestConfig {
             greet_pause: "0s".into(),
             cluster_tls: None,
             secret: SecretConf::Inline(SECRET.into()),
+            tail: String::new(),
         }
     }
 
@@ -202,6 +205,8 @@ listen = "{metrics}"
                 t.push_str(&format!("{id} = \"{addr}\"\n"));
             }
         }
+        t.push('\n');
+        t.push_str(&self.tail);
         t
     }
 

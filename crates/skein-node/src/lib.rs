@@ -36,6 +36,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod disk;
+pub mod dkim;
 pub mod metrics;
 pub mod node;
 pub mod observe;

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub data_dir_bytes: Gauge,
     pub data_dir_free_bytes: Gauge,
     pub commit_failures: Counter,
+    pub dkim_signatures: Family<ResultLabel, Counter>,
     pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub draining: Gauge,
     pub takeovers: Counter,
@@ -134,6 +135,7 @@ impl Metrics {
             data_dir_bytes: Gauge::default(),
             data_dir_free_bytes: Gauge::default(),
             commit_failures: Counter::default(),
+            dkim_signatures: Family::default(),
             leader_contact: Gauge::default(),
             draining: Gauge::default(),
             takeovers: Counter::default(),
@@ -175,6 +177,11 @@ impl Metrics {
             "skein_messages_bounced",
             "Failure notices (bounces) queued",
             m.messages_bounced.clone(),
+        );
+        r.register(
+            "skein_dkim_signatures",
+            "DKIM signatures made on accepted mail, by result: signed, failed (the message went out unsigned)",
+            m.dkim_signatures.clone(),
         );
         r.register(
             "skein_notices",

@@ -59,10 +59,13 @@ fn mtimes(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
+/// How a [`Reloading`] value is made from its files.
+type Build<T> = Box<dyn Fn(&[PathBuf]) -> anyhow::Result<T> + Send + Sync>;
+
 /// Something built from files, rebuilt when any of them changes.
 pub struct Reloading<T> {
     paths: Vec<PathBuf>,
-    build: fn(&[PathBuf]) -> anyhow::Result<T>,
+    build: Build<T>,
     current: RwLock<Arc<T>>,
     seen: Mutex<Vec<Option<SystemTime>>>,
 }
@@ -76,15 +79,15 @@ impl<T> fmt::Debug for Reloading<T> {
 }
 
 impl<T: Send + Sync + 'static> Reloading<T> {
-    fn load(
+    pub(crate) fn load(
         paths: Vec<PathBuf>,
-        build: fn(&[PathBuf]) -> anyhow::Result<T>,
+        build: impl Fn(&[PathBuf]) -> anyhow::Result<T> + Send + Sync + 'static,
     ) -> anyhow::Result<Arc<Self>> {
         let seen = mtimes(&paths);
         let value = build(&paths)?;
         Ok(Arc::new(Reloading {
             paths,
-            build,
+            build: Box::new(build),
             current: RwLock::new(Arc::new(value)),
             seen: Mutex::new(seen),
         }))
@@ -125,10 +128,10 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                 tokio::time::sleep(every).await;
                 let file = me.paths[0].display();
                 match me.reload_if_changed() {
-                    Ok(true) => tracing::info!(cert = %file, "{what} certificate reloaded"),
+                    Ok(true) => tracing::info!(file = %file, "{what} reloaded"),
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(cert = %file, error = %format!("{e:#}"), "{what} certificate not reloaded; keeping the old one")
+                        tracing::warn!(file = %file, error = %format!("{e:#}"), "{what} not reloaded; keeping the old one")
                     }
                 }
             }

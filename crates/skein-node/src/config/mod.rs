@@ -36,10 +36,33 @@ pub struct Config {
     pub admin: AdminConfig,
     pub delivery: DeliveryConfig,
     pub routes: Vec<Route>,
+    /// `[[dkim]]`: keys that sign trusted clients' mail.
+    pub dkim: Vec<DkimConfig>,
     pub metrics: MetricsConfig,
     pub trace: TraceConfig,
     /// Where the secrets came from, for the permission checks at start.
     pub secrets: Secrets,
+}
+
+/// One `[[dkim]]` table.
+#[derive(Debug, Clone)]
+pub struct DkimConfig {
+    /// Lowercase; mail whose `From:` is at this domain is signed (`d=`).
+    pub domain: String,
+    pub selector: String,
+    pub key_file: PathBuf,
+    pub headers: Vec<String>,
+    pub header_canon: Canon,
+    pub body_canon: Canon,
+    /// `x=`: how long after signing a verifier should accept the signature.
+    pub expire: Option<Duration>,
+}
+
+/// A DKIM canonicalization (RFC 6376 3.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canon {
+    Simple,
+    Relaxed,
 }
 
 /// The secrets a config holds: keys written inline, files read.

@@ -22,6 +22,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub route: Vec<RawRoute>,
     #[serde(default)]
+    pub dkim: Vec<RawDkim>,
+    #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
     pub trace: RawTrace,
@@ -107,6 +109,16 @@ pub struct RawRoute {
     pub auth_user: Option<String>,
     pub auth_password: Option<String>,
     pub auth_password_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDkim {
+    pub domain: Option<String>,
+    pub selector: Option<String>,
+    pub key_file: Option<String>,
+    pub headers: Option<Vec<String>>,
+    pub canonicalization: Option<String>,
+    pub expire: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -323,3 +323,103 @@ tls_ca_file = "/nonexistent/ca.pem"
     // Parsing a text alone does not read files.
     assert!(Config::parse(&text).is_ok());
 }
+
+#[test]
+fn dkim_tables_are_checked_and_their_keys_read_when_loading_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ed = write(
+        "ed.pem",
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .unwrap()
+            .serialize_pem(),
+    );
+    // rcgen's default key is ECDSA P-256: not a DKIM algorithm.
+    let ec = write(
+        "ec.pem",
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    );
+    let text = format!(
+        r#"
+[[dkim]]
+domain = "Example.COM"
+selector = "ed2026"
+key_file = {ed:?}
+expire = "7d"
+
+[[dkim]]
+domain = "example.com"
+selector = "ec"
+key_file = {ec:?}
+
+[[dkim]]
+domain = "example.com"
+selector = "gone"
+key_file = "/nonexistent/dkim.pem"
+canonicalization = "simple"
+
+[[dkim]]
+domain = "not a domain"
+selector = "bad selector"
+key_file = {ed:?}
+
+[[dkim]]
+domain = "example.net"
+selector = "s1"
+key_file = {ed:?}
+headers = ["Subject", "To"]
+
+[[dkim]]
+domain = "example.net"
+selector = "s2"
+key_file = {ed:?}
+canonicalization = "relaxed/loose"
+"#
+    );
+    let path = dir.path().join("skein.toml");
+    std::fs::write(&path, &text).unwrap();
+    let Err(ConfigError::Invalid(problems)) = Config::load(&path) else {
+        panic!("invalid expected")
+    };
+    let says = |key: &str, text: &str| {
+        let p = problems
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("no problem with {key}: {problems:?}"));
+        assert!(p.message.contains(text), "{key}: {}", p.message);
+    };
+    assert!(
+        !problems.iter().any(|p| p.key.starts_with("dkim[0]")),
+        "{problems:?}"
+    );
+    says("dkim[1].key_file", "neither an RSA nor an Ed25519 key");
+    says("dkim[2].key_file", "/nonexistent/dkim.pem");
+    says("dkim[3].domain", "not a domain name");
+    says("dkim[4].headers", "must include From");
+    says("dkim[5].canonicalization", "relaxed/loose");
+
+    // The first table as the node reads it: lowercase domain, the default
+    // headers and canonicalization, the expiry.
+    let good = format!(
+        "[[dkim]]\ndomain = \"Example.COM\"\nselector = \"ed2026\"\nkey_file = {ed:?}\nexpire = \"7d\"\n"
+    );
+    std::fs::write(&path, &good).unwrap();
+    let c = Config::load(&path).unwrap();
+    let t = &c.dkim[0];
+    assert_eq!(t.domain, "example.com");
+    assert_eq!(
+        (t.header_canon, t.body_canon),
+        (Canon::Relaxed, Canon::Relaxed)
+    );
+    assert_eq!(t.expire, Some(Duration::from_secs(7 * 86400)));
+    assert_eq!(t.headers[0], "From");
+    assert!(c
+        .secrets
+        .files
+        .iter()
+        .any(|f| f.display().to_string() == ed));
+}

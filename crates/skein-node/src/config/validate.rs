@@ -326,6 +326,12 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
         .enumerate()
         .filter_map(|(i, r)| check_route(c, i, r))
         .collect();
+    let dkim: Vec<DkimConfig> = raw
+        .dkim
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| check_dkim(c, i, d))
+        .collect();
     let metrics = MetricsConfig {
         listen: raw
             .metrics
@@ -357,6 +363,7 @@ fn check(c: &mut Checker, raw: RawConfig) -> Config {
         admin,
         delivery,
         routes,
+        dkim,
         metrics,
         trace,
         secrets: Secrets::default(),
@@ -751,6 +758,121 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
         connect_timeout,
         command_timeout,
     }
+}
+
+fn check_dkim(c: &mut Checker, i: usize, r: &RawDkim) -> Option<DkimConfig> {
+    let key = |k: &str| format!("dkim[{i}].{k}");
+    let domain = match &r.domain {
+        Some(d)
+            if matches!(
+                skein_smtp::Domain::parse_ascii(d),
+                Ok(skein_smtp::Domain::Name(_))
+            ) =>
+        {
+            d.trim_end_matches('.').to_ascii_lowercase()
+        }
+        Some(d) => {
+            c.problem(key("domain"), format!("{d:?} is not a domain name"));
+            return None;
+        }
+        None => {
+            c.problem(key("domain"), "missing");
+            return None;
+        }
+    };
+    // A selector is one or more DNS labels (RFC 6376 3.1).
+    let selector = match &r.selector {
+        Some(s)
+            if !s.is_empty()
+                && s.len() <= 63 * 4
+                && s.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                }) =>
+        {
+            s.clone()
+        }
+        Some(s) => {
+            c.problem(
+                key("selector"),
+                format!("{s:?} is not a DNS label (letters, digits, '-', '_', dots between)"),
+            );
+            return None;
+        }
+        None => {
+            c.problem(key("selector"), "missing");
+            return None;
+        }
+    };
+    let Some(key_file) = r.key_file.as_ref().map(PathBuf::from) else {
+        c.problem(key("key_file"), "missing");
+        return None;
+    };
+    if c.check_files {
+        match crate::dkim::load_key(&key_file) {
+            Ok(_) => c.secrets.files.push(key_file.clone()),
+            Err(e) => c.problem(key("key_file"), format!("{e:#}")),
+        }
+    }
+    let headers = match &r.headers {
+        None => crate::dkim::DEFAULT_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+        Some(h) if !h.iter().any(|h| h.eq_ignore_ascii_case("from")) => {
+            c.problem(key("headers"), "must include From (RFC 6376 5.4)");
+            return None;
+        }
+        Some(h) => match h
+            .iter()
+            .find(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
+        {
+            Some(bad) => {
+                c.problem(
+                    key("headers"),
+                    format!("{bad:?} is not a header field name"),
+                );
+                return None;
+            }
+            None => h.clone(),
+        },
+    };
+    let canon = |s: &str| match s {
+        "simple" => Some(Canon::Simple),
+        "relaxed" => Some(Canon::Relaxed),
+        _ => None,
+    };
+    let c_value = r.canonicalization.as_deref().unwrap_or("relaxed/relaxed");
+    // "header/body"; one word alone is the header's, the body then simple.
+    let (header_canon, body_canon) = match c_value.split_once('/') {
+        Some((h, b)) => (canon(h), canon(b)),
+        None => (canon(c_value), Some(Canon::Simple)),
+    };
+    let (Some(header_canon), Some(body_canon)) = (header_canon, body_canon) else {
+        c.problem(
+            key("canonicalization"),
+            format!("{c_value:?} is not HEADER/BODY with each simple or relaxed"),
+        );
+        return None;
+    };
+    let expire = r
+        .expire
+        .as_ref()
+        .map(|e| c.duration(&key("expire"), Some(e), Duration::ZERO));
+    if expire == Some(Duration::ZERO) {
+        c.problem(key("expire"), "must be more than zero");
+    }
+    Some(DkimConfig {
+        domain,
+        selector,
+        key_file,
+        headers,
+        header_canon,
+        body_canon,
+        expire,
+    })
 }
 
 fn check_route(c: &mut Checker, i: usize, r: &RawRoute) -> Option<Route> {

@@ -262,7 +262,8 @@ impl<'a> Parts<'a> {
             (Some(cert), Some(key)) => {
                 let cert =
                     ReloadingCert::load_pair(cert, key).context("smtp.tls_cert / smtp.tls_key")?;
-                let watcher = AbortOnDrop(cert.watch(c.smtp.tls_reload_interval, "SMTP"));
+                let watcher =
+                    AbortOnDrop(cert.watch(c.smtp.tls_reload_interval, "SMTP certificate"));
                 self.tasks.spawn(async move {
                     let _watcher = watcher;
                     std::future::pending::<()>().await
@@ -271,6 +272,14 @@ impl<'a> Parts<'a> {
             }
             _ => None,
         };
+        let dkim = crate::dkim::Signers::load(&c.dkim)?;
+        for w in dkim.watch(c.smtp.tls_reload_interval) {
+            let watcher = AbortOnDrop(w);
+            self.tasks.spawn(async move {
+                let _watcher = watcher;
+                std::future::pending::<()>().await
+            });
+        }
         let (stop, stop_rx) = watch::channel(false);
         let (halt, halt_rx) = watch::channel(false);
         let config = Arc::new(c.smtp.clone());
@@ -286,6 +295,7 @@ impl<'a> Parts<'a> {
                 metrics: self.metrics.clone(),
                 data_dir: c.data_dir.clone(),
                 canary_key: admin_token.clone(),
+                dkim: dkim.clone(),
             })
         };
         Ok(Smtp {
@@ -335,7 +345,7 @@ impl<'a> Parts<'a> {
         self.tasks.spawn(async move {
             let r = match tls {
                 Some(tls) => {
-                    let _watcher = AbortOnDrop(tls.watch(reload_every, "cluster"));
+                    let _watcher = AbortOnDrop(tls.watch(reload_every, "cluster certificate"));
                     let incoming = crate::tls::tls_incoming(listener, tls);
                     router.serve_with_incoming_shutdown(incoming, stopped).await
                 }

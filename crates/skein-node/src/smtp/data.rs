@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use super::replies;
 use super::session::{Flow, Session, Transaction};
 use crate::cluster::ProposeError;
+use crate::metrics::ResultLabel;
 
 /// Received headers after which a message is taken to be looping.
 pub const MAX_HOPS: usize = 50;
@@ -241,6 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         }
         let id = self.ctx.acceptor.next_id();
         let message = self.with_received_header(&id, &tx, &body);
+        let message = self.dkim_signed(&id, message).await;
         let (nrcpt, size) = (tx.rcpts.len(), message.len());
         let from = tx.from.clone();
         match self
@@ -276,6 +278,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 self.reply(replies::not_committed());
             }
         }
+    }
+
+    /// A trusted client's message with a DKIM signature in front for each
+    /// `[[dkim]]` key of its `From:` domain. Signing happens here, once,
+    /// before the commit; a failure sends the message on unsigned.
+    async fn dkim_signed(&self, id: &MessageId, message: Bytes) -> Bytes {
+        let signers = &self.ctx.dkim;
+        if signers.is_empty() || !self.ctx.trusted(self.peer.ip(), self.user.is_some()) {
+            return message;
+        }
+        let (signers, m) = (signers.clone(), message.clone());
+        let Ok((fields, errors)) = tokio::task::spawn_blocking(move || signers.sign(&m)).await
+        else {
+            return message;
+        };
+        let metrics = &self.ctx.metrics.dkim_signatures;
+        for e in &errors {
+            metrics
+                .get_or_create(&ResultLabel { result: "failed" })
+                .inc();
+            tracing::warn!(queue_id = %id, error = %e, "message not DKIM-signed with this key");
+        }
+        if fields.is_empty() {
+            return message;
+        }
+        metrics
+            .get_or_create(&ResultLabel { result: "signed" })
+            .inc_by(fields.len() as u64);
+        let mut out =
+            Vec::with_capacity(fields.iter().map(String::len).sum::<usize>() + message.len());
+        for f in &fields {
+            out.extend_from_slice(f.as_bytes());
+        }
+        out.extend_from_slice(&message);
+        Bytes::from(out)
     }
 
     /// The message as queued: our Received header (RFC 5321 §4.4), then the

@@ -54,6 +54,8 @@ pub struct SmtpContext {
     pub data_dir: PathBuf,
     /// The admin token: a drill's canaries carry a MAC made with it.
     pub canary_key: crate::secrets::Secret,
+    /// `[[dkim]]` keys, for trusted clients' mail.
+    pub dkim: crate::dkim::Signers,
 }
 
 impl SmtpContext {
@@ -64,14 +66,7 @@ impl SmtpContext {
     /// not become a relay behind us. Source routes are already dropped by the
     /// grammar, so the domain checked is the one delivered to.
     pub fn may_relay(&self, client: IpAddr, authenticated: bool, rcpt: &Mailbox) -> bool {
-        let client = client.to_canonical();
-        if authenticated
-            || self
-                .config
-                .relay_networks
-                .iter()
-                .any(|n| n.contains(&client))
-        {
+        if self.trusted(client, authenticated) {
             return true;
         }
         if rcpt.local.contains(['%', '!', '@']) {
@@ -93,6 +88,18 @@ impl SmtpContext {
             }
             Domain::Literal(_) => false,
         }
+    }
+
+    /// A client in `relay_networks`, or one that authenticated: it may
+    /// relay, and its mail is DKIM-signed.
+    pub fn trusted(&self, client: IpAddr, authenticated: bool) -> bool {
+        let client = client.to_canonical();
+        authenticated
+            || self
+                .config
+                .relay_networks
+                .iter()
+                .any(|n| n.contains(&client))
     }
 
     /// Whether the disk of the data directory is nearly full.

@@ -57,6 +57,7 @@ async fn harness(cluster: &str) -> Harness {
         metrics,
         data_dir: dir.path().to_path_buf(),
         canary_key: crate::secrets::Secret::new("canary-key-0123456789"),
+        dkim: crate::dkim::Signers::default(),
     };
     Harness {
         ctx,

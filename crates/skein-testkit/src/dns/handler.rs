@@ -131,7 +131,14 @@ fn to_record(owner: &Name, rec: &Rec) -> Record {
         } => RData::MX(MX::new(*preference, fqdn(exchange))),
         Rec::A(ip) => RData::A(A(*ip)),
         Rec::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
-        Rec::Txt(text) => RData::TXT(TXT::new(vec![text.clone()])),
+        // One character-string holds at most 255 bytes: longer text (a DKIM
+        // key) goes in several, which readers join.
+        Rec::Txt(text) => RData::TXT(TXT::new(
+            text.as_bytes()
+                .chunks(255)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect(),
+        )),
         Rec::Cname(target) => RData::CNAME(CNAME(fqdn(target))),
     };
     Record::from_rdata(owner.clone(), TTL, rdata)
