@@ -35,6 +35,11 @@ pub struct DeliveryConfig {
     /// Where this cluster itself takes mail: MX hosts at these addresses
     /// are never delivered to (mail loops back to myself).
     pub own: OwnAddrs,
+    /// Obey recipient domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// The HTTPS port MTA-STS policies are fetched from: 443, other ports
+    /// only for tests.
+    pub mta_sts_port: u16,
 }
 
 impl DeliveryConfig {
@@ -52,6 +57,8 @@ impl DeliveryConfig {
             concurrency_per_destination: 20,
             connection_reuse: Duration::from_secs(5),
             own: OwnAddrs::new(),
+            mta_sts: true,
+            mta_sts_port: 443,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::config::{Credentials, DeliveryConfig, Route as RouteConfig};
 use crate::conn::{Conn, Pool};
 use crate::error::DeliveryError;
 use crate::job::{Job, RcptResult};
+use crate::mta_sts::{MemoryStore, Mode, Policy, PolicyStore, Sts, StsObserver};
 use crate::route::{host_addrs, route, Host, Route};
 use crate::tls::{TlsClients, TlsPolicy};
 use crate::transaction::{open, transact, After, Dial, HostOutcome, OpenError};
@@ -41,6 +42,8 @@ struct Inner {
     resolver: TokioResolver,
     tls: TlsClients,
     pool: Pool,
+    /// MTA-STS, unless `cfg.mta_sts` is off.
+    sts: Option<Sts>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -60,20 +63,36 @@ struct Destination<'a> {
     auth: Option<&'a Credentials>,
     lmtp: bool,
     port: u16,
+    /// The mode of the domain's MTA-STS policy, when one is in force.
+    sts: Option<Mode>,
 }
 
 impl Deliverer {
     /// Builds the resolver and TLS configurations. Inside a tokio runtime it
     /// also starts the task that closes idle connections.
     pub fn new(cfg: DeliveryConfig) -> Result<Self, DeliveryError> {
+        Self::with_sts(cfg, Arc::new(MemoryStore::default()), None)
+    }
+
+    /// Like [`Deliverer::new`], keeping MTA-STS policies in `store` and
+    /// telling `observer` how sessions under a policy went.
+    pub fn with_sts(
+        cfg: DeliveryConfig,
+        store: Arc<dyn PolicyStore>,
+        observer: Option<Arc<dyn StsObserver>>,
+    ) -> Result<Self, DeliveryError> {
         let resolver = build_resolver(&cfg)?;
         let tls = TlsClients::new(&cfg.extra_roots).map_err(DeliveryError::Tls)?;
         let pool = Pool::new(cfg.concurrency_per_destination, cfg.connection_reuse);
+        let sts = cfg
+            .mta_sts
+            .then(|| Sts::new(store, observer, tls.https.clone(), cfg.mta_sts_port));
         let inner = Arc::new(Inner {
             cfg,
             resolver,
             tls,
             pool,
+            sts,
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&inner)));
@@ -113,6 +132,7 @@ impl Deliverer {
                 auth: r.auth.as_ref(),
                 lmtp: r.relay.is_lmtp(),
                 port: r.relay.port(),
+                sts: None,
             },
             None => Destination {
                 key: format!("mx:{domain}"),
@@ -121,6 +141,7 @@ impl Deliverer {
                 auth: None,
                 lmtp: false,
                 port: cfg.port,
+                sts: None,
             },
         }
     }
@@ -141,7 +162,19 @@ impl Deliverer {
             };
             return vec![done; job.recipients.len()];
         }
-        let dest = self.destination(&job.domain);
+        let mut dest = self.destination(&job.domain);
+        let policy = self.sts_policy(&dest, &job.domain).await;
+        if let Some(p) = &policy {
+            // Verified TLS to the hosts the policy names; under `testing`
+            // what fails is reported and delivery goes on as before.
+            dest.sts = Some(p.mode);
+            dest.policy = TlsPolicy::Verify;
+            dest.key.push_str(if p.mode == Mode::Enforce {
+                "|sts"
+            } else {
+                "|sts-testing"
+            });
+        }
         let _slot = self.inner.pool.slot(&dest.key).await;
         while let Some(conn) = self.inner.pool.take(&dest.key) {
             let span = tracing::info_span!("smtp", peer = %conn.peer, reused = conn.uses);
@@ -153,7 +186,7 @@ impl Deliverer {
             }
         }
         let all = |r: RcptResult| vec![r; job.recipients.len()];
-        let hosts = match dest.relay {
+        let mut hosts = match dest.relay {
             Some(r) => vec![relay_host(r.relay.host())],
             None => match route(&self.inner.resolver, &job.domain).await {
                 Route::Hosts(hosts) => hosts,
@@ -167,6 +200,21 @@ impl Deliverer {
                 }
             },
         };
+        if let (Some(p), Some(sts)) = (&policy, &self.inner.sts) {
+            if !hosts.iter().any(|h| p.allows(&h.name)) {
+                sts.observe(&job.domain, p.mode, "mx-mismatch");
+                if p.mode == Mode::Enforce {
+                    let reply = format!(
+                        "451 4.7.5 the MTA-STS policy of {} names none of its MX hosts",
+                        job.domain
+                    );
+                    tracing::info!(%reply, "deferring");
+                    return all(RcptResult::Deferred { reply });
+                }
+            } else if p.mode == Mode::Enforce {
+                hosts.retain(|h| p.allows(&h.name));
+            }
+        }
         let mut last = match dest.relay {
             Some(r) => format!("relay {} could not be reached", r.relay),
             None => format!("no mail exchanger for {} could be reached", job.domain),
@@ -233,6 +281,18 @@ impl Deliverer {
         all(RcptResult::Deferred { reply: last })
     }
 
+    /// The MTA-STS policy in force for a delivery to the domain's MX hosts
+    /// (never for a relay, nor for a domain that withdrew its policy).
+    async fn sts_policy(&self, dest: &Destination<'_>, domain: &str) -> Option<Policy> {
+        let sts = self.inner.sts.as_ref()?;
+        if dest.relay.is_some() || domain.starts_with('[') {
+            return None;
+        }
+        sts.policy(&self.inner.resolver, domain)
+            .await
+            .filter(|p| p.mode != Mode::None)
+    }
+
     /// Runs `job` on `conn`, then keeps the connection for the next message
     /// or closes it.
     async fn carry(
@@ -295,8 +355,34 @@ impl Deliverer {
                 peer,
             };
             match open(tcp, &dial).await {
-                Ok(conn) => return self.carry(conn, job, dest, false).await,
+                Ok(conn) => {
+                    if let (Some(mode), Some(sts), TlsPolicy::Verify) =
+                        (dest.sts, &self.inner.sts, policy)
+                    {
+                        sts.observe(&job.domain, mode, "success");
+                    }
+                    return self.carry(conn, job, dest, false).await;
+                }
                 Err(OpenError::NextHost(reason)) => return HostOutcome::NextHost(reason),
+                Err(OpenError::Tls { reason, kind }) => {
+                    let Some(mode) = dest.sts else {
+                        return HostOutcome::NextHost(reason);
+                    };
+                    if let Some(sts) = &self.inner.sts {
+                        sts.observe(&job.domain, mode, kind);
+                    }
+                    if mode == Mode::Enforce {
+                        return HostOutcome::NextHost(format!(
+                            "{reason} (MTA-STS policy of {} enforced)",
+                            job.domain
+                        ));
+                    }
+                    if self.inner.cfg.tls == TlsPolicy::Verify {
+                        return HostOutcome::NextHost(reason);
+                    }
+                    tracing::info!(%peer, reason = %Escaped(&reason), "MTA-STS testing: would have failed; delivering as without a policy");
+                    policy = self.inner.cfg.tls;
+                }
                 Err(OpenError::RetryPlain(reason)) => {
                     tracing::info!(%peer, reason = %Escaped(&reason), "TLS failed under policy may; trying plaintext");
                     policy = TlsPolicy::None;

@@ -30,6 +30,7 @@
 //! - `own`: the cluster's own listeners, which mail is never sent back to.
 //! - `conn`: the client stream (plain or TLS) and the connection pool.
 //! - [`tls`]: the TLS policy and rustls client configurations.
+//! - [`mta_sts`]: recipient domains' MTA-STS policies (RFC 8461).
 //! - [`retry`]: the [`RetryPolicy`] schedule.
 
 pub mod canary;
@@ -38,6 +39,7 @@ mod conn;
 mod deliverer;
 mod error;
 pub mod job;
+pub mod mta_sts;
 mod own;
 pub mod retry;
 mod route;

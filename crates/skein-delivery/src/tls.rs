@@ -82,6 +82,8 @@ impl FromStr for TlsPolicy {
 pub(crate) struct TlsClients {
     unverified: TlsConnector,
     verified: TlsConnector,
+    /// Verified, speaking HTTP/1.1: MTA-STS policy fetches.
+    pub https: TlsConnector,
 }
 
 impl TlsClients {
@@ -107,9 +109,12 @@ impl TlsClients {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
             .with_no_client_auth();
+        let mut https = verified.clone();
+        https.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsClients {
             unverified: TlsConnector::from(Arc::new(unverified)),
             verified: TlsConnector::from(Arc::new(verified)),
+            https: TlsConnector::from(Arc::new(https)),
         })
     }
 

@@ -46,6 +46,9 @@ pub(crate) enum OpenError {
     /// The STARTTLS handshake failed under `may`: try this address again in
     /// plaintext.
     RetryPlain(String),
+    /// Under `verify`, TLS could not be had: `kind` is the TLS-RPT (RFC
+    /// 8460) result type, `starttls-not-supported` or `validation-failure`.
+    Tls { reason: String, kind: &'static str },
 }
 
 /// The state a transaction leaves its connection in.
@@ -171,20 +174,26 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
                 ext = hello(&mut s, d).await.map_err(NextHost)?;
             } else if d.policy.required() {
                 quit_unless_421(&mut s, &reply).await;
-                return Err(NextHost(format!(
-                    "{} (TLS is required by policy {})",
-                    said(&reply, peer),
-                    d.policy
-                )));
+                return Err(no_tls(
+                    d,
+                    format!(
+                        "{} (TLS is required by policy {})",
+                        said(&reply, peer),
+                        d.policy
+                    ),
+                ));
             } else if reply.code == 421 {
                 return Err(NextHost(said(&reply, peer)));
             }
         } else if d.policy.required() {
             quit(&mut s).await;
-            return Err(NextHost(format!(
-                "451 4.7.4 {peer} does not offer STARTTLS, which TLS policy {} requires",
-                d.policy
-            )));
+            return Err(no_tls(
+                d,
+                format!(
+                    "451 4.7.4 {peer} does not offer STARTTLS, which TLS policy {} requires",
+                    d.policy
+                ),
+            ));
         }
     }
     if let Some(creds) = d.auth {
@@ -201,10 +210,24 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
 }
 
 fn tls_failed(d: &Dial<'_>, text: String) -> OpenError {
-    if d.policy == TlsPolicy::May {
-        OpenError::RetryPlain(text)
-    } else {
-        OpenError::NextHost(text)
+    match d.policy {
+        TlsPolicy::May => OpenError::RetryPlain(text),
+        TlsPolicy::Verify => OpenError::Tls {
+            reason: text,
+            kind: "validation-failure",
+        },
+        _ => OpenError::NextHost(text),
+    }
+}
+
+/// No STARTTLS where the policy requires it.
+fn no_tls(d: &Dial<'_>, text: String) -> OpenError {
+    match d.policy {
+        TlsPolicy::Verify => OpenError::Tls {
+            reason: text,
+            kind: "starttls-not-supported",
+        },
+        _ => OpenError::NextHost(text),
     }
 }
 

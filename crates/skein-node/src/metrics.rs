@@ -55,6 +55,30 @@ pub fn deferral_reason(text: &str) -> &'static str {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StsLabel {
+    pub domain: String,
+    pub mode: &'static str,
+    pub result: &'static str,
+}
+
+/// Counts what the delivery engine saw under MTA-STS policies (TLS-RPT's
+/// per-domain results, RFC 8460).
+pub struct StsSessions(pub Arc<Metrics>);
+
+impl skein_delivery::mta_sts::StsObserver for StsSessions {
+    fn session(&self, domain: &str, mode: skein_delivery::mta_sts::Mode, result: &'static str) {
+        self.0
+            .mta_sts_sessions
+            .get_or_create(&StsLabel {
+                domain: domain.to_string(),
+                mode: mode.as_str(),
+                result,
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// failure, delay or success.
     pub kind: &'static str,
@@ -98,6 +122,7 @@ pub struct Metrics {
     pub data_dir_free_bytes: Gauge,
     pub commit_failures: Counter,
     pub dkim_signatures: Family<ResultLabel, Counter>,
+    pub mta_sts_sessions: Family<StsLabel, Counter>,
     pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub draining: Gauge,
     pub takeovers: Counter,
@@ -136,6 +161,7 @@ impl Metrics {
             data_dir_free_bytes: Gauge::default(),
             commit_failures: Counter::default(),
             dkim_signatures: Family::default(),
+            mta_sts_sessions: Family::default(),
             leader_contact: Gauge::default(),
             draining: Gauge::default(),
             takeovers: Counter::default(),
@@ -182,6 +208,11 @@ impl Metrics {
             "skein_dkim_signatures",
             "DKIM signatures made on accepted mail, by result: signed, failed (the message went out unsigned)",
             m.dkim_signatures.clone(),
+        );
+        r.register(
+            "skein_mta_sts_sessions",
+            "Deliveries to domains with an MTA-STS policy, by domain, mode (enforce, testing) and TLS-RPT result: success, mx-mismatch, starttls-not-supported, validation-failure, sts-policy-fetch-error",
+            m.mta_sts_sessions.clone(),
         );
         r.register(
             "skein_notices",

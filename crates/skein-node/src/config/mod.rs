@@ -174,6 +174,10 @@ pub struct DeliveryConfig {
     /// The most of an original message a notice returns (bytes); a larger
     /// message comes back as its headers, whatever RET= asked.
     pub bounce_size_limit: usize,
+    /// Obey recipient domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// The HTTPS port policies are fetched from (443; others for tests).
+    pub mta_sts_port: u16,
 }
 
 /// `[[route]]` entries are the delivery engine's own type.

@@ -99,6 +99,8 @@ pub struct RawDelivery {
     pub tls_ca_file: Option<String>,
     pub connection_reuse: Option<String>,
     pub bounce_size_limit: Option<u64>,
+    pub mta_sts: Option<bool>,
+    pub mta_sts_port: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -655,6 +655,14 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
             25
         }
     };
+    let mta_sts_port = match r.mta_sts_port {
+        None => 443,
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            c.problem("delivery.mta_sts_port", format!("{p} is not a TCP port"));
+            443
+        }
+    };
     let default_schedule = ["1m", "5m", "15m", "1h", "4h"];
     let retry_schedule: Vec<Duration> = match &r.retry_schedule {
         None => default_schedule
@@ -745,6 +753,8 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
         tls_ca_file,
         connection_reuse,
         bounce_size_limit: bounce_size_limit as usize,
+        mta_sts: r.mta_sts.unwrap_or(true),
+        mta_sts_port,
         nameservers,
         port,
         retry_schedule,

@@ -211,18 +211,24 @@ impl<'a> Parts<'a> {
             Some(path) => crate::tls::load_certs(path)
                 .with_context(|| format!("delivery.tls_ca_file {}", path.display()))?,
         };
-        let deliverer = Deliverer::new(skein_delivery::DeliveryConfig {
-            helo_name: c.smtp.hostname.clone(),
-            port: d.port,
-            nameservers: d.nameservers.clone(),
-            timeouts,
-            tls: d.tls,
-            extra_roots,
-            routes: c.routes.clone(),
-            concurrency_per_destination: d.concurrency_per_domain,
-            connection_reuse: d.connection_reuse,
-            own: self.own.clone(),
-        })
+        let deliverer = Deliverer::with_sts(
+            skein_delivery::DeliveryConfig {
+                helo_name: c.smtp.hostname.clone(),
+                port: d.port,
+                nameservers: d.nameservers.clone(),
+                timeouts,
+                tls: d.tls,
+                extra_roots,
+                routes: c.routes.clone(),
+                concurrency_per_destination: d.concurrency_per_domain,
+                connection_reuse: d.connection_reuse,
+                own: self.own.clone(),
+                mta_sts: d.mta_sts,
+                mta_sts_port: d.mta_sts_port,
+            },
+            Arc::new(skein_delivery::mta_sts::MemoryStore::default()),
+            Some(Arc::new(crate::metrics::StsSessions(self.metrics.clone()))),
+        )
         .context("cannot set up delivery")?;
         let (dispatcher, handle) = delivery::start(
             cluster.clone(),
