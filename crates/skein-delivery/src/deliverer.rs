@@ -81,8 +81,8 @@ impl Deliverer {
         store: Arc<dyn PolicyStore>,
         observer: Option<Arc<dyn StsObserver>>,
     ) -> Result<Self, DeliveryError> {
-        let resolver = build_resolver(&cfg)?;
         let tls = TlsClients::new(&cfg.extra_roots).map_err(DeliveryError::Tls)?;
+        let resolver = build_resolver(&cfg, tls.dns.clone())?;
         let pool = Pool::new(cfg.concurrency_per_destination, cfg.connection_reuse);
         let sts = cfg
             .mta_sts
@@ -449,7 +449,10 @@ fn io_text(e: &io::Error) -> String {
     }
 }
 
-fn build_resolver(cfg: &DeliveryConfig) -> Result<TokioResolver, DeliveryError> {
+fn build_resolver(
+    cfg: &DeliveryConfig,
+    tls: rustls::ClientConfig,
+) -> Result<TokioResolver, DeliveryError> {
     let mut builder = match &cfg.nameservers {
         None => TokioResolver::builder_tokio()
             .map_err(|e| DeliveryError::SystemResolver(e.to_string()))?,
@@ -477,6 +480,7 @@ fn build_resolver(cfg: &DeliveryConfig) -> Result<TokioResolver, DeliveryError> 
     opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     opts.cache_size = DNS_CACHE;
     builder
+        .with_tls_config(tls)
         .build()
         .map_err(|e| DeliveryError::Resolver(e.to_string()))
 }

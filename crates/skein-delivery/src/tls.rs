@@ -84,6 +84,9 @@ pub(crate) struct TlsClients {
     verified: TlsConnector,
     /// Verified, speaking HTTP/1.1: MTA-STS policy fetches.
     pub https: TlsConnector,
+    /// For the resolver, which would otherwise build its own from the
+    /// system's CA store (absent from a minimal image) even for plain DNS.
+    pub dns: ClientConfig,
 }
 
 impl TlsClients {
@@ -109,12 +112,14 @@ impl TlsClients {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
             .with_no_client_auth();
+        let dns = verified.clone();
         let mut https = verified.clone();
         https.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsClients {
             unverified: TlsConnector::from(Arc::new(unverified)),
             verified: TlsConnector::from(Arc::new(verified)),
             https: TlsConnector::from(Arc::new(https)),
+            dns,
         })
     }
 

@@ -12,8 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use skein_delivery::mta_sts::{MemoryStore, Mode, StsObserver};
 use skein_delivery::{Deliverer, DeliveryConfig, Job, RcptResult, Timeouts};
 use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
-use skein_testkit::{DnsServer, SinkMta};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use skein_testkit::{DnsServer, SinkMta, StaticHttps};
 
 /// A self-signed certificate for `name` and a server config presenting it.
 fn server_tls(name: &str) -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
@@ -31,47 +30,17 @@ fn server_tls(name: &str) -> (Arc<rustls::ServerConfig>, CertificateDer<'static>
 }
 
 /// An HTTPS server for mta-sts.example.org answering every request with
-/// `status`, `content_type` and `body`. Returns its port, its certificate
-/// and how many requests it has served.
+/// `status`, `content_type` and `body`, and its certificate.
 async fn policy_server(
-    status: &'static str,
-    content_type: &'static str,
-    body: &'static str,
-) -> (u16, CertificateDer<'static>, Arc<Mutex<usize>>) {
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> (StaticHttps, CertificateDer<'static>) {
     let (config, der) = server_tls("mta-sts.example.org");
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let served = Arc::new(Mutex::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let count = count.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                assert!(req.starts_with(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\n"));
-                *count.lock().unwrap() += 1;
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nLocation: https://elsewhere.example/\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(response.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    (port, der, served)
+    let server = StaticHttps::start(config, status, content_type, body)
+        .await
+        .unwrap();
+    (server, der)
 }
 
 /// example.org's MX is mx1.example.org on 127.0.0.1, with an MTA-STS record.
@@ -150,10 +119,10 @@ const TESTING: &str = "version: STSv1\r\nmode: testing\r\nmx: *.example.org\r\nm
 #[tokio::test]
 async fn enforce_delivers_over_verified_tls_to_the_named_mx_and_fetches_once() {
     let dns = dns().await;
-    let (policy_port, policy_cert, served) = policy_server("200 OK", "text/plain", ENFORCE).await;
+    let (policy, policy_cert) = policy_server("200 OK", "text/plain", ENFORCE).await;
     let (tls, mx_cert) = server_tls("mx1.example.org");
     let sink = SinkMta::builder().tls(tls).start().await.unwrap();
-    let (d, seen) = deliverer(&dns, sink.port(), policy_port, vec![policy_cert, mx_cert]);
+    let (d, seen) = deliverer(&dns, sink.port(), policy.port(), vec![policy_cert, mx_cert]);
     for _ in 0..2 {
         let r = d.deliver(&job()).await;
         assert!(
@@ -162,25 +131,21 @@ async fn enforce_delivers_over_verified_tls_to_the_named_mx_and_fetches_once() {
         );
     }
     assert_eq!(sink.messages().len(), 2);
-    assert_eq!(
-        *served.lock().unwrap(),
-        1,
-        "the policy is cached for max_age"
-    );
+    assert_eq!(policy.served(), 1, "the policy is cached for max_age");
     assert_eq!(seen.results()[0], "success");
 }
 
 #[tokio::test]
 async fn enforce_with_a_certificate_that_does_not_verify_defers_and_sends_nothing() {
     let dns = dns().await;
-    let (policy_port, policy_cert, _) = policy_server("200 OK", "text/plain", ENFORCE).await;
+    let (policy, policy_cert) = policy_server("200 OK", "text/plain", ENFORCE).await;
     // Trusted, but for another name.
     let (tls, wrong_cert) = server_tls("other.example.net");
     let sink = SinkMta::builder().tls(tls).start().await.unwrap();
     let (d, seen) = deliverer(
         &dns,
         sink.port(),
-        policy_port,
+        policy.port(),
         vec![policy_cert, wrong_cert],
     );
     let r = d.deliver(&job()).await;
@@ -196,8 +161,8 @@ async fn enforce_with_a_certificate_that_does_not_verify_defers_and_sends_nothin
 
     // A receiver without STARTTLS is never sent to in plaintext either.
     let plain = SinkMta::builder().start().await.unwrap();
-    let (policy_port, policy_cert, _) = policy_server("200 OK", "text/plain", ENFORCE).await;
-    let (d, seen) = deliverer(&dns, plain.port(), policy_port, vec![policy_cert]);
+    let (policy, policy_cert) = policy_server("200 OK", "text/plain", ENFORCE).await;
+    let (d, seen) = deliverer(&dns, plain.port(), policy.port(), vec![policy_cert]);
     let r = d.deliver(&job()).await;
     assert!(matches!(r[0], RcptResult::Deferred { .. }), "{r:?}");
     assert!(plain.messages().is_empty());
@@ -207,13 +172,13 @@ async fn enforce_with_a_certificate_that_does_not_verify_defers_and_sends_nothin
 #[tokio::test]
 async fn testing_delivers_what_enforce_would_refuse_and_reports_it() {
     let dns = dns().await;
-    let (policy_port, policy_cert, _) = policy_server("200 OK", "text/plain", TESTING).await;
+    let (policy, policy_cert) = policy_server("200 OK", "text/plain", TESTING).await;
     let (tls, wrong_cert) = server_tls("other.example.net");
     let sink = SinkMta::builder().tls(tls).start().await.unwrap();
     let (d, seen) = deliverer(
         &dns,
         sink.port(),
-        policy_port,
+        policy.port(),
         vec![policy_cert, wrong_cert],
     );
     let r = d.deliver(&job()).await;
@@ -229,10 +194,10 @@ async fn testing_delivers_what_enforce_would_refuse_and_reports_it() {
 async fn an_mx_the_enforced_policy_does_not_name_is_not_used() {
     let dns = dns().await;
     const OTHER_MX: &str = "version: STSv1\nmode: enforce\nmx: mail.example.org\nmax_age: 600\n";
-    let (policy_port, policy_cert, _) = policy_server("200 OK", "text/plain", OTHER_MX).await;
+    let (policy, policy_cert) = policy_server("200 OK", "text/plain", OTHER_MX).await;
     let (tls, mx_cert) = server_tls("mx1.example.org");
     let sink = SinkMta::builder().tls(tls).start().await.unwrap();
-    let (d, seen) = deliverer(&dns, sink.port(), policy_port, vec![policy_cert, mx_cert]);
+    let (d, seen) = deliverer(&dns, sink.port(), policy.port(), vec![policy_cert, mx_cert]);
     let r = d.deliver(&job()).await;
     let RcptResult::Deferred { reply } = &r[0] else {
         panic!("deferred expected: {r:?}")
@@ -255,9 +220,9 @@ async fn a_policy_that_cannot_be_had_leaves_delivery_as_before() {
         ("200 OK", "text/plain", "<html>enforce</html>", true),
         ("200 OK", "text/plain", ENFORCE, false),
     ] {
-        let (policy_port, policy_cert, _) = policy_server(status, ctype, body).await;
+        let (policy, policy_cert) = policy_server(status, ctype, body).await;
         let roots = if trust { vec![policy_cert] } else { Vec::new() };
-        let (d, seen) = deliverer(&dns, plain.port(), policy_port, roots);
+        let (d, seen) = deliverer(&dns, plain.port(), policy.port(), roots);
         let r = d.deliver(&job()).await;
         assert!(
             matches!(r[0], RcptResult::Delivered { .. }),

@@ -44,6 +44,7 @@ pub mod own;
 pub mod privilege;
 pub mod secrets;
 pub mod smtp;
+pub mod sts;
 pub mod tls;
 
 pub use config::Config;

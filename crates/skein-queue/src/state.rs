@@ -17,6 +17,8 @@ pub struct QueueState {
     messages: BTreeMap<MessageId, Message>,
     /// Every message that is not held, by the time it can next be claimed.
     due: BTreeSet<(Millis, MessageId)>,
+    /// Recipient domains' MTA-STS policies, by domain.
+    sts: BTreeMap<String, StsPolicy>,
 }
 
 /// What an apply touched, for storage to write back, and the events it
@@ -26,6 +28,8 @@ pub struct QueueState {
 pub struct Touched {
     pub ids: Vec<MessageId>,
     pub events: Vec<(MessageId, Event)>,
+    /// Domains whose MTA-STS policy was set or dropped.
+    pub sts: Vec<String>,
 }
 
 impl Touched {
@@ -79,6 +83,22 @@ impl QueueState {
             s.insert(m);
         }
         s
+    }
+
+    /// Add the MTA-STS policies storage kept (at open, after [`Self::restore`]).
+    pub fn restore_sts(&mut self, policies: impl IntoIterator<Item = StsPolicy>) {
+        for p in policies {
+            self.sts.insert(p.domain.clone(), p);
+        }
+    }
+
+    /// The MTA-STS policy kept for `domain`, expired or not.
+    pub fn sts_policy(&self, domain: &str) -> Option<&StsPolicy> {
+        self.sts.get(domain)
+    }
+
+    pub fn sts_policies(&self) -> impl Iterator<Item = &StsPolicy> {
+        self.sts.values()
     }
 
     /// Advance cluster time for entries that carry none of their own (blank
@@ -145,7 +165,37 @@ impl QueueState {
                 notices,
             } => self.report(now, *node, outcomes, notices, touched),
             Command::Admin(a) => self.admin(now, a, touched),
+            Command::SetStsPolicy(p) => self.set_sts(p, touched),
         }
+    }
+
+    fn set_sts(&mut self, p: &StsPolicy, touched: &mut Touched) -> Response {
+        if !p.is_valid() {
+            return Response::Done;
+        }
+        // Two nodes may fetch at once: the policy that lasts longer wins,
+        // and one arriving late never undoes a newer one.
+        if self
+            .sts
+            .get(&p.domain)
+            .is_some_and(|old| old.expires > p.expires)
+        {
+            return Response::Done;
+        }
+        if !self.sts.contains_key(&p.domain) && self.sts.len() >= MAX_STS_POLICIES {
+            let first = self
+                .sts
+                .values()
+                .min_by(|a, b| (a.expires, &a.domain).cmp(&(b.expires, &b.domain)))
+                .map(|p| p.domain.clone());
+            if let Some(d) = first {
+                self.sts.remove(&d);
+                touched.sts.push(d);
+            }
+        }
+        self.sts.insert(p.domain.clone(), p.clone());
+        touched.sts.push(p.domain.clone());
+        Response::Done
     }
 
     fn enqueue(&mut self, now: Millis, m: &NewMessage, touched: &mut Touched) -> Response {

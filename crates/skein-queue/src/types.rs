@@ -57,6 +57,49 @@ pub enum Command {
     /// A batch holds plain commands: one inside another is refused when
     /// decoding, so no input nests deep enough to exhaust the stack.
     Batch(#[serde(deserialize_with = "plain_commands")] Vec<Command>),
+    /// A recipient domain's MTA-STS policy, fetched by one node and kept
+    /// by all: every node obeys the same policy, and a domain's policy is
+    /// fetched once per `max_age` for the whole cluster.
+    SetStsPolicy(StsPolicy),
+}
+
+/// The most MTA-STS policies the queue keeps; beyond, the one expiring
+/// first goes.
+pub const MAX_STS_POLICIES: usize = 10_000;
+
+/// A domain's MTA-STS policy (RFC 8461) as the cluster keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StsPolicy {
+    /// Lowercase, without a trailing dot.
+    pub domain: String,
+    /// The `id=` of the `_mta-sts` TXT record it was fetched under.
+    pub id: String,
+    pub mode: StsMode,
+    /// MX host patterns, lowercase; `*.example.net` stands for one label.
+    pub mx: Vec<String>,
+    pub max_age: u64,
+    /// Unix seconds, by the fetching node's clock: fetch time plus `max_age`.
+    pub expires: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StsMode {
+    Enforce,
+    Testing,
+    None,
+}
+
+impl StsPolicy {
+    /// Within the bounds a fetched policy has (a peer's proposal is
+    /// checked again at apply).
+    pub fn is_valid(&self) -> bool {
+        let name = |s: &str| !s.is_empty() && s.len() <= 253 && s.is_ascii();
+        name(&self.domain)
+            && (1..=32).contains(&self.id.len())
+            && self.id.bytes().all(|b| b.is_ascii_alphanumeric())
+            && self.mx.len() <= 64
+            && self.mx.iter().all(|m| name(m))
+    }
 }
 
 /// Decodes a batch's commands, refusing a batch among them.

@@ -6,6 +6,8 @@
 //!   NXDOMAIN, NODATA and SERVFAIL on demand.
 //! - [`SinkMta`]: a receiving SMTP server that records what it is sent and
 //!   answers with scripted replies, parsing with `skein-smtp`.
+//! - [`StaticHttps`]: an HTTPS server giving one fixed response (MTA-STS
+//!   policies, good and bad).
 //! - [`wait_until`] / [`wait_for`]: poll a condition with a deadline.
 //! - [`converse`]: a scripted pipelining SMTP client for server tests.
 //!
@@ -15,10 +17,12 @@
 
 mod converse;
 mod dns;
+mod https;
 mod sink;
 mod wait;
 
 pub use converse::{codes, converse, converse_after_tls};
 pub use dns::{DnsServer, DnsServerBuilder, RecordKind};
+pub use https::StaticHttps;
 pub use sink::{Hang, Received, SinkMta, SinkMtaBuilder};
 pub use wait::{wait_for, wait_until};

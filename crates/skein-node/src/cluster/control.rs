@@ -336,6 +336,7 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").into(),
             can_commit: self.can_commit(),
             site: self.inner.site.clone(),
+            features: vec![crate::sts::FEATURE.into()],
         }
     }
 

@@ -226,7 +226,7 @@ impl<'a> Parts<'a> {
                 mta_sts: d.mta_sts,
                 mta_sts_port: d.mta_sts_port,
             },
-            Arc::new(skein_delivery::mta_sts::MemoryStore::default()),
+            Arc::new(crate::sts::SharedPolicies::new(cluster.clone())),
             Some(Arc::new(crate::metrics::StsSessions(self.metrics.clone()))),
         )
         .context("cannot set up delivery")?;

@@ -868,3 +868,49 @@ fn a_recipient_failed_for_its_age_is_expired() {
     );
     assert_eq!(evs, [(1, Some(A), "attempt"), (1, Some(A), "expired")]);
 }
+
+fn sts_policy(domain: &str, expires: u64) -> StsPolicy {
+    StsPolicy {
+        domain: domain.into(),
+        id: "1".into(),
+        mode: StsMode::Testing,
+        mx: vec!["*.example.org".into()],
+        max_age: 60,
+        expires,
+    }
+}
+
+#[test]
+fn mta_sts_policies_are_bounded_checked_and_the_newest_kept() {
+    let mut s = QueueState::new();
+    apply(
+        &mut s,
+        1,
+        Command::SetStsPolicy(sts_policy("example.org", 10)),
+    );
+    apply(
+        &mut s,
+        2,
+        Command::SetStsPolicy(sts_policy("example.org", 5)),
+    );
+    assert_eq!(s.sts_policy("example.org").unwrap().expires, 10);
+    // Out of bounds: ignored, not stored.
+    let mut bad = sts_policy("example.net", 20);
+    bad.id = "x".repeat(33);
+    apply(&mut s, 3, Command::SetStsPolicy(bad));
+    assert!(s.sts_policy("example.net").is_none());
+    // Full: the one expiring first makes room.
+    for i in 0..MAX_STS_POLICIES {
+        apply(
+            &mut s,
+            4,
+            Command::SetStsPolicy(sts_policy(&format!("d{i}.test"), 100 + i as u64)),
+        );
+    }
+    assert_eq!(s.sts_policies().count(), MAX_STS_POLICIES);
+    assert!(
+        s.sts_policy("example.org").is_none(),
+        "expired soonest, gone first"
+    );
+    assert!(s.sts_policy("d0.test").is_some());
+}

@@ -55,6 +55,12 @@ pub(crate) const KEY_VOTE: &[u8] = b"vote";
 pub(crate) const KEY_LAST_PURGED: &[u8] = b"last_purged";
 pub(crate) const KEY_SM_TREE: &[u8] = b"sm_tree";
 pub(crate) const KEY_HEADER: &[u8] = b"s";
+/// State tree keys of MTA-STS policies: this, then the domain.
+pub(crate) const STS_PREFIX: &[u8] = b"t";
+
+pub(crate) fn sts_key(domain: &str) -> Vec<u8> {
+    [STS_PREFIX, domain.as_bytes()].concat()
+}
 
 /// The state machine's own record of where it is, written with every apply.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -187,6 +193,7 @@ impl QueueReader {
             },
             cluster_time: state.cluster_time(),
             messages: state.len() as u64,
+            sts: state.sts_policies().cloned().collect(),
         };
         let file = std::fs::File::create(path)?;
         let file = snapshot::build::write_queue(

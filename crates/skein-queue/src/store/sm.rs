@@ -15,8 +15,8 @@ use super::snapshot::build::SnapshotBuilder;
 use super::snapshot::files::{SnapshotFiles, CURRENT};
 use super::snapshot::install::{install_file, Installed};
 use super::{
-    body_key, decode_ref, id_from_key, message_key, Bodies, Shared, SmHeader, StoreError,
-    KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE,
+    body_key, decode_ref, id_from_key, message_key, sts_key, Bodies, Shared, SmHeader, StoreError,
+    KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE, STS_PREFIX,
 };
 use crate::state::Touched;
 use crate::{
@@ -83,7 +83,12 @@ impl StateMachineStore {
             let (_, v) = kv?;
             messages.push(postcard::from_bytes::<Message>(&v)?);
         }
-        let state = QueueState::restore(header.cluster_time, messages);
+        let mut state = QueueState::restore(header.cluster_time, messages);
+        let mut policies = Vec::new();
+        for v in tree.scan_prefix(STS_PREFIX).values() {
+            policies.push(postcard::from_bytes(&v?)?);
+        }
+        state.restore_sts(policies);
         // Count the bodies of queued messages; forget those whose removal was
         // deferred when the node stopped (nothing counts them, so their
         // segments go unless the log still names them).
@@ -201,6 +206,14 @@ impl StateMachineStore {
                     batch.remove(&body_key(&id));
                     arrivals.removed(decode_ref(&v)?);
                 }
+            }
+        }
+        touched.sts.sort_unstable();
+        touched.sts.dedup();
+        for domain in &touched.sts {
+            match state.sts_policy(domain) {
+                Some(p) => batch.insert(sts_key(domain), postcard::to_stdvec(p)?),
+                None => batch.remove(sts_key(domain)),
             }
         }
         batch.insert(KEY_HEADER, postcard::to_stdvec(&self.header)?);

@@ -721,3 +721,65 @@ async fn recent_entries_read_the_same_from_memory_and_from_disk() {
     assert_eq!(memory, disk);
     assert_eq!(disk[..3], entries[..3]);
 }
+
+fn sts(domain: &str, expires: u64) -> Request {
+    Request {
+        now: 1,
+        cmd: Command::SetStsPolicy(crate::StsPolicy {
+            domain: domain.into(),
+            id: "abc1".into(),
+            mode: crate::StsMode::Enforce,
+            mx: vec!["mx.example.org".into()],
+            max_age: 86400,
+            expires,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mta_sts_policies_survive_reopen_and_travel_in_snapshots() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    {
+        let mut a = open(a_dir.path()).unwrap();
+        a.state_machine
+            .apply(vec![
+                entry(1, sts("example.org", 100)),
+                entry(2, sts("example.net", 100)),
+                // An older fetch arriving late does not undo a newer one.
+                entry(3, sts("example.org", 50)),
+            ])
+            .await
+            .unwrap();
+    }
+    let mut a = open(a_dir.path()).unwrap();
+    assert_eq!(
+        a.reader.read().sts_policy("example.org").unwrap().expires,
+        100
+    );
+    assert_eq!(a.reader.read().sts_policies().count(), 2);
+
+    let mut builder = a.state_machine.get_snapshot_builder().await;
+    builder.build_snapshot().await.unwrap();
+    let mut b = open(b_dir.path()).unwrap();
+    let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
+    let mut src = a
+        .state_machine
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::io::copy(&mut src.snapshot, &mut *recv)
+        .await
+        .unwrap();
+    b.state_machine
+        .install_snapshot(&src.meta, recv)
+        .await
+        .unwrap();
+    assert_eq!(b.reader.read().sts_policies().count(), 2);
+    drop(b);
+    let b = open(b_dir.path()).unwrap();
+    assert_eq!(
+        b.reader.read().sts_policy("example.net").unwrap().expires,
+        100
+    );
+}

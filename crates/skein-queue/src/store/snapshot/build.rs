@@ -51,6 +51,7 @@ pub(crate) fn build_file(
         meta: meta.clone(),
         cluster_time: state.cluster_time(),
         messages: state.len() as u64,
+        sts: state.sts_policies().cloned().collect(),
     };
     let file = write_queue(BufWriter::new(file), &snap_header, &state, &tree, bodies)?
         .into_inner()

@@ -10,7 +10,7 @@ use super::files::{SnapshotFiles, Tee};
 use super::SnapshotReader;
 use crate::store::sm::tree_name;
 use crate::store::{
-    body_key, flush_all, message_key, Bodies, BodyRef, SmHeader, StoreError, KEY_HEADER,
+    body_key, flush_all, message_key, sts_key, Bodies, BodyRef, SmHeader, StoreError, KEY_HEADER,
     KEY_SM_TREE,
 };
 use crate::{QueueState, SnapshotMeta};
@@ -78,6 +78,15 @@ pub(crate) fn install_file(
             cluster_time: header.cluster_time,
         };
         batch.insert(KEY_HEADER, postcard::to_stdvec(&new_header)?);
+        let sts: Vec<_> = header
+            .sts
+            .iter()
+            .filter(|p| p.is_valid())
+            .cloned()
+            .collect();
+        for p in &sts {
+            batch.insert(sts_key(&p.domain), postcard::to_stdvec(p)?);
+        }
         tree.apply_batch(batch)?;
         let Tee { w, .. } = reader.into_inner();
         let copy = w.into_inner().map_err(|e| e.into_error())?;
@@ -87,10 +96,9 @@ pub(crate) fn install_file(
         // The switch: one write names the new generation live.
         meta_tree.insert(KEY_SM_TREE, &gen.to_be_bytes())?;
         flush_all(db, bodies)?;
-        Ok((
-            QueueState::restore(header.cluster_time, messages),
-            new_header,
-        ))
+        let mut state = QueueState::restore(header.cluster_time, messages);
+        state.restore_sts(sts);
+        Ok((state, new_header))
     };
     let r = fill();
     if r.is_err() {

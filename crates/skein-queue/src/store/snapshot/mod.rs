@@ -2,12 +2,13 @@
 //! gigabytes never has to sit in memory.
 //!
 //! ```text
-//! "SKEINSN1"
+//! "SKEINSN2"
 //! u32 LE length, postcard(SnapshotHeader)
 //! per message: u32 LE length, postcard(Message), u64 LE length, body
 //! u32 LE CRC-32 of everything before it
 //! ```
-//! The same format serves `skeinctl backup`.
+//! The same format serves `skeinctl backup`. "SKEINSN1" files (before the
+//! header carried MTA-STS policies) are still read.
 //!
 //! Beside the format: [`files`] (the snapshot directory), `build` (writing
 //! one from the queue) and `install` (loading a received one).
@@ -21,9 +22,11 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use crate::{Message, SnapshotMeta};
+use crate::{Message, SnapshotMeta, StsPolicy};
 
-const MAGIC: &[u8; 8] = b"SKEINSN1";
+const MAGIC: &[u8; 8] = b"SKEINSN2";
+/// The format before the header carried MTA-STS policies.
+const MAGIC_V1: &[u8; 8] = b"SKEINSN1";
 /// A message record is metadata only; anything larger is corruption.
 const MAX_RECORD: u32 = 64 << 20;
 /// No message body is larger than this (twice the largest
@@ -36,6 +39,16 @@ pub struct SnapshotHeader {
     pub meta: SnapshotMeta,
     pub cluster_time: u64,
     pub messages: u64,
+    /// Recipient domains' MTA-STS policies.
+    pub sts: Vec<StsPolicy>,
+}
+
+/// The header of a "SKEINSN1" file.
+#[derive(Deserialize)]
+struct HeaderV1 {
+    meta: SnapshotMeta,
+    cluster_time: u64,
+    messages: u64,
 }
 
 pub struct SnapshotWriter<W: Write> {
@@ -93,7 +106,7 @@ impl<R: Read> SnapshotReader<R> {
         };
         let mut magic = [0u8; 8];
         s.take(&mut magic)?;
-        if &magic != MAGIC {
+        if &magic != MAGIC && &magic != MAGIC_V1 {
             return Err(StoreError::Corrupt("not a Skein snapshot".into()));
         }
         let len = s.take_u32()?;
@@ -101,7 +114,17 @@ impl<R: Read> SnapshotReader<R> {
             return Err(StoreError::Corrupt("snapshot header too large".into()));
         }
         let h = s.take_len(len as u64)?;
-        let header: SnapshotHeader = postcard::from_bytes(&h)?;
+        let header: SnapshotHeader = if &magic == MAGIC_V1 {
+            let v1: HeaderV1 = postcard::from_bytes(&h)?;
+            SnapshotHeader {
+                meta: v1.meta,
+                cluster_time: v1.cluster_time,
+                messages: v1.messages,
+                sts: Vec::new(),
+            }
+        } else {
+            postcard::from_bytes(&h)?
+        };
         s.remaining = header.messages;
         Ok((header, s))
     }
@@ -228,7 +251,36 @@ mod tests {
             meta: SnapshotMeta::default(),
             cluster_time: 7,
             messages,
+            sts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn policies_travel_in_the_header_and_an_old_file_still_reads() {
+        let mut h = header(0);
+        h.sts.push(StsPolicy {
+            domain: "example.org".into(),
+            id: "20261130".into(),
+            mode: crate::StsMode::Enforce,
+            mx: vec!["*.example.org".into()],
+            max_age: 86400,
+            expires: 1_800_000_000,
+        });
+        let bytes = SnapshotWriter::new(Vec::new(), &h)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert_eq!(verify(&bytes[..]).unwrap(), h);
+
+        // "SKEINSN1": the same header without policies.
+        let mut v = Vec::new();
+        v.extend_from_slice(MAGIC_V1);
+        let old = postcard::to_stdvec(&(SnapshotMeta::default(), 7u64, 0u64)).unwrap();
+        v.extend_from_slice(&(old.len() as u32).to_le_bytes());
+        v.extend_from_slice(&old);
+        let crc = crc32fast::hash(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(verify(&v[..]).unwrap(), header(0));
     }
 
     #[test]
