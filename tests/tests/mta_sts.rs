@@ -2,7 +2,9 @@
 //! fetches its policy and proposes it; every node then holds the same
 //! policy and obeys it, and nobody fetches it again within its max_age.
 //! The policy is published in a DNS server and served over HTTPS; the
-//! receiver's certificate verifies, as `enforce` requires.
+//! receiver's certificate verifies, as `enforce` requires. With
+//! `delivery.tls_reports` on, the nodes report those sessions (TLS-RPT) to
+//! the domain's `rua` mailbox.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,42 @@ fn server_tls(name: &str) -> (Arc<rustls::ServerConfig>, String) {
         .with_single_cert(vec![ck.cert.der().clone()], key)
         .unwrap();
     (Arc::new(config), ck.cert.pem())
+}
+
+/// Every TLS report at the sink: its envelope sender and its JSON.
+fn reports(sink: &SinkMta) -> Vec<(String, serde_json::Value)> {
+    use base64::Engine;
+    use std::io::Read;
+    sink.messages()
+        .iter()
+        .filter(|m| m.rcpt_to == ["tlsrpt@example.org"])
+        .map(|m| {
+            let text = String::from_utf8_lossy(&m.data).to_string();
+            assert!(
+                text.contains("Content-Type: multipart/report; report-type=\"tlsrpt\""),
+                "{text}"
+            );
+            let part = text
+                .split("Content-Type: application/tlsrpt+gzip\r\n")
+                .nth(1)
+                .expect("the report part");
+            let b64: String = part
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap()
+                .lines()
+                .take_while(|l| !l.starts_with("--"))
+                .collect();
+            let gz = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            let mut json = String::new();
+            flate2::read::GzDecoder::new(&gz[..])
+                .read_to_string(&mut json)
+                .unwrap();
+            (m.mail_from.clone(), serde_json::from_str(&json).unwrap())
+        })
+        .collect()
 }
 
 fn holds_policy(node: &Node) -> bool {
@@ -55,6 +93,10 @@ async fn one_node_fetches_the_policy_and_every_node_obeys_it() {
         .a("mx.example.org", std::net::Ipv4Addr::LOCALHOST)
         .a("mta-sts.example.org", std::net::Ipv4Addr::LOCALHOST)
         .txt("_mta-sts.example.org", "v=STSv1; id=20261130;")
+        .txt(
+            "_smtp._tls.example.org",
+            "v=TLSRPTv1; rua=mailto:tlsrpt@example.org",
+        )
         .start()
         .await
         .unwrap();
@@ -62,7 +104,7 @@ async fn one_node_fetches_the_policy_and_every_node_obeys_it() {
     let ca = dir.path().join("trusted.pem");
     std::fs::write(&ca, format!("{policy_pem}{mx_pem}")).unwrap();
     let extra = format!(
-        "tls_ca_file = {:?}\nmta_sts_port = {}\n",
+        "tls_ca_file = {:?}\nmta_sts_port = {}\ntls_reports = true\ntls_report_interval = \"1s\"\n",
         ca.display().to_string(),
         policy.port()
     );
@@ -116,6 +158,37 @@ async fn one_node_fetches_the_policy_and_every_node_obeys_it() {
         .unwrap();
     assert_eq!(policy.served(), 1, "fetched once for the whole cluster");
     assert!(sink.messages().iter().all(|m| m.tls), "all over TLS");
+
+    // The nodes' TLS reports: gzipped JSON in a multipart/report, from the
+    // null sender, about the sessions above.
+    wait_for(Duration::from_secs(20), "a TLS report", || {
+        let got = !reports(&sink).is_empty();
+        async move { got }
+    })
+    .await
+    .unwrap();
+    for (from, report) in reports(&sink) {
+        assert_eq!(from, "", "reports come from the null sender");
+        let policy = &report["policies"][0];
+        assert_eq!(policy["policy"]["policy-type"], "sts");
+        assert_eq!(policy["policy"]["policy-domain"], "example.org");
+        assert_eq!(policy["policy"]["mx-host"][0], "mx.example.org");
+        assert!(policy["policy"]["policy-string"]
+            .as_array()
+            .unwrap()
+            .contains(&"mode: enforce".into()));
+        assert!(
+            policy["summary"]["total-successful-session-count"]
+                .as_u64()
+                .unwrap()
+                >= 1
+        );
+        assert_eq!(policy["summary"]["total-failure-session-count"], 0);
+        assert!(report["organization-name"]
+            .as_str()
+            .unwrap()
+            .ends_with(".skein.test"));
+    }
     for n in nodes {
         n.shutdown(Duration::from_secs(5)).await;
     }

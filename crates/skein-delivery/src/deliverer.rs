@@ -202,7 +202,8 @@ impl Deliverer {
         };
         if let (Some(p), Some(sts)) = (&policy, &self.inner.sts) {
             if !hosts.iter().any(|h| p.allows(&h.name)) {
-                sts.observe(&job.domain, p.mode, "mx-mismatch");
+                let first = hosts.first().map_or("", |h| h.name.as_str());
+                sts.observe(&job.domain, p.mode, "mx-mismatch", first);
                 if p.mode == Mode::Enforce {
                     let reply = format!(
                         "451 4.7.5 the MTA-STS policy of {} names none of its MX hosts",
@@ -279,6 +280,12 @@ impl Deliverer {
             better_tried = true;
         }
         all(RcptResult::Deferred { reply: last })
+    }
+
+    /// The TXT records at `name` (each one's strings joined); none on any
+    /// error. For TLS-RPT's `_smtp._tls` records.
+    pub async fn txt(&self, name: &str) -> Vec<String> {
+        crate::mta_sts::txt_records(&self.inner.resolver, name).await
     }
 
     /// The MTA-STS policy in force for a delivery to the domain's MX hosts
@@ -359,7 +366,7 @@ impl Deliverer {
                     if let (Some(mode), Some(sts), TlsPolicy::Verify) =
                         (dest.sts, &self.inner.sts, policy)
                     {
-                        sts.observe(&job.domain, mode, "success");
+                        sts.observe(&job.domain, mode, "success", host);
                     }
                     return self.carry(conn, job, dest, false).await;
                 }
@@ -369,7 +376,7 @@ impl Deliverer {
                         return HostOutcome::NextHost(reason);
                     };
                     if let Some(sts) = &self.inner.sts {
-                        sts.observe(&job.domain, mode, kind);
+                        sts.observe(&job.domain, mode, kind, host);
                     }
                     if mode == Mode::Enforce {
                         return HostOutcome::NextHost(format!(

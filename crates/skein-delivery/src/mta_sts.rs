@@ -206,7 +206,8 @@ pub trait StsObserver: Send + Sync {
     /// `result`: `success`, or the failure: `mx-mismatch` (no MX the policy
     /// names), `starttls-not-supported`, `validation-failure` (the
     /// certificate did not verify for the MX name), `sts-policy-fetch-error`.
-    fn session(&self, domain: &str, mode: Mode, result: &'static str);
+    /// `mx`: the receiving MX host, empty when none was reached.
+    fn session(&self, domain: &str, mode: Mode, result: &'static str, mx: &str);
 }
 
 /// Looks policies up and fetches them.
@@ -232,9 +233,9 @@ impl Sts {
         }
     }
 
-    pub(crate) fn observe(&self, domain: &str, mode: Mode, result: &'static str) {
+    pub(crate) fn observe(&self, domain: &str, mode: Mode, result: &'static str, mx: &str) {
         if let Some(o) = &self.observer {
-            o.session(domain, mode, result);
+            o.session(domain, mode, result, mx);
         }
     }
 
@@ -272,6 +273,7 @@ impl Sts {
                     &domain,
                     cached.as_ref().map_or(Mode::None, |c| c.policy.mode),
                     "sts-policy-fetch-error",
+                    "",
                 );
                 cached.map(|c| c.policy)
             }
@@ -281,6 +283,7 @@ impl Sts {
                     &domain,
                     cached.as_ref().map_or(Mode::None, |c| c.policy.mode),
                     "sts-policy-fetch-error",
+                    "",
                 );
                 cached.map(|c| c.policy)
             }
@@ -360,14 +363,31 @@ impl Sts {
 /// The id of the one `v=STSv1` record at `_mta-sts.DOMAIN` (RFC 8461 3.1);
 /// `None` without exactly one valid record.
 async fn txt_id(resolver: &TokioResolver, domain: &str) -> Option<String> {
-    let mut name =
-        hickory_resolver::proto::rr::Name::from_utf8(format!("_mta-sts.{domain}")).ok()?;
-    name.set_fqdn(true);
-    let lookup = resolver
-        .lookup(name, hickory_resolver::proto::rr::RecordType::TXT)
+    let records: Vec<String> = txt_records(resolver, &format!("_mta-sts.{domain}"))
         .await
-        .ok()?;
-    let records: Vec<String> = lookup
+        .into_iter()
+        .filter(|t| t.starts_with("v=STSv1"))
+        .collect();
+    let [record] = records.as_slice() else {
+        return None;
+    };
+    parse_txt(record)
+}
+
+/// The TXT records at `name`, each one's character-strings joined; none on
+/// any error.
+pub(crate) async fn txt_records(resolver: &TokioResolver, name: &str) -> Vec<String> {
+    let Ok(mut fqdn) = hickory_resolver::proto::rr::Name::from_utf8(name) else {
+        return Vec::new();
+    };
+    fqdn.set_fqdn(true);
+    let Ok(lookup) = resolver
+        .lookup(fqdn, hickory_resolver::proto::rr::RecordType::TXT)
+        .await
+    else {
+        return Vec::new();
+    };
+    lookup
         .answers()
         .iter()
         .filter_map(|r| match &r.data {
@@ -379,12 +399,7 @@ async fn txt_id(resolver: &TokioResolver, domain: &str) -> Option<String> {
             ),
             _ => None,
         })
-        .filter(|t| t.starts_with("v=STSv1"))
-        .collect();
-    let [record] = records.as_slice() else {
-        return None;
-    };
-    parse_txt(record)
+        .collect()
 }
 
 /// `v=STSv1; id=20190429T010101;`: the id, 1 to 32 letters and digits.

@@ -73,7 +73,7 @@ fn job() -> Job {
 struct Seen(Mutex<Vec<(String, Mode, &'static str)>>);
 
 impl StsObserver for Seen {
-    fn session(&self, domain: &str, mode: Mode, result: &'static str) {
+    fn session(&self, domain: &str, mode: Mode, result: &'static str, _mx: &str) {
         self.0
             .lock()
             .unwrap()

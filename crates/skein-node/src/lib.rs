@@ -46,6 +46,7 @@ pub mod secrets;
 pub mod smtp;
 pub mod sts;
 pub mod tls;
+pub mod tlsrpt;
 
 pub use config::Config;
 pub use node::Node;

@@ -62,12 +62,22 @@ pub struct StsLabel {
 }
 
 /// Counts what the delivery engine saw under MTA-STS policies (TLS-RPT's
-/// per-domain results, RFC 8460).
-pub struct StsSessions(pub Arc<Metrics>);
+/// per-domain results, RFC 8460), and gathers them for the reports.
+pub struct StsSessions {
+    pub metrics: Arc<Metrics>,
+    pub reports: Arc<crate::tlsrpt::TlsReports>,
+}
 
 impl skein_delivery::mta_sts::StsObserver for StsSessions {
-    fn session(&self, domain: &str, mode: skein_delivery::mta_sts::Mode, result: &'static str) {
-        self.0
+    fn session(
+        &self,
+        domain: &str,
+        mode: skein_delivery::mta_sts::Mode,
+        result: &'static str,
+        mx: &str,
+    ) {
+        self.reports.record(domain, mode, result, mx);
+        self.metrics
             .mta_sts_sessions
             .get_or_create(&StsLabel {
                 domain: domain.to_string(),

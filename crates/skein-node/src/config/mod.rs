@@ -178,6 +178,9 @@ pub struct DeliveryConfig {
     pub mta_sts: bool,
     /// The HTTPS port policies are fetched from (443; others for tests).
     pub mta_sts_port: u16,
+    /// Send TLS-RPT reports (RFC 8460) to domains that ask for them.
+    pub tls_reports: bool,
+    pub tls_report_interval: Duration,
 }
 
 /// `[[route]]` entries are the delivery engine's own type.

@@ -755,6 +755,12 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
         bounce_size_limit: bounce_size_limit as usize,
         mta_sts: r.mta_sts.unwrap_or(true),
         mta_sts_port,
+        tls_reports: r.tls_reports.unwrap_or(false),
+        tls_report_interval: c.duration(
+            "delivery.tls_report_interval",
+            r.tls_report_interval.as_ref(),
+            Duration::from_secs(86400),
+        ),
         nameservers,
         port,
         retry_schedule,

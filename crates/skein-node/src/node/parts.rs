@@ -81,6 +81,15 @@ pub(super) struct Parts<'a> {
     ids: Arc<IdGenerator>,
     own: OwnAddrs,
     local_smtp: Vec<SocketAddr>,
+    /// What the TLS-RPT reports need, once delivery is set up.
+    tls_reports: Option<TlsReporting>,
+}
+
+/// What sending TLS-RPT reports takes.
+struct TlsReporting {
+    reports: Arc<crate::tlsrpt::TlsReports>,
+    policies: Arc<crate::sts::SharedPolicies>,
+    deliverer: Deliverer,
 }
 
 /// What every SMTP session shares, and the switches that stop them.
@@ -105,6 +114,7 @@ impl<'a> Parts<'a> {
             cluster_tls: None,
             ids: Arc::new(IdGenerator::new(config.node_id)),
             own: OwnAddrs::new(),
+            tls_reports: None,
             local_smtp: Vec::new(),
         }
     }
@@ -211,6 +221,8 @@ impl<'a> Parts<'a> {
             Some(path) => crate::tls::load_certs(path)
                 .with_context(|| format!("delivery.tls_ca_file {}", path.display()))?,
         };
+        let reports = Arc::new(crate::tlsrpt::TlsReports::default());
+        let policies = Arc::new(crate::sts::SharedPolicies::new(cluster.clone()));
         let deliverer = Deliverer::with_sts(
             skein_delivery::DeliveryConfig {
                 helo_name: c.smtp.hostname.clone(),
@@ -226,10 +238,18 @@ impl<'a> Parts<'a> {
                 mta_sts: d.mta_sts,
                 mta_sts_port: d.mta_sts_port,
             },
-            Arc::new(crate::sts::SharedPolicies::new(cluster.clone())),
-            Some(Arc::new(crate::metrics::StsSessions(self.metrics.clone()))),
+            policies.clone(),
+            Some(Arc::new(crate::metrics::StsSessions {
+                metrics: self.metrics.clone(),
+                reports: reports.clone(),
+            })),
         )
         .context("cannot set up delivery")?;
+        self.tls_reports = Some(TlsReporting {
+            reports,
+            policies,
+            deliverer: deliverer.clone(),
+        });
         let (dispatcher, handle) = delivery::start(
             cluster.clone(),
             deliverer,
@@ -258,6 +278,17 @@ impl<'a> Parts<'a> {
             dispatcher,
             self.metrics.clone(),
         );
+        if let (true, Some(t)) = (c.delivery.tls_reports, &self.tls_reports) {
+            self.tasks.spawn(crate::tlsrpt::send_periodically(
+                t.reports.clone(),
+                c.delivery.tls_report_interval,
+                t.deliverer.clone(),
+                t.policies.clone(),
+                acceptor.clone(),
+                c.smtp.hostname.clone(),
+                self.shutdown_rx.clone(),
+            ));
+        }
         let auth = Arc::new(smtp::Authenticator::new(c.smtp.users.clone()));
         if !c.smtp.submission_listen.is_empty() && auth.is_empty() {
             tracing::warn!(
