@@ -213,6 +213,64 @@ fn from_domain(message: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn signers_config(file: &Path) -> DkimConfig {
+        DkimConfig {
+            domain: "example.com".into(),
+            selector: "s".into(),
+            key_file: file.to_path_buf(),
+            headers: vec!["From".into()],
+            header_canon: Canon::Relaxed,
+            body_canon: Canon::Relaxed,
+            expire: None,
+        }
+    }
+
+    #[test]
+    fn a_key_replaced_on_disk_signs_from_the_next_look_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.pem");
+        let new_key = || {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+                .unwrap()
+                .serialize_pem()
+        };
+        std::fs::write(&file, new_key()).unwrap();
+        let signers = Signers::load(&[signers_config(&file)]).unwrap();
+        let msg = b"From: a@example.com\r\n\r\nbody\r\n";
+        std::fs::write(&file, new_key()).unwrap();
+        // A coarse clock could give both writes one mtime: move it on.
+        let later = std::time::SystemTime::now() + Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert!(signers.tables[0].signer.reload_if_changed().unwrap());
+        // Signed as a signer freshly loaded from the new file signs (Ed25519
+        // is deterministic; t= is the second, so compare within one).
+        let fresh = Signers::load(&[signers_config(&file)]).unwrap();
+        let t = |f: &str| f.split("t=").nth(1).map(|r| r[..10].to_string());
+        let same = (0..5).any(|_| {
+            let (a, b) = (signers.sign(msg).0.remove(0), fresh.sign(msg).0.remove(0));
+            t(&a) == t(&b) && {
+                assert_eq!(a, b, "the reloaded key signs");
+                true
+            }
+        });
+        assert!(same, "never signed within one second");
+        // A broken file keeps the last good key.
+        std::fs::write(&file, "not a key").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later + Duration::from_secs(2))
+            .unwrap();
+        assert!(signers.tables[0].signer.reload_if_changed().is_err());
+        assert_eq!(signers.sign(msg).0.len(), 1);
+    }
+
     #[test]
     fn the_from_domain_is_the_first_mailbox_of_the_header_section() {
         let m = b"Received: x\r\nFrom: \"A, B\" <a@Example.COM>, c@other.test\r\n\r\nFrom: x@body.test\r\n";

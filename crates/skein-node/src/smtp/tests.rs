@@ -388,3 +388,52 @@ async fn mail_is_refused_with_452_while_the_disk_is_below_its_reserve() {
     assert_eq!(codes(&replies), QUEUED);
     assert!(h.queued.try_recv().is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_trusted_clients_mail_from_a_dkim_domain_is_signed() {
+    let mut h = harness("").await;
+    let key = h._dir.path().join("ed.pem");
+    std::fs::write(
+        &key,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    h.ctx.dkim = crate::dkim::Signers::load(&[crate::config::DkimConfig {
+        domain: "example.com".into(),
+        selector: "ed".into(),
+        key_file: key,
+        headers: crate::dkim::DEFAULT_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+        header_canon: crate::config::Canon::Relaxed,
+        body_canon: crate::config::Canon::Relaxed,
+        expire: None,
+    }])
+    .unwrap();
+    let mut send = async |peer: &str, from: &str| {
+        let input = format!("{HELLO}MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nFrom: <{from}>\r\nSubject: s\r\n\r\nbody\r\n.\r\nQUIT\r\n");
+        let replies = session(&h, peer, input.as_bytes()).await;
+        assert_eq!(codes(&replies), QUEUED);
+        String::from_utf8(h.queued.try_recv().unwrap().body.to_vec()).unwrap()
+    };
+    // A trusted client (127.0.0.1 is in the default relay networks).
+    let signed = send(LOCAL, "ann@Example.COM").await;
+    assert!(
+        signed.starts_with("DKIM-Signature: v=1; a=ed25519-sha256; s=ed; d=example.com;"),
+        "{signed}"
+    );
+    assert!(
+        signed.contains("\r\nReceived: from "),
+        "signed after our Received header"
+    );
+    // A stranger claiming the domain, and a trusted client of another domain.
+    assert!(!send(STRANGER, "ann@example.com")
+        .await
+        .contains("DKIM-Signature"));
+    assert!(!send(LOCAL, "ann@example.net")
+        .await
+        .contains("DKIM-Signature"));
+}
