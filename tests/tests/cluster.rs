@@ -551,7 +551,15 @@ async fn a_wiped_node_catches_up_from_a_snapshot() {
     // Node 3 loses its disk.
     let n3 = nodes.pop().unwrap();
     n3.shutdown(Duration::from_secs(2)).await;
-    std::fs::remove_dir_all(&plan.configs[2].data_dir).unwrap();
+    // A snapshot build on a blocking thread may still be finishing a file
+    // in there: removal succeeds once it has.
+    let dir = plan.configs[2].data_dir.clone();
+    wait_for(Duration::from_secs(10), "node 3's data directory to go", || {
+        let gone = std::fs::remove_dir_all(&dir).is_ok() || !dir.exists();
+        async move { gone }
+    })
+    .await
+    .unwrap();
     for i in 30..40 {
         let s = send(
             nodes[i % 2].smtp_addrs[0],
