@@ -30,6 +30,21 @@ pub struct ProcessNode {
 }
 
 impl ProcessNode {
+    /// A process for each config, each waited for until it is ready.
+    pub async fn start_all(
+        binary: &str,
+        configs: &[TestConfig],
+    ) -> anyhow::Result<Vec<ProcessNode>> {
+        let nodes = configs
+            .iter()
+            .map(|c| ProcessNode::start(binary, c.clone()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for n in &nodes {
+            n.wait_ready(Duration::from_secs(30)).await?;
+        }
+        Ok(nodes)
+    }
+
     /// Write the config next to the data directory and start `binary` on it
     /// (pass `skeind!()`).
     pub fn start(binary: &str, config: TestConfig) -> anyhow::Result<ProcessNode> {

@@ -81,14 +81,9 @@ async fn a_message_signed_on_a_follower_and_delivered_after_a_takeover_verifies(
     })
     .await
     .unwrap();
-    let mut nodes: Vec<ProcessNode> = plan
-        .configs
-        .iter()
-        .map(|c| ProcessNode::start(skein_tests::skeind!(), c.clone()).unwrap())
-        .collect();
-    for n in &nodes {
-        n.wait_ready(Duration::from_secs(30)).await.unwrap();
-    }
+    let mut nodes = ProcessNode::start_all(skein_tests::skeind!(), &plan.configs)
+        .await
+        .unwrap();
     let admins: Vec<_> = plan.configs.iter().map(TestConfig::admin_addr).collect();
     let leader = wait_for_leader(&admins, Duration::from_secs(20))
         .await

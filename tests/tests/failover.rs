@@ -16,14 +16,9 @@ fn timings(c: &mut TestConfig) {
 }
 
 async fn start(plan: &ClusterPlan) -> Vec<ProcessNode> {
-    let nodes: Vec<ProcessNode> = plan
-        .configs
-        .iter()
-        .map(|c| ProcessNode::start(skein_tests::skeind!(), c.clone()).unwrap())
-        .collect();
-    for n in &nodes {
-        n.wait_ready(Duration::from_secs(30)).await.unwrap();
-    }
+    let nodes = ProcessNode::start_all(skein_tests::skeind!(), &plan.configs)
+        .await
+        .unwrap();
     wait_for_leader(&admins(plan), Duration::from_secs(20))
         .await
         .unwrap();

@@ -44,14 +44,9 @@ fn notices(sink: &SinkMta) -> Vec<Received> {
 }
 
 async fn start(plan: &ClusterPlan) -> Vec<ProcessNode> {
-    let nodes: Vec<ProcessNode> = plan
-        .configs
-        .iter()
-        .map(|c| ProcessNode::start(skein_tests::skeind!(), c.clone()).unwrap())
-        .collect();
-    for n in &nodes {
-        n.wait_ready(Duration::from_secs(30)).await.unwrap();
-    }
+    let nodes = ProcessNode::start_all(skein_tests::skeind!(), &plan.configs)
+        .await
+        .unwrap();
     nodes
 }
 

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use skein_node::Node;
 use skein_queue::StsMode;
 use skein_testkit::{wait_for, DnsServer, SinkMta, StaticHttps};
@@ -19,16 +18,8 @@ use skein_tests::{send, ClusterPlan};
 /// A self-signed certificate for `name`: a server config presenting it, and
 /// its PEM for the nodes to trust.
 fn server_tls(name: &str) -> (Arc<rustls::ServerConfig>, String) {
-    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-    (Arc::new(config), ck.cert.pem())
+    let s = skein_testkit::self_signed(name);
+    (s.config, s.pem)
 }
 
 /// Every TLS report at the sink: its envelope sender and its JSON.

@@ -169,14 +169,9 @@ async fn a_learner_replicates_takes_mail_leaves_delivery_to_voters_and_never_cou
 }
 
 async fn start_processes(configs: &[TestConfig]) -> Vec<ProcessNode> {
-    let nodes: Vec<ProcessNode> = configs
-        .iter()
-        .map(|c| ProcessNode::start(skein_tests::skeind!(), c.clone()).unwrap())
-        .collect();
-    for n in &nodes {
-        n.wait_ready(Duration::from_secs(30)).await.unwrap();
-    }
-    nodes
+    ProcessNode::start_all(skein_tests::skeind!(), configs)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -67,13 +67,7 @@ pub async fn run_once(
         c.peers = peers.clone();
     }
     let bin = skeind.to_str().expect("utf-8 path");
-    let mut nodes = Vec::new();
-    for c in &configs {
-        nodes.push(ProcessNode::start(bin, c.clone())?);
-    }
-    for node in &nodes {
-        node.wait_ready(Duration::from_secs(30)).await?;
-    }
+    let mut nodes = ProcessNode::start_all(bin, &configs).await?;
     let admins: Vec<SocketAddr> = configs.iter().map(|c| c.cluster).collect();
     let leader = wait_for_leader(&admins, Duration::from_secs(30)).await?;
     let changes_at_start = leader_changes(&configs).await;

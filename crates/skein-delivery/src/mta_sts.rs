@@ -254,8 +254,11 @@ impl Sts {
                 return Some(c.policy.clone());
             }
         }
-        match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(resolver, &domain)).await {
-            Ok(Ok(policy)) => {
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch(resolver, &domain))
+            .await
+            .unwrap_or_else(|_| Err(format!("timed out after {FETCH_TIMEOUT:?}")));
+        match fetched {
+            Ok(policy) => {
                 tracing::info!(%domain, id = %id, mode = policy.mode.as_str(), max_age = policy.max_age, "MTA-STS policy fetched");
                 self.store.put(
                     &domain,
@@ -267,18 +270,8 @@ impl Sts {
                 );
                 Some(policy)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::info!(%domain, error = %e, "MTA-STS policy not fetched");
-                self.observe(
-                    &domain,
-                    cached.as_ref().map_or(Mode::None, |c| c.policy.mode),
-                    "sts-policy-fetch-error",
-                    "",
-                );
-                cached.map(|c| c.policy)
-            }
-            Err(_) => {
-                tracing::info!(%domain, "MTA-STS policy fetch timed out");
                 self.observe(
                     &domain,
                     cached.as_ref().map_or(Mode::None, |c| c.policy.mode),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use skein_delivery::{
     Credentials, Deliverer, DeliveryConfig, Job, RcptResult, Relay, Route, Timeouts, TlsPolicy,
 };
@@ -22,17 +22,8 @@ fn reply(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
 
 /// A self-signed certificate for `name` and a server config presenting it.
 fn server_tls(name: &str) -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
-    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-    let der = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-    (Arc::new(config), der)
+    let s = skein_testkit::self_signed(name);
+    (s.config, s.der)
 }
 
 async fn dns() -> DnsServer {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use skein_delivery::mta_sts::{MemoryStore, Mode, StsObserver};
 use skein_delivery::{Deliverer, DeliveryConfig, Job, RcptResult, Timeouts};
 use skein_smtp::{MailParams, Mailbox, RcptParams, ReversePath};
@@ -16,17 +16,8 @@ use skein_testkit::{DnsServer, SinkMta, StaticHttps};
 
 /// A self-signed certificate for `name` and a server config presenting it.
 fn server_tls(name: &str) -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
-    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
-    let der = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-    (Arc::new(config), der)
+    let s = skein_testkit::self_signed(name);
+    (s.config, s.der)
 }
 
 /// An HTTPS server for mta-sts.example.org answering every request with

@@ -8,6 +8,8 @@
 //!   answers with scripted replies, parsing with `skein-smtp`.
 //! - [`StaticHttps`]: an HTTPS server giving one fixed response (MTA-STS
 //!   policies, good and bad).
+//! - [`self_signed`]: a certificate for a name and a server configuration
+//!   presenting it.
 //! - [`wait_until`] / [`wait_for`]: poll a condition with a deadline.
 //! - [`converse`]: a scripted pipelining SMTP client for server tests.
 //!
@@ -19,10 +21,12 @@ mod converse;
 mod dns;
 mod https;
 mod sink;
+mod tls;
 mod wait;
 
 pub use converse::{codes, converse, converse_after_tls};
 pub use dns::{DnsServer, DnsServerBuilder, RecordKind};
 pub use https::StaticHttps;
 pub use sink::{Hang, Received, SinkMta, SinkMtaBuilder};
+pub use tls::{self_signed, SelfSigned};
 pub use wait::{wait_for, wait_until};

@@ -197,13 +197,7 @@ async fn measure(a: &Args, skeind: &std::path::Path, n: u64) -> anyhow::Result<(
         }
     }
     let bin = skeind.to_str().expect("utf-8 path");
-    let mut nodes = Vec::new();
-    for c in &configs {
-        nodes.push(ProcessNode::start(bin, c.clone())?);
-    }
-    for node in &nodes {
-        node.wait_ready(Duration::from_secs(30)).await?;
-    }
+    let nodes = ProcessNode::start_all(bin, &configs).await?;
     let admins: Vec<SocketAddr> = configs.iter().map(|c| c.cluster).collect();
     wait_for_leader(&admins, Duration::from_secs(30)).await?;
 

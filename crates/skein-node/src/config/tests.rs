@@ -265,14 +265,35 @@ relay = 5
     );
 }
 
+/// `text` written to `dir/name`; its path.
+fn write_file(dir: &std::path::Path, name: &str, text: String) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// The problems `Config::load` finds in `text`, written to `path`.
+fn load_problems(path: &std::path::Path, text: &str) -> Vec<Problem> {
+    std::fs::write(path, text).unwrap();
+    let Err(ConfigError::Invalid(problems)) = Config::load(path) else {
+        panic!("invalid expected")
+    };
+    problems
+}
+
+/// One of `problems` is about `key` and says `text`.
+fn says(problems: &[Problem], key: &str, text: &str) {
+    let p = problems
+        .iter()
+        .find(|p| p.key == key)
+        .unwrap_or_else(|| panic!("no problem with {key}: {problems:?}"));
+    assert!(p.message.contains(text), "{key}: {}", p.message);
+}
+
 #[test]
 fn certificate_key_and_ca_files_are_checked_when_loading_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
+    let write = |name: &str, text: String| write_file(dir.path(), name, text);
     let a = rcgen::generate_simple_self_signed(vec!["mx.example".into()]).unwrap();
     let b = rcgen::generate_simple_self_signed(vec!["other.example".into()]).unwrap();
     let cert = write("cert.pem", a.cert.pem());
@@ -306,17 +327,8 @@ tls_ca_file = "/nonexistent/ca.pem"
 "#
     );
     let path = dir.path().join("skein.toml");
-    std::fs::write(&path, &text).unwrap();
-    let Err(ConfigError::Invalid(problems)) = Config::load(&path) else {
-        panic!("invalid expected")
-    };
-    let says = |key: &str, text: &str| {
-        let p = problems
-            .iter()
-            .find(|p| p.key == key)
-            .unwrap_or_else(|| panic!("no problem with {key}: {problems:?}"));
-        assert!(p.message.contains(text), "{key}: {}", p.message);
-    };
+    let problems = load_problems(&path, &text);
+    let says = |key: &str, text: &str| says(&problems, key, text);
     says("smtp.tls_cert", "does not match");
     says("cluster.tls_cert", "not valid for 10.0.0.1");
     says("delivery.tls_ca_file", "cannot read /nonexistent/ca.pem");
@@ -327,11 +339,7 @@ tls_ca_file = "/nonexistent/ca.pem"
 #[test]
 fn dkim_tables_are_checked_and_their_keys_read_when_loading_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
+    let write = |name: &str, text: String| write_file(dir.path(), name, text);
     let ed = write(
         "ed.pem",
         rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
@@ -381,17 +389,8 @@ canonicalization = "relaxed/loose"
 "#
     );
     let path = dir.path().join("skein.toml");
-    std::fs::write(&path, &text).unwrap();
-    let Err(ConfigError::Invalid(problems)) = Config::load(&path) else {
-        panic!("invalid expected")
-    };
-    let says = |key: &str, text: &str| {
-        let p = problems
-            .iter()
-            .find(|p| p.key == key)
-            .unwrap_or_else(|| panic!("no problem with {key}: {problems:?}"));
-        assert!(p.message.contains(text), "{key}: {}", p.message);
-    };
+    let problems = load_problems(&path, &text);
+    let says = |key: &str, text: &str| says(&problems, key, text);
     assert!(
         !problems.iter().any(|p| p.key.starts_with("dkim[0]")),
         "{problems:?}"

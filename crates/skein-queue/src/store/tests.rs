@@ -116,6 +116,24 @@ async fn applied_state_and_bodies_survive_reopen() {
     assert_eq!(entries.len(), 1);
 }
 
+/// `a`'s current snapshot, streamed into `b` and installed there.
+async fn install_current_snapshot(a: &mut Stores, b: &mut Stores) {
+    let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
+    let mut src = a
+        .state_machine
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::io::copy(&mut src.snapshot, &mut *recv)
+        .await
+        .unwrap();
+    b.state_machine
+        .install_snapshot(&src.meta, recv)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_carries_messages_and_bodies_to_another_store() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -143,20 +161,7 @@ async fn snapshot_carries_messages_and_bodies_to_another_store() {
         .unwrap();
     assert_eq!(a.reader.body(&MessageId(1)).unwrap(), None);
 
-    let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
-    let mut src = a
-        .state_machine
-        .get_current_snapshot()
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::io::copy(&mut src.snapshot, &mut *recv)
-        .await
-        .unwrap();
-    b.state_machine
-        .install_snapshot(&src.meta, recv)
-        .await
-        .unwrap();
+    install_current_snapshot(&mut a, &mut b).await;
 
     let (applied, _) = b.state_machine.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(2)));
@@ -761,20 +766,7 @@ async fn mta_sts_policies_survive_reopen_and_travel_in_snapshots() {
     let mut builder = a.state_machine.get_snapshot_builder().await;
     builder.build_snapshot().await.unwrap();
     let mut b = open(b_dir.path()).unwrap();
-    let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
-    let mut src = a
-        .state_machine
-        .get_current_snapshot()
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::io::copy(&mut src.snapshot, &mut *recv)
-        .await
-        .unwrap();
-    b.state_machine
-        .install_snapshot(&src.meta, recv)
-        .await
-        .unwrap();
+    install_current_snapshot(&mut a, &mut b).await;
     assert_eq!(b.reader.read().sts_policies().count(), 2);
     drop(b);
     let b = open(b_dir.path()).unwrap();

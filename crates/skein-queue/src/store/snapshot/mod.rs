@@ -132,6 +132,31 @@ impl<R: Read> SnapshotReader<R> {
     /// The next message and its body; `None` after the last one, once the
     /// checksum has been verified.
     pub fn next_message(&mut self) -> Result<Option<(Message, Vec<u8>)>, StoreError> {
+        let Some((m, blen)) = self.next_head()? else {
+            return Ok(None);
+        };
+        let body = self.take_len(blen)?;
+        Ok(Some((m, body)))
+    }
+
+    /// Like [`Self::next_message`], but the body only passes through the
+    /// checksum, unkept: a snapshot of any size is checked in little memory.
+    pub fn skip_message(&mut self) -> Result<Option<Message>, StoreError> {
+        let Some((m, blen)) = self.next_head()? else {
+            return Ok(None);
+        };
+        let mut sink = CrcSink(&mut self.crc);
+        let n = io::copy(&mut (&mut self.r).take(blen), &mut sink)?;
+        if n != blen {
+            return Err(StoreError::Corrupt("snapshot truncated".into()));
+        }
+        Ok(Some(m))
+    }
+
+    /// The next message record and its body's declared length, both
+    /// checked against the limits; after the last one, the checksum is
+    /// verified and the answer is `None`.
+    fn next_head(&mut self) -> Result<Option<(Message, u64)>, StoreError> {
         if self.remaining == 0 {
             let expected = self.crc.clone().finalize();
             let mut b = [0u8; 4];
@@ -154,36 +179,7 @@ impl<R: Read> SnapshotReader<R> {
         if blen > MAX_BODY {
             return Err(StoreError::Corrupt("snapshot body too large".into()));
         }
-        let body = self.take_len(blen)?;
-        Ok(Some((m, body)))
-    }
-
-    /// Like [`Self::next_message`], but the body only passes through the
-    /// checksum, unkept: a snapshot of any size is checked in little memory.
-    pub fn skip_message(&mut self) -> Result<Option<Message>, StoreError> {
-        if self.remaining == 0 {
-            self.next_message()?;
-            return Ok(None);
-        }
-        self.remaining -= 1;
-        let len = self.take_u32()?;
-        if len > MAX_RECORD {
-            return Err(StoreError::Corrupt("snapshot record too large".into()));
-        }
-        let rec = self.take_len(len as u64)?;
-        let m: Message = postcard::from_bytes(&rec)?;
-        let mut b = [0u8; 8];
-        self.take(&mut b)?;
-        let blen = u64::from_le_bytes(b);
-        if blen > MAX_BODY {
-            return Err(StoreError::Corrupt("snapshot body too large".into()));
-        }
-        let mut sink = CrcSink(&mut self.crc);
-        let n = io::copy(&mut (&mut self.r).take(blen), &mut sink)?;
-        if n != blen {
-            return Err(StoreError::Corrupt("snapshot truncated".into()));
-        }
-        Ok(Some(m))
+        Ok(Some((m, blen)))
     }
 
     pub fn into_inner(self) -> R {
