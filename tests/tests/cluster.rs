@@ -554,10 +554,14 @@ async fn a_wiped_node_catches_up_from_a_snapshot() {
     // A snapshot build on a blocking thread may still be finishing a file
     // in there: removal succeeds once it has.
     let dir = plan.configs[2].data_dir.clone();
-    wait_for(Duration::from_secs(10), "node 3's data directory to go", || {
-        let gone = std::fs::remove_dir_all(&dir).is_ok() || !dir.exists();
-        async move { gone }
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "node 3's data directory to go",
+        || {
+            let gone = std::fs::remove_dir_all(&dir).is_ok() || !dir.exists();
+            async move { gone }
+        },
+    )
     .await
     .unwrap();
     for i in 30..40 {

@@ -29,6 +29,9 @@ use crate::tls::{host_of, ClusterTls, Reloading};
 /// Append batches are split (by asking openraft for fewer entries) above
 /// this size; a single entry may be as large as a message allows.
 const SOFT_BATCH_BYTES: usize = 16 << 20;
+/// How long one AppendEntries call may run on after openraft stopped
+/// waiting for it (see [`InFlight`]).
+const DETACHED_LIMIT: Duration = Duration::from_secs(10);
 
 pub type PeerClient = RaftClient<InterceptedService<Channel, AddSecret>>;
 
@@ -174,6 +177,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             peers: self.peers.clone(),
+            inflight: None,
         }
     }
 }
@@ -182,6 +186,29 @@ pub struct PeerConn {
     target: NodeId,
     node: BasicNode,
     peers: PeerChannels,
+    inflight: Option<InFlight>,
+}
+
+type Reply = Arc<Result<Vec<u8>, tonic::Status>>;
+
+/// The AppendEntries call to this peer under way. openraft 0.9 gives each
+/// call the heartbeat interval and then sends the same entries again; an
+/// entry too large to cross and be written in that time (a 15 MB message on
+/// a busy machine) would be cut off and resent for ever. So the call runs
+/// on its own, up to [`DETACHED_LIMIT`], and openraft's retry of the same
+/// request waits for it rather than sending it again. At most one per peer:
+/// a different request aborts it.
+struct InFlight {
+    /// The request it carries: vote, previous log id, last log id.
+    key: Vec<u8>,
+    reply: futures::future::Shared<futures::future::BoxFuture<'static, Reply>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -235,23 +262,60 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        let data =
-            postcard::to_stdvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if data.len() > SOFT_BATCH_BYTES && rpc.entries.len() > 1 {
-            let fit = (rpc.entries.len() * SOFT_BATCH_BYTES / data.len()).max(1);
-            return Err(RPCError::PayloadTooLarge(
-                PayloadTooLarge::new_entries_hint(fit as u64),
-            ));
+        let key = postcard::to_stdvec(&(
+            &rpc.vote,
+            &rpc.prev_log_id,
+            rpc.entries.last().map(|e| &e.log_id),
+        ))
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = match &self.inflight {
+            Some(f) if f.key == key => f.reply.clone(),
+            _ => {
+                let data = postcard::to_stdvec(&rpc)
+                    .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                if data.len() > SOFT_BATCH_BYTES && rpc.entries.len() > 1 {
+                    let fit = (rpc.entries.len() * SOFT_BATCH_BYTES / data.len()).max(1);
+                    return Err(RPCError::PayloadTooLarge(
+                        PayloadTooLarge::new_entries_hint(fit as u64),
+                    ));
+                }
+                let mut client = self.client()?;
+                let call = tokio::spawn(async move {
+                    let r = tokio::time::timeout(
+                        DETACHED_LIMIT,
+                        client.append_entries(RaftPayload { data: data.into() }),
+                    )
+                    .await;
+                    match r {
+                        Ok(r) => r.map(|r| r.into_inner().data.to_vec()),
+                        Err(_) => Err(tonic::Status::deadline_exceeded("append entries")),
+                    }
+                });
+                let task = call.abort_handle();
+                use futures::FutureExt;
+                let reply = async move {
+                    Arc::new(call.await.unwrap_or_else(|e| {
+                        Err(tonic::Status::cancelled(format!("append entries: {e}")))
+                    }))
+                }
+                .boxed()
+                .shared();
+                self.inflight = Some(InFlight {
+                    key,
+                    reply: reply.clone(),
+                    task,
+                });
+                reply
+            }
+        };
+        let reply = tokio::time::timeout(option.hard_ttl(), reply)
+            .await
+            .map_err(|_| timed_out())?;
+        self.inflight = None;
+        match &*reply {
+            Ok(data) => self.decode(data),
+            Err(status) => Err(transport_err(status.clone())),
         }
-        let mut client = self.client()?;
-        let reply = tokio::time::timeout(
-            option.hard_ttl(),
-            client.append_entries(RaftPayload { data: data.into() }),
-        )
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(transport_err)?;
-        self.decode(&reply.into_inner().data)
     }
 
     async fn install_snapshot(
