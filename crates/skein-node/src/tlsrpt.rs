@@ -96,6 +96,9 @@ fn mailto_rua(records: &[String]) -> Vec<Mailbox> {
         .filter_map(|f| f.trim().strip_prefix("rua="))
         .flat_map(|v| v.split(','))
         .filter_map(|u| u.trim().strip_prefix("mailto:"))
+        // A URI is ASCII: anything else is not an address to write into
+        // a header.
+        .filter(|a| a.is_ascii())
         .filter_map(|a| Mailbox::parse(a).ok())
         .take(4)
         .collect()
@@ -228,6 +231,10 @@ pub async fn send_periodically(
         }
         let (start, end, domains) = reports.take();
         for (domain, stats) in domains {
+            // Its name goes into header fields: only an ASCII (A-label) one.
+            if !domain.is_ascii() {
+                continue;
+            }
             let rua = mailto_rua(&deliverer.txt(&format!("_smtp._tls.{domain}")).await);
             if rua.is_empty() {
                 continue;
@@ -301,6 +308,7 @@ mod tests {
         ])
         .is_empty());
         assert!(r(&["v=spf1 -all"]).is_empty());
+        assert!(r(&["v=TLSRPTv1; rua=mailto:r\u{e9}@example.org"]).is_empty());
     }
 
     #[test]
