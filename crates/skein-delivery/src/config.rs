@@ -40,11 +40,16 @@ pub struct DeliveryConfig {
     /// The HTTPS port MTA-STS policies are fetched from: 443, other ports
     /// only for tests.
     pub mta_sts_port: u16,
+    /// Honour MX hosts' DNSSEC-proven TLSA records (DANE, RFC 7672).
+    pub dane: bool,
+    /// DNSKEY records (zone-file form) DNSSEC answers are validated from;
+    /// `None`: the root zone's keys, built in.
+    pub dnssec_trust_anchors: Option<std::path::PathBuf>,
 }
 
 impl DeliveryConfig {
-    /// Port 25, the system resolver, RFC 5321 timeouts, opportunistic TLS,
-    /// 20 connections per destination kept idle for 5 s.
+    /// Port 25, the system resolver, RFC 5321 timeouts, opportunistic TLS
+    /// (DANE and MTA-STS where published), 20 connections per destination kept idle for 5 s.
     pub fn new(helo_name: impl Into<String>) -> Self {
         DeliveryConfig {
             helo_name: helo_name.into(),
@@ -59,6 +64,8 @@ impl DeliveryConfig {
             own: OwnAddrs::new(),
             mta_sts: true,
             mta_sts_port: 443,
+            dane: true,
+            dnssec_trust_anchors: None,
         }
     }
 

@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 
 use crate::config::{Credentials, DeliveryConfig, Route as RouteConfig};
 use crate::conn::{Conn, Pool};
+use crate::dane::{Dane, HostDane};
 use crate::error::DeliveryError;
 use crate::job::{Job, RcptResult};
 use crate::mta_sts::{MemoryStore, Mode, Policy, PolicyStore, Sts, StsObserver};
@@ -44,6 +45,10 @@ struct Inner {
     pool: Pool,
     /// MTA-STS, unless `cfg.mta_sts` is off.
     sts: Option<Sts>,
+    /// DANE's validating lookups, unless `cfg.dane` is off.
+    dane: Option<Dane>,
+    /// Told how sessions under DANE went.
+    observer: Option<Arc<dyn StsObserver>>,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -65,6 +70,9 @@ struct Destination<'a> {
     port: u16,
     /// The mode of the domain's MTA-STS policy, when one is in force.
     sts: Option<Mode>,
+    /// The domain's MX RRset is DNSSEC-proven: its hosts' TLSA records
+    /// count.
+    dane: bool,
 }
 
 impl Deliverer {
@@ -82,17 +90,31 @@ impl Deliverer {
         observer: Option<Arc<dyn StsObserver>>,
     ) -> Result<Self, DeliveryError> {
         let tls = TlsClients::new(&cfg.extra_roots).map_err(DeliveryError::Tls)?;
-        let resolver = build_resolver(&cfg, tls.dns.clone())?;
+        let resolver = build_resolver(&cfg, tls.dns.clone(), None)?;
+        let dane = if cfg.dane {
+            let anchors = match &cfg.dnssec_trust_anchors {
+                Some(path) => {
+                    crate::dane::load_trust_anchors(path).map_err(DeliveryError::TrustAnchors)?
+                }
+                None => hickory_resolver::proto::dnssec::TrustAnchors::default(),
+            };
+            let validating = build_resolver(&cfg, tls.dns.clone(), Some(anchors))?;
+            Some(Dane::new(validating))
+        } else {
+            None
+        };
         let pool = Pool::new(cfg.concurrency_per_destination, cfg.connection_reuse);
         let sts = cfg
             .mta_sts
-            .then(|| Sts::new(store, observer, tls.https.clone(), cfg.mta_sts_port));
+            .then(|| Sts::new(store, observer.clone(), tls.https.clone(), cfg.mta_sts_port));
         let inner = Arc::new(Inner {
             cfg,
             resolver,
             tls,
             pool,
             sts,
+            dane,
+            observer,
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&inner)));
@@ -133,6 +155,7 @@ impl Deliverer {
                 lmtp: r.relay.is_lmtp(),
                 port: r.relay.port(),
                 sts: None,
+                dane: false,
             },
             None => Destination {
                 key: format!("mx:{domain}"),
@@ -142,6 +165,7 @@ impl Deliverer {
                 lmtp: false,
                 port: cfg.port,
                 sts: None,
+                dane: false,
             },
         }
     }
@@ -163,7 +187,15 @@ impl Deliverer {
             return vec![done; job.recipients.len()];
         }
         let mut dest = self.destination(&job.domain);
-        let policy = self.sts_policy(&dest, &job.domain).await;
+        let (policy, dane) = tokio::join!(
+            self.sts_policy(&dest, &job.domain),
+            self.dane_mx(&dest, &job.domain)
+        );
+        if dane {
+            // Sessions verified by TLSA records are kept apart.
+            dest.dane = true;
+            dest.key.push_str("|dane");
+        }
         if let Some(p) = &policy {
             // Verified TLS to the hosts the policy names; under `testing`
             // what fails is reported and delivery goes on as before.
@@ -259,11 +291,21 @@ impl Deliverer {
                         continue;
                     }
                 };
+                let host_dane = match &self.inner.dane {
+                    Some(d) if dest.dane => d.host(&host.name, dest.port).await,
+                    _ => HostDane::None,
+                };
+                if let HostDane::Unusable(reason) = &host_dane {
+                    tracing::info!(host = %host.name, reason = %Escaped(reason), "skipping host");
+                    self.observe_dane(&job.domain, "dnssec-invalid", &host.name);
+                    last = reason.clone();
+                    continue;
+                }
                 for ip in addrs {
                     let peer = peer_name(&host.name, ip);
                     let span = tracing::info_span!("smtp", host = %host.name, %ip);
                     match self
-                        .attempt(job, &dest, &host.name, &peer, ip)
+                        .attempt(job, &dest, &host.name, &peer, ip, &host_dane)
                         .instrument(span)
                         .await
                     {
@@ -300,6 +342,23 @@ impl Deliverer {
             .filter(|p| p.mode != Mode::None)
     }
 
+    /// Whether DANE applies to this delivery: MX hosts (not a relay) of a
+    /// domain whose MX RRset is DNSSEC-proven.
+    async fn dane_mx(&self, dest: &Destination<'_>, domain: &str) -> bool {
+        match &self.inner.dane {
+            Some(d) if dest.relay.is_none() && !domain.starts_with('[') => {
+                d.mx_secure(domain).await
+            }
+            _ => false,
+        }
+    }
+
+    fn observe_dane(&self, domain: &str, result: &'static str, mx: &str) {
+        if let Some(o) = &self.inner.observer {
+            o.dane(domain, result, mx);
+        }
+    }
+
     /// Runs `job` on `conn`, then keeps the connection for the next message
     /// or closes it.
     async fn carry(
@@ -327,10 +386,27 @@ impl Deliverer {
         host: &str,
         peer: &str,
         ip: IpAddr,
+        host_dane: &HostDane,
     ) -> HostOutcome {
         let cfg = &self.inner.cfg;
         let addr = SocketAddr::new(ip, dest.port);
-        let mut policy = dest.policy;
+        // DANE, where it applies, takes the place of the route's policy and
+        // of MTA-STS (RFC 8461 §2).
+        let (mut policy, dane) = match host_dane {
+            HostDane::Verify(records) => {
+                match self.inner.tls.dane(records.clone(), host, &job.domain) {
+                    Ok(c) => (TlsPolicy::Verify, Some(c)),
+                    Err(e) => return HostOutcome::NextHost(format!("451 4.7.5 DANE: {e}")),
+                }
+            }
+            HostDane::Encrypt => (TlsPolicy::Encrypt, None),
+            HostDane::None | HostDane::Unusable(_) => (dest.policy, None),
+        };
+        let sts_mode = if matches!(host_dane, HostDane::None) {
+            dest.sts
+        } else {
+            None
+        };
         loop {
             let connect =
                 tokio::time::timeout(cfg.timeouts.connect, TcpStream::connect(addr)).await;
@@ -355,6 +431,7 @@ impl Deliverer {
                 cfg,
                 tls: &self.inner.tls,
                 policy,
+                dane: dane.as_ref(),
                 auth: dest.auth,
                 lmtp: dest.lmtp,
                 host,
@@ -363,16 +440,31 @@ impl Deliverer {
             };
             match open(tcp, &dial).await {
                 Ok(conn) => {
-                    if let (Some(mode), Some(sts), TlsPolicy::Verify) =
-                        (dest.sts, &self.inner.sts, policy)
+                    if dane.is_some() {
+                        self.observe_dane(&job.domain, "success", host);
+                    } else if let (Some(mode), Some(sts), TlsPolicy::Verify) =
+                        (sts_mode, &self.inner.sts, policy)
                     {
                         sts.observe(&job.domain, mode, "success", host);
                     }
                     return self.carry(conn, job, dest, false).await;
                 }
                 Err(OpenError::NextHost(reason)) => return HostOutcome::NextHost(reason),
+                Err(OpenError::Tls { reason, kind }) if dane.is_some() => {
+                    let result = match kind {
+                        "validation-failure" => "tlsa-invalid",
+                        other => other,
+                    };
+                    self.observe_dane(&job.domain, result, host);
+                    let code = if reason.starts_with(|c: char| c.is_ascii_digit()) {
+                        ""
+                    } else {
+                        "451 4.7.5 "
+                    };
+                    return HostOutcome::NextHost(format!("{code}{reason} (DANE)"));
+                }
                 Err(OpenError::Tls { reason, kind }) => {
-                    let Some(mode) = dest.sts else {
+                    let Some(mode) = sts_mode else {
                         return HostOutcome::NextHost(reason);
                     };
                     if let Some(sts) = &self.inner.sts {
@@ -456,9 +548,12 @@ fn io_text(e: &io::Error) -> String {
     }
 }
 
+/// The resolver for `cfg`'s name servers; with `anchors`, one that
+/// validates DNSSEC from them and marks each record's proof.
 fn build_resolver(
     cfg: &DeliveryConfig,
     tls: rustls::ClientConfig,
+    anchors: Option<hickory_resolver::proto::dnssec::TrustAnchors>,
 ) -> Result<TokioResolver, DeliveryError> {
     let mut builder = match &cfg.nameservers {
         None => TokioResolver::builder_tokio()
@@ -486,6 +581,9 @@ fn build_resolver(
     let opts = builder.options_mut();
     opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     opts.cache_size = DNS_CACHE;
+    if let Some(anchors) = anchors {
+        builder = builder.with_trust_anchor(Arc::new(anchors));
+    }
     builder
         .with_tls_config(tls)
         .build()

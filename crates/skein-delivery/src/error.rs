@@ -12,4 +12,6 @@ pub enum DeliveryError {
     NoNameservers,
     #[error("outbound TLS: {0}")]
     Tls(String),
+    #[error("DNSSEC trust anchors: {0}")]
+    TrustAnchors(String),
 }

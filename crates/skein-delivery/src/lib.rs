@@ -36,6 +36,7 @@
 pub mod canary;
 pub mod config;
 mod conn;
+pub mod dane;
 mod deliverer;
 mod error;
 pub mod job;

@@ -208,6 +208,12 @@ pub trait StsObserver: Send + Sync {
     /// certificate did not verify for the MX name), `sts-policy-fetch-error`.
     /// `mx`: the receiving MX host, empty when none was reached.
     fn session(&self, domain: &str, mode: Mode, result: &'static str, mx: &str);
+
+    /// A session (or a host skipped) under DANE (RFC 7672). `result`:
+    /// `success`, `tlsa-invalid` (no TLSA record matched the certificate),
+    /// `starttls-not-supported`, `dnssec-invalid` (the TLSA records could
+    /// not be looked up and proven).
+    fn dane(&self, _domain: &str, _result: &'static str, _mx: &str) {}
 }
 
 /// Looks policies up and fetches them.

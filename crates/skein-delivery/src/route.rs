@@ -199,7 +199,7 @@ pub(crate) async fn host_addrs(
 
 /// The absolute form, so no search domain is ever appended. UTF-8 names
 /// (SMTPUTF8 domains) become their A-label form.
-fn fqdn(name: &str) -> Option<Name> {
+pub(crate) fn fqdn(name: &str) -> Option<Name> {
     let mut name = Name::from_utf8(name).ok()?;
     name.set_fqdn(true);
     Some(name)

@@ -80,6 +80,7 @@ impl FromStr for TlsPolicy {
 /// The two client configurations every delivery shares.
 #[derive(Clone)]
 pub(crate) struct TlsClients {
+    provider: Arc<CryptoProvider>,
     unverified: TlsConnector,
     verified: TlsConnector,
     /// Verified, speaking HTTP/1.1: MTA-STS policy fetches.
@@ -110,17 +111,44 @@ impl TlsClients {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.clone())))
             .with_no_client_auth();
         let dns = verified.clone();
         let mut https = verified.clone();
         https.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsClients {
+            provider,
             unverified: TlsConnector::from(Arc::new(unverified)),
             verified: TlsConnector::from(Arc::new(verified)),
             https: TlsConnector::from(Arc::new(https)),
             dns,
         })
+    }
+
+    /// A connector accepting only certificates that match `records`
+    /// (DANE); DANE-TA chains must name `host` or `domain`.
+    pub fn dane(
+        &self,
+        records: Arc<[crate::dane::Tlsa]>,
+        host: &str,
+        domain: &str,
+    ) -> Result<TlsConnector, String> {
+        let names = [host, domain]
+            .iter()
+            .filter_map(|n| ServerName::try_from(n.trim_end_matches('.').to_string()).ok())
+            .collect();
+        let verifier = crate::dane::DaneVerifier {
+            records,
+            names,
+            provider: self.provider.clone(),
+        };
+        let config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        Ok(TlsConnector::from(Arc::new(config)))
     }
 
     /// The connector for a policy; `None` for [`TlsPolicy::None`].

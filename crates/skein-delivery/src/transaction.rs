@@ -121,6 +121,8 @@ pub(crate) struct Dial<'a> {
     pub cfg: &'a DeliveryConfig,
     pub tls: &'a TlsClients,
     pub policy: TlsPolicy,
+    /// DANE's connector, in place of the policy's.
+    pub dane: Option<&'a tokio_rustls::TlsConnector>,
     pub auth: Option<&'a Credentials>,
     pub lmtp: bool,
     /// The MX or relay host name (or `[literal]`).
@@ -146,7 +148,7 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
     }
     let mut ext = hello(&mut s, d).await.map_err(NextHost)?;
     let mut tls = false;
-    if let Some(connector) = d.tls.for_policy(d.policy) {
+    if let Some(connector) = d.dane.or_else(|| d.tls.for_policy(d.policy)) {
         if ext.starttls() {
             let reply = s
                 .command(&Command::StartTls, Stage::StartTls, t.ehlo)
@@ -160,7 +162,12 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
                 let handshake = tokio::time::timeout(t.ehlo, connector.connect(name, tcp)).await;
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return Err(tls_failed(d, format!("{peer}: TLS handshake: {e}"))),
+                    Ok(Err(e)) => {
+                        return Err(tls_failed(
+                            d,
+                            format!("{peer}: TLS handshake: {}", handshake_error(&e)),
+                        ))
+                    }
                     Err(_) => {
                         return Err(tls_failed(
                             d,
@@ -190,8 +197,12 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
             return Err(no_tls(
                 d,
                 format!(
-                    "451 4.7.4 {peer} does not offer STARTTLS, which TLS policy {} requires",
-                    d.policy
+                    "451 4.7.4 {peer} does not offer STARTTLS, which {} requires",
+                    if d.dane.is_some() {
+                        "its DANE TLSA records".to_string()
+                    } else {
+                        format!("TLS policy {}", d.policy)
+                    }
                 ),
             ));
         }
@@ -207,6 +218,21 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
         tls,
         uses: 0,
     })
+}
+
+/// A failed handshake in words: rustls shows a certificate error made by
+/// a verifier of ours (DANE) in its debug form, so that one is unwrapped.
+fn handshake_error(e: &std::io::Error) -> String {
+    let ours = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                Some(o.0.to_string())
+            }
+            _ => None,
+        });
+    ours.unwrap_or_else(|| e.to_string())
 }
 
 fn tls_failed(d: &Dial<'_>, text: String) -> OpenError {

@@ -86,6 +86,22 @@ impl skein_delivery::mta_sts::StsObserver for StsSessions {
             })
             .inc();
     }
+
+    fn dane(&self, domain: &str, result: &'static str, _mx: &str) {
+        self.metrics
+            .dane_sessions
+            .get_or_create(&DaneLabel {
+                domain: domain.to_string(),
+                result,
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DaneLabel {
+    pub domain: String,
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,6 +149,7 @@ pub struct Metrics {
     pub commit_failures: Counter,
     pub dkim_signatures: Family<ResultLabel, Counter>,
     pub mta_sts_sessions: Family<StsLabel, Counter>,
+    pub dane_sessions: Family<DaneLabel, Counter>,
     pub leader_contact: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub draining: Gauge,
     pub takeovers: Counter,
@@ -172,6 +189,7 @@ impl Metrics {
             commit_failures: Counter::default(),
             dkim_signatures: Family::default(),
             mta_sts_sessions: Family::default(),
+            dane_sessions: Family::default(),
             leader_contact: Gauge::default(),
             draining: Gauge::default(),
             takeovers: Counter::default(),
@@ -223,6 +241,11 @@ impl Metrics {
             "skein_mta_sts_sessions",
             "Deliveries to domains with an MTA-STS policy, by domain, mode (enforce, testing) and TLS-RPT result: success, mx-mismatch, starttls-not-supported, validation-failure, sts-policy-fetch-error",
             m.mta_sts_sessions.clone(),
+        );
+        r.register(
+            "skein_dane_sessions",
+            "Deliveries to MX hosts with DNSSEC-proven TLSA records (DANE), by domain and TLS-RPT result: success, tlsa-invalid, starttls-not-supported, dnssec-invalid",
+            m.dane_sessions.clone(),
         );
         r.register(
             "skein_notices",

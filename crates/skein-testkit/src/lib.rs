@@ -4,6 +4,8 @@
 //! - [`DnsServer`]: an authoritative DNS server (UDP and TCP) answering MX,
 //!   A, AAAA, TXT and CNAME questions from records given to its builder, with
 //!   NXDOMAIN, NODATA and SERVFAIL on demand.
+//! - [`SignedDns`]: an authoritative server for a DNSSEC-signed zone (and
+//!   unsigned ones), with the trust anchor a validating resolver needs.
 //! - [`SinkMta`]: a receiving SMTP server that records what it is sent and
 //!   answers with scripted replies, parsing with `skein-smtp`.
 //! - [`StaticHttps`]: an HTTPS server giving one fixed response (MTA-STS
@@ -25,7 +27,7 @@ mod tls;
 mod wait;
 
 pub use converse::{codes, converse, converse_after_tls};
-pub use dns::{DnsServer, DnsServerBuilder, RecordKind};
+pub use dns::{DnsServer, DnsServerBuilder, RecordKind, SignedDns, SignedDnsBuilder};
 pub use https::StaticHttps;
 pub use sink::{Hang, Received, SinkMta, SinkMtaBuilder};
 pub use tls::{self_signed, SelfSigned};

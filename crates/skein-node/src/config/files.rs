@@ -27,4 +27,9 @@ pub(super) fn check(
             c.problem("delivery.tls_ca_file", format!("{e:#}"));
         }
     }
+    if let Some(anchors) = &d.dnssec_trust_anchors {
+        if let Err(e) = skein_delivery::dane::load_trust_anchors(anchors) {
+            c.problem("delivery.dnssec_trust_anchors", e);
+        }
+    }
 }

@@ -178,6 +178,10 @@ pub struct DeliveryConfig {
     pub mta_sts: bool,
     /// The HTTPS port policies are fetched from (443; others for tests).
     pub mta_sts_port: u16,
+    /// Honour MX hosts' DNSSEC-proven TLSA records (DANE, RFC 7672).
+    pub dane: bool,
+    /// DNSKEY records DNSSEC is validated from, instead of the root's keys.
+    pub dnssec_trust_anchors: Option<PathBuf>,
     /// Send TLS-RPT reports (RFC 8460) to domains that ask for them.
     pub tls_reports: bool,
     pub tls_report_interval: Duration,

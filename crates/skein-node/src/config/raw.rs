@@ -101,6 +101,8 @@ pub struct RawDelivery {
     pub bounce_size_limit: Option<u64>,
     pub mta_sts: Option<bool>,
     pub mta_sts_port: Option<u64>,
+    pub dane: Option<bool>,
+    pub dnssec_trust_anchors: Option<String>,
     pub tls_reports: Option<bool>,
     pub tls_report_interval: Option<String>,
 }

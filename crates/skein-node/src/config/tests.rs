@@ -324,6 +324,7 @@ tls_key = {node_key:?}
 tls_ca = {ca:?}
 [delivery]
 tls_ca_file = "/nonexistent/ca.pem"
+dnssec_trust_anchors = "/nonexistent/anchors"
 "#
     );
     let path = dir.path().join("skein.toml");
@@ -332,6 +333,7 @@ tls_ca_file = "/nonexistent/ca.pem"
     says("smtp.tls_cert", "does not match");
     says("cluster.tls_cert", "not valid for 10.0.0.1");
     says("delivery.tls_ca_file", "cannot read /nonexistent/ca.pem");
+    says("delivery.dnssec_trust_anchors", "/nonexistent/anchors");
     // Parsing a text alone does not read files.
     assert!(Config::parse(&text).is_ok());
 }

@@ -755,6 +755,11 @@ fn check_delivery(c: &mut Checker, r: &RawDelivery) -> DeliveryConfig {
         bounce_size_limit: bounce_size_limit as usize,
         mta_sts: r.mta_sts.unwrap_or(true),
         mta_sts_port,
+        dane: r.dane.unwrap_or(true),
+        dnssec_trust_anchors: c.path(
+            "delivery.dnssec_trust_anchors",
+            r.dnssec_trust_anchors.as_ref(),
+        ),
         tls_reports: r.tls_reports.unwrap_or(false),
         tls_report_interval: c.duration(
             "delivery.tls_report_interval",

@@ -237,6 +237,8 @@ impl<'a> Parts<'a> {
                 own: self.own.clone(),
                 mta_sts: d.mta_sts,
                 mta_sts_port: d.mta_sts_port,
+                dane: d.dane,
+                dnssec_trust_anchors: d.dnssec_trust_anchors.clone(),
             },
             policies.clone(),
             Some(Arc::new(crate::metrics::StsSessions {

@@ -7,6 +7,7 @@
 //! carry TTL 0, so a resolver's cache never hides a change made while running.
 
 mod handler;
+mod signed;
 mod zone;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -19,6 +20,7 @@ use hickory_server::Server;
 use tokio::net::{TcpListener, UdpSocket};
 
 use handler::Handler;
+pub use signed::{SignedDns, SignedDnsBuilder};
 pub use zone::Kind as RecordKind;
 use zone::{Rec, Zone};
 
