@@ -216,12 +216,19 @@ pub trait StsObserver: Send + Sync {
     fn dane(&self, _domain: &str, _result: &'static str, _mx: &str) {}
 }
 
+/// One fetch of a domain's policy under one id, shared by every delivery
+/// that needs it meanwhile.
+type Flight = Arc<tokio::sync::OnceCell<Result<Policy, String>>>;
+
 /// Looks policies up and fetches them.
 pub struct Sts {
     store: Arc<dyn PolicyStore>,
     observer: Option<Arc<dyn StsObserver>>,
     https: TlsConnector,
     port: u16,
+    /// Fetches under way, by (domain, id): concurrent first deliveries to a
+    /// domain fetch its policy once. At most one per delivery running.
+    in_flight: Mutex<HashMap<(String, String), Flight>>,
 }
 
 impl Sts {
@@ -236,6 +243,7 @@ impl Sts {
             observer,
             https,
             port,
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -260,24 +268,55 @@ impl Sts {
                 return Some(c.policy.clone());
             }
         }
-        let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch(resolver, &domain))
+        let key = (domain.clone(), id.clone());
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut fetcher = false;
+        let fetched = flight
+            .get_or_init(|| {
+                fetcher = true;
+                async {
+                    let fetched =
+                        tokio::time::timeout(FETCH_TIMEOUT, self.fetch(resolver, &domain))
+                            .await
+                            .unwrap_or_else(|_| Err(format!("timed out after {FETCH_TIMEOUT:?}")));
+                    if let Ok(policy) = &fetched {
+                        self.store.put(
+                            &domain,
+                            Cached {
+                                id: id.clone(),
+                                policy: policy.clone(),
+                                expires: now.saturating_add(policy.max_age),
+                            },
+                        );
+                    }
+                    fetched
+                }
+            })
             .await
-            .unwrap_or_else(|_| Err(format!("timed out after {FETCH_TIMEOUT:?}")));
+            .clone();
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                in_flight.remove(&key);
+            }
+        }
         match fetched {
             Ok(policy) => {
-                tracing::info!(%domain, id = %id, mode = policy.mode.as_str(), max_age = policy.max_age, "MTA-STS policy fetched");
-                self.store.put(
-                    &domain,
-                    Cached {
-                        id,
-                        policy: policy.clone(),
-                        expires: now.saturating_add(policy.max_age),
-                    },
-                );
+                if fetcher {
+                    tracing::info!(%domain, id = %id, mode = policy.mode.as_str(), max_age = policy.max_age, "MTA-STS policy fetched");
+                }
                 Some(policy)
             }
             Err(e) => {
-                tracing::info!(%domain, error = %e, "MTA-STS policy not fetched");
+                if fetcher {
+                    tracing::info!(%domain, error = %e, "MTA-STS policy not fetched");
+                }
                 self.observe(
                     &domain,
                     cached.as_ref().map_or(Mode::None, |c| c.policy.mode),

@@ -127,6 +127,24 @@ async fn enforce_delivers_over_verified_tls_to_the_named_mx_and_fetches_once() {
 }
 
 #[tokio::test]
+async fn concurrent_first_deliveries_to_a_domain_fetch_its_policy_once() {
+    let dns = dns().await;
+    let (policy, policy_cert) = policy_server("200 OK", "text/plain", ENFORCE).await;
+    let (tls, mx_cert) = server_tls("mx1.example.org");
+    let sink = SinkMta::builder().tls(tls).start().await.unwrap();
+    let (d, _) = deliverer(&dns, sink.port(), policy.port(), vec![policy_cert, mx_cert]);
+    let jobs: Vec<Job> = (0..8).map(|_| job()).collect();
+    let results = futures::future::join_all(jobs.iter().map(|j| d.deliver(j))).await;
+    for r in &results {
+        assert!(
+            matches!(r[0], RcptResult::Delivered { tls: true, .. }),
+            "{r:?}"
+        );
+    }
+    assert_eq!(policy.served(), 1, "one fetch shared by all eight");
+}
+
+#[tokio::test]
 async fn enforce_with_a_certificate_that_does_not_verify_defers_and_sends_nothing() {
     let dns = dns().await;
     let (policy, policy_cert) = policy_server("200 OK", "text/plain", ENFORCE).await;

@@ -192,15 +192,21 @@ pub struct PeerConn {
 type Reply = Arc<Result<Vec<u8>, tonic::Status>>;
 
 /// The AppendEntries call to this peer under way. openraft 0.9 gives each
-/// call the heartbeat interval and then sends the same entries again; an
-/// entry too large to cross and be written in that time (a 15 MB message on
-/// a busy machine) would be cut off and resent for ever. So the call runs
-/// on its own, up to [`DETACHED_LIMIT`], and openraft's retry of the same
-/// request waits for it rather than sending it again. At most one per peer:
-/// a different request aborts it.
+/// call the heartbeat interval and then sends the entries again — with any
+/// appended meanwhile, and with heartbeats in between; an entry too large
+/// to cross and be written in that time (a 15 MB message on a busy machine)
+/// would be cut off and resent for ever, the follower falling behind until
+/// it called elections. So the call runs on its own, up to
+/// [`DETACHED_LIMIT`]: a heartbeat goes beside it, and openraft's next
+/// request from the same point (vote and previous log id) waits for it and
+/// is answered with what it got across — all of the new request, or
+/// `PartialSuccess` up to the call's last entry, and openraft sends the
+/// rest. At most one per peer: a request from another point aborts it.
 struct InFlight {
-    /// The request it carries: vote, previous log id, last log id.
+    /// Where its entries start: vote, previous log id.
     key: Vec<u8>,
+    /// Its last entry.
+    last: Option<openraft::LogId<NodeId>>,
     reply: futures::future::Shared<futures::future::BoxFuture<'static, Reply>>,
     task: tokio::task::AbortHandle,
 }
@@ -220,6 +226,25 @@ impl PeerConn {
             .channel(&self.node.addr)
             .map_err(|e| Unreachable::new(&e))?;
         Ok(self.peers.raft_client(ch))
+    }
+
+    /// An AppendEntries without entries, sent beside any call under way.
+    async fn heartbeat(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let data =
+            postcard::to_stdvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client()?;
+        let reply = tokio::time::timeout(
+            option.hard_ttl(),
+            client.append_entries(RaftPayload { data: data.into() }),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(transport_err)?;
+        self.decode(&reply.into_inner().data)
     }
 
     /// Decode a peer's `Result<T, RaftError<E>>`.
@@ -262,14 +287,15 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        let key = postcard::to_stdvec(&(
-            &rpc.vote,
-            &rpc.prev_log_id,
-            rpc.entries.last().map(|e| &e.log_id),
-        ))
-        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let reply = match &self.inflight {
-            Some(f) if f.key == key => f.reply.clone(),
+        if rpc.entries.is_empty() {
+            // A heartbeat: small, and never in the way of the call under way.
+            return self.heartbeat(rpc, option).await;
+        }
+        let key = postcard::to_stdvec(&(&rpc.vote, &rpc.prev_log_id))
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let wanted = rpc.entries.last().map(|e| e.log_id);
+        let (reply, got) = match &self.inflight {
+            Some(f) if f.key == key => (f.reply.clone(), f.last),
             _ => {
                 let data = postcard::to_stdvec(&rpc)
                     .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -302,20 +328,29 @@ impl RaftNetwork<TypeConfig> for PeerConn {
                 .shared();
                 self.inflight = Some(InFlight {
                     key,
+                    last: wanted,
                     reply: reply.clone(),
                     task,
                 });
-                reply
+                (reply, wanted)
             }
         };
         let reply = tokio::time::timeout(option.hard_ttl(), reply)
             .await
             .map_err(|_| timed_out())?;
         self.inflight = None;
-        match &*reply {
-            Ok(data) => self.decode(data),
-            Err(status) => Err(transport_err(status.clone())),
-        }
+        let resp: AppendEntriesResponse<NodeId> = match &*reply {
+            Ok(data) => self.decode(data)?,
+            Err(status) => return Err(transport_err(status.clone())),
+        };
+        // Entries from one leader (one vote) after one log id are the same
+        // in every request: what the call got across is a prefix of these.
+        Ok(match resp {
+            AppendEntriesResponse::Success if got < wanted => {
+                AppendEntriesResponse::PartialSuccess(got)
+            }
+            other => other,
+        })
     }
 
     async fn install_snapshot(
