@@ -43,9 +43,10 @@ use hickory_resolver::proto::rr::{RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use ring::digest;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::tls::AnyCertificate;
 
 /// One TLSA record a delivery can use.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,7 +212,8 @@ pub(crate) struct DaneVerifier {
     /// Names a DANE-TA chain's certificate may carry: the MX host, the
     /// recipient domain.
     pub names: Vec<ServerName<'static>>,
-    pub provider: Arc<CryptoProvider>,
+    /// Checks the handshake's signatures (and knows the algorithms).
+    pub signatures: AnyCertificate,
 }
 
 impl DaneVerifier {
@@ -232,7 +234,7 @@ impl DaneVerifier {
             return false;
         };
         let verified = cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
+            self.signatures.0.signature_verification_algorithms.all,
             &anchors,
             intermediates,
             now,
@@ -274,18 +276,14 @@ impl ServerCertVerifier for DaneVerifier {
         )))
     }
 
+    // The handshake's signatures are checked as for any session.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -294,18 +292,11 @@ impl ServerCertVerifier for DaneVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 

@@ -140,7 +140,7 @@ impl TlsClients {
         let verifier = crate::dane::DaneVerifier {
             records,
             names,
-            provider: self.provider.clone(),
+            signatures: AnyCertificate(self.provider.clone()),
         };
         let config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
@@ -174,7 +174,7 @@ pub(crate) fn server_name(host: &str, ip: std::net::IpAddr) -> ServerName<'stati
 /// Accepts any certificate chain but still verifies the handshake
 /// signatures with the provider's algorithms.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+pub(crate) struct AnyCertificate(pub Arc<CryptoProvider>);
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(

@@ -228,22 +228,27 @@ impl PeerConn {
         Ok(self.peers.raft_client(ch))
     }
 
-    /// An AppendEntries without entries, sent beside any call under way.
-    async fn heartbeat(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+    /// One small call: `rpc` encoded, sent with `send`, the reply decoded,
+    /// all within the call's time.
+    async fn unary<Req, T, E, F>(
+        &self,
+        rpc: &Req,
+        option: &RPCOption,
+        send: impl FnOnce(PeerClient, RaftPayload) -> F,
+    ) -> Result<T, RpcErr<E>>
+    where
+        Req: serde::Serialize,
+        T: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+        F: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
+    {
         let data =
-            postcard::to_stdvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.client()?;
-        let reply = tokio::time::timeout(
-            option.hard_ttl(),
-            client.append_entries(RaftPayload { data: data.into() }),
-        )
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(transport_err)?;
+            postcard::to_stdvec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = RaftPayload { data: data.into() };
+        let reply = tokio::time::timeout(option.hard_ttl(), send(self.client()?, payload))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(transport_err)?;
         self.decode(&reply.into_inner().data)
     }
 
@@ -289,7 +294,11 @@ impl RaftNetwork<TypeConfig> for PeerConn {
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         if rpc.entries.is_empty() {
             // A heartbeat: small, and never in the way of the call under way.
-            return self.heartbeat(rpc, option).await;
+            return self
+                .unary(&rpc, &option, |mut c, p| async move {
+                    c.append_entries(p).await
+                })
+                .await;
         }
         let key = postcard::to_stdvec(&(&rpc.vote, &rpc.prev_log_id))
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -379,16 +388,7 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        let data =
-            postcard::to_stdvec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut client = self.client()?;
-        let reply = tokio::time::timeout(
-            option.hard_ttl(),
-            client.vote(RaftPayload { data: data.into() }),
-        )
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(transport_err)?;
-        self.decode(&reply.into_inner().data)
+        self.unary(&rpc, &option, |mut c, p| async move { c.vote(p).await })
+            .await
     }
 }

@@ -80,17 +80,13 @@ impl DnsServerBuilder {
 
     /// Binds UDP and TCP on one random 127.0.0.1 port and starts serving.
     pub async fn start(self) -> anyhow::Result<DnsServer> {
-        let (udp, tcp) = bind_pair().await?;
-        let addr = udp.local_addr()?;
         let zone = Arc::new(RwLock::new(self.zone));
         let queries = Arc::new(AtomicUsize::new(0));
-        let mut server = Server::new(Handler {
+        let (addr, server) = serve(Handler {
             zone: zone.clone(),
             queries: queries.clone(),
-        });
-        server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE, 64);
-        tracing::debug!(%addr, "test dns server listening");
+        })
+        .await?;
         Ok(DnsServer {
             addr,
             zone,
@@ -174,6 +170,19 @@ fn mx(preference: u16, exchange: &str) -> Rec {
 
 /// UDP first on port 0, then TCP on the port the kernel picked; another
 /// process may hold that TCP port, so retry with a fresh UDP port.
+/// Serves `handler` on UDP and TCP on one random 127.0.0.1 port.
+async fn serve<H: hickory_server::server::RequestHandler>(
+    handler: H,
+) -> anyhow::Result<(SocketAddr, Server<H>)> {
+    let (udp, tcp) = bind_pair().await?;
+    let addr = udp.local_addr()?;
+    let mut server = Server::new(handler);
+    server.register_socket(udp);
+    server.register_listener(tcp, TCP_IDLE, 64);
+    tracing::debug!(%addr, "test dns server listening");
+    Ok((addr, server))
+}
+
 async fn bind_pair() -> anyhow::Result<(UdpSocket, TcpListener)> {
     let mut last = None;
     for _ in 0..20 {

@@ -24,7 +24,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
 use hickory_server::{dnssec::NxProofKind, Server};
 
-use super::{bind_pair, TCP_IDLE};
+use super::serve;
 
 /// TTL of every record: long enough for a validation to use, short enough
 /// to play no part in a test.
@@ -144,12 +144,7 @@ impl SignedDnsBuilder {
             catalog.upsert(LowerName::new(&origin), vec![handler]);
         }
 
-        let (udp, tcp) = bind_pair().await?;
-        let addr = udp.local_addr()?;
-        let mut server = Server::new(catalog);
-        server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE, 64);
-        tracing::debug!(%addr, "signed test dns server listening");
+        let (addr, server) = serve(catalog).await?;
         Ok(SignedDns {
             addr,
             anchor,
