@@ -29,9 +29,11 @@
 //! presented chain, which must then sign its way down to the server's
 //! certificate, valid now and for the MX host (or the recipient domain).
 //!
+//! A domain whose lack of MX records is proven is its own MX host (the
+//! implicit MX): steps 2 and 3 apply to it.
+//!
 //! Not done: the TLSA lookup for a CNAME'd MX host uses the name in the MX
-//! record, not the expanded one, and a domain without MX records (its
-//! implicit MX) is delivered to without DANE.
+//! record, not the expanded one.
 
 use std::fmt;
 use std::sync::Arc;
@@ -114,13 +116,24 @@ impl Dane {
         Dane { resolver }
     }
 
-    /// Whether `domain`'s MX RRset exists and is proven by DNSSEC.
+    /// Whether `domain`'s MX RRset is proven by DNSSEC — or its absence is,
+    /// so that mail goes to the domain's own addresses (the implicit MX).
     pub async fn mx_secure(&self, domain: &str) -> bool {
         let Some(name) = crate::route::fqdn(domain) else {
             return false;
         };
         match self.resolver.lookup(name, RecordType::MX).await {
             Ok(lookup) => all_secure(lookup.answers(), RecordType::MX),
+            Err(NetError::Dns(DnsError::NoRecordsFound(nr)))
+                if nr.response_code == ResponseCode::NoError =>
+            {
+                // NODATA: proven when the denial (SOA, NSEC and their
+                // signatures) validated.
+                nr.authorities.as_deref().is_some_and(|a| {
+                    a.iter().any(|r| r.record_type() == RecordType::SOA)
+                        && a.iter().all(|r| r.proof == Proof::Secure)
+                })
+            }
             Err(e) => {
                 tracing::debug!(domain, error = %e, "MX not proven; no DANE");
                 false

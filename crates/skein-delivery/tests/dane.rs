@@ -242,20 +242,21 @@ async fn only_unusable_tlsa_records_require_tls_but_check_no_certificate() {
 async fn tlsa_records_in_an_unsigned_zone_are_not_dane() {
     // Nothing proves them: an attacker could have written them, so they
     // neither bind nor block — whether the MX records are unsigned too
-    // (plain.test) or signed but naming a host in the unsigned zone.
-    for domain in ["plain.test", "dane.test"] {
+    // (plain.test), signed but naming a host in the unsigned zone
+    // (dane.test), or absent without proof (mx.plain.test, its own host).
+    for domain in ["plain.test", "dane.test", "mx.plain.test"] {
         let sink = SinkMta::builder().start().await.unwrap();
-        let dns = SignedDns::builder("dane.test")
-            .unsigned_zone("plain.test")
-            .mx(domain, 10, "mx.plain.test")
-            .a("mx.plain.test", Ipv4Addr::LOCALHOST)
-            .tlsa(
-                &format!("_{}._tcp.mx.plain.test", sink.port()),
-                3,
-                1,
-                1,
-                &[7; 32],
-            );
+        let mut dns = SignedDns::builder("dane.test").unsigned_zone("plain.test");
+        if domain != "mx.plain.test" {
+            dns = dns.mx(domain, 10, "mx.plain.test");
+        }
+        let dns = dns.a("mx.plain.test", Ipv4Addr::LOCALHOST).tlsa(
+            &format!("_{}._tcp.mx.plain.test", sink.port()),
+            3,
+            1,
+            1,
+            &[7; 32],
+        );
         let s = setup(dns, sink.port()).await;
         let r = s.deliverer.deliver(&job(domain)).await;
         assert!(
@@ -264,6 +265,28 @@ async fn tlsa_records_in_an_unsigned_zone_are_not_dane() {
         );
         assert!(s.seen.0.lock().unwrap().is_empty());
     }
+}
+
+#[tokio::test]
+async fn a_domain_proven_to_have_no_mx_is_its_own_dane_host() {
+    // No MX records, proven (NSEC): mail goes to the domain's address, and
+    // the domain's own TLSA records bind it.
+    let (sink, _) = tls_sink("implicit.dane.test").await;
+    let other = skein_testkit::self_signed("implicit.dane.test").der;
+    let dns = SignedDns::builder("dane.test")
+        .a("implicit.dane.test", Ipv4Addr::LOCALHOST)
+        .tlsa(
+            &format!("_{}._tcp.implicit.dane.test", sink.port()),
+            3,
+            1,
+            1,
+            &spki_sha256(&other),
+        );
+    let s = setup(dns, sink.port()).await;
+    let r = s.deliverer.deliver(&job("implicit.dane.test")).await;
+    assert!(matches!(r[0], RcptResult::Deferred { .. }), "{r:?}");
+    assert!(sink.messages().is_empty());
+    assert_eq!(*s.seen.0.lock().unwrap(), ["tlsa-invalid"]);
 }
 
 #[test]
