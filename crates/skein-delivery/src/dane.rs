@@ -32,8 +32,9 @@
 //! A domain whose lack of MX records is proven is its own MX host (the
 //! implicit MX): steps 2 and 3 apply to it.
 //!
-//! Not done: the TLSA lookup for a CNAME'd MX host uses the name in the MX
-//! record, not the expanded one.
+//! An MX host that is a (secure) CNAME has its TLSA records looked for at
+//! the expanded name first, then at its own (RFC 7672 §2.2.2); a DANE-TA
+//! certificate may name either.
 
 use std::fmt;
 use std::sync::Arc;
@@ -96,8 +97,9 @@ impl Tlsa {
 pub(crate) enum HostDane {
     /// DANE does not apply: TLS as the delivery's policy says.
     None,
-    /// TLS required, the certificate matching one of these.
-    Verify(Arc<[Tlsa]>),
+    /// TLS required, the certificate matching one of these, found at
+    /// `_PORT._tcp.` the name given (the host, or where its CNAMEs lead).
+    Verify(Arc<[Tlsa]>, String),
     /// A secure TLSA RRset of only unusable records: TLS required, any
     /// certificate (RFC 7672 §2.2).
     Encrypt,
@@ -146,56 +148,81 @@ impl Dane {
         let Some(name) = crate::route::fqdn(host) else {
             return HostDane::None;
         };
-        let mut addresses_secure = false;
+        // The name the address records are at: the host, or where its
+        // CNAMEs lead.
+        let mut expanded = None;
         for kind in [RecordType::A, RecordType::AAAA] {
             if let Ok(l) = self.resolver.lookup(name.clone(), kind).await {
                 if all_secure(l.answers(), kind) {
-                    addresses_secure = true;
+                    expanded = l
+                        .answers()
+                        .iter()
+                        .find(|r| r.record_type() == kind)
+                        .map(|r| r.name.to_ascii().trim_end_matches('.').to_ascii_lowercase());
                     break;
                 }
             }
         }
-        if !addresses_secure {
+        let Some(expanded) = expanded else {
             tracing::debug!(host, "addresses not proven; no DANE for this host");
             return HostDane::None;
+        };
+        // RFC 7672 §2.2.2: the CNAME-expanded name first, then the host's.
+        let mut bases = vec![expanded];
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if bases[0] != host {
+            bases.push(host);
         }
-        let Some(tlsa_name) = crate::route::fqdn(&format!("_{port}._tcp.{host}")) else {
-            return HostDane::None;
+        for base in &bases {
+            match self.tlsa_at(base, port).await {
+                Ok(None) => continue,
+                Ok(Some(records)) if records.is_empty() => return HostDane::Encrypt,
+                Ok(Some(records)) => {
+                    return HostDane::Verify(records.into(), base.clone());
+                }
+                Err(reason) => return HostDane::Unusable(reason),
+            }
+        }
+        HostDane::None
+    }
+
+    /// The usable TLSA records at `_PORT._tcp.BASE`: `None` when there are
+    /// none (or none proven), an empty list when all are unusable.
+    async fn tlsa_at(&self, base: &str, port: u16) -> Result<Option<Vec<Tlsa>>, String> {
+        let Some(tlsa_name) = crate::route::fqdn(&format!("_{port}._tcp.{base}")) else {
+            return Ok(None);
         };
         let lookup = match self.resolver.lookup(tlsa_name, RecordType::TLSA).await {
             Ok(lookup) => lookup,
             Err(NetError::Dns(DnsError::NoRecordsFound(nr)))
                 if matches!(nr.response_code, ResponseCode::NoError | ResponseCode::NXDomain) =>
             {
-                return HostDane::None
+                return Ok(None)
             }
             Err(e) => {
-                return HostDane::Unusable(format!(
-                    "451 4.7.5 the TLSA records of {host} could not be looked up and proven ({e}); DANE forbids sending without them"
+                return Err(format!(
+                    "451 4.7.5 the TLSA records of {base} could not be looked up and proven ({e}); DANE forbids sending without them"
                 ))
             }
         };
         let answers = lookup.answers();
         if !all_secure(answers, RecordType::TLSA) {
-            return HostDane::None;
+            return Ok(None);
         }
-        let usable: Vec<Tlsa> = answers
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::TLSA(t) => Tlsa::usable(
-                    t.cert_usage.into(),
-                    t.selector.into(),
-                    t.matching.into(),
-                    &t.cert_data,
-                ),
-                _ => None,
-            })
-            .collect();
-        if usable.is_empty() {
-            HostDane::Encrypt
-        } else {
-            HostDane::Verify(usable.into())
-        }
+        Ok(Some(
+            answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TLSA(t) => Tlsa::usable(
+                        t.cert_usage.into(),
+                        t.selector.into(),
+                        t.matching.into(),
+                        &t.cert_data,
+                    ),
+                    _ => None,
+                })
+                .collect(),
+        ))
     }
 }
 

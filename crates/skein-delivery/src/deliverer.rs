@@ -393,8 +393,12 @@ impl Deliverer {
         // DANE, where it applies, takes the place of the route's policy and
         // of MTA-STS (RFC 8461 §2).
         let (mut policy, dane) = match host_dane {
-            HostDane::Verify(records) => {
-                match self.inner.tls.dane(records.clone(), host, &job.domain) {
+            HostDane::Verify(records, base) => {
+                match self
+                    .inner
+                    .tls
+                    .dane(records.clone(), &[host, base, &job.domain])
+                {
                     Ok(c) => (TlsPolicy::Verify, Some(c)),
                     Err(e) => return HostOutcome::NextHost(format!("451 4.7.5 DANE: {e}")),
                 }

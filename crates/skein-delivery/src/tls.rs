@@ -126,14 +126,13 @@ impl TlsClients {
     }
 
     /// A connector accepting only certificates that match `records`
-    /// (DANE); DANE-TA chains must name `host` or `domain`.
+    /// (DANE); DANE-TA chains must carry one of `names`.
     pub fn dane(
         &self,
         records: Arc<[crate::dane::Tlsa]>,
-        host: &str,
-        domain: &str,
+        names: &[&str],
     ) -> Result<TlsConnector, String> {
-        let names = [host, domain]
+        let names = names
             .iter()
             .filter_map(|n| ServerName::try_from(n.trim_end_matches('.').to_string()).ok())
             .collect();

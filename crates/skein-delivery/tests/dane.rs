@@ -289,6 +289,36 @@ async fn a_domain_proven_to_have_no_mx_is_its_own_dane_host() {
     assert_eq!(*s.seen.0.lock().unwrap(), ["tlsa-invalid"]);
 }
 
+#[tokio::test]
+async fn a_cname_mx_host_is_bound_at_the_expanded_name_first_then_its_own() {
+    // mx.dane.test is a CNAME for box.dane.test. Records at the expanded
+    // name win; where it has none, the MX name's own count.
+    let (sink, cert) = tls_sink("box.dane.test").await;
+    let wrong = spki_sha256(&skein_testkit::self_signed("x").der);
+    let cases = [
+        (Some(spki_sha256(&cert)), Some(wrong.clone()), true),
+        (Some(wrong.clone()), Some(spki_sha256(&cert)), false),
+        (None, Some(spki_sha256(&cert)), true),
+        (None, Some(wrong), false),
+    ];
+    for (at_box, at_mx, delivers) in cases {
+        let mut dns = SignedDns::builder("dane.test")
+            .mx("dane.test", 10, MX)
+            .cname(MX, "box.dane.test")
+            .a("box.dane.test", Ipv4Addr::LOCALHOST);
+        if let Some(d) = &at_box {
+            dns = dns.tlsa(&format!("_{}._tcp.box.dane.test", sink.port()), 3, 1, 1, d);
+        }
+        if let Some(d) = &at_mx {
+            dns = dns.tlsa(&tlsa_name(sink.port()), 3, 1, 1, d);
+        }
+        let s = setup(dns, sink.port()).await;
+        let r = s.deliverer.deliver(&job("dane.test")).await;
+        let ok = matches!(r[0], RcptResult::Delivered { tls: true, .. });
+        assert_eq!(ok, delivers, "box {at_box:?} mx {at_mx:?}: {r:?}");
+    }
+}
+
 #[test]
 fn a_trust_anchor_file_that_is_not_dnskey_records_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use hickory_server::proto::dnssec::crypto::EcdsaSigningKey;
 use hickory_server::proto::dnssec::rdata::{DNSSECRData, DNSKEY};
 use hickory_server::proto::dnssec::{Algorithm, DnssecSigner, SigningKey as _};
-use hickory_server::proto::rr::rdata::{A, MX, NS, SOA, TLSA};
+use hickory_server::proto::rr::rdata::{A, CNAME, MX, NS, SOA, TLSA};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordSet, RrKey};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
@@ -91,6 +91,10 @@ impl SignedDnsBuilder {
 
     pub fn a(self, owner: &str, ip: Ipv4Addr) -> Self {
         self.add(owner, RData::A(A(ip)))
+    }
+
+    pub fn cname(self, owner: &str, target: &str) -> Self {
+        self.add(owner, RData::CNAME(CNAME(name(target))))
     }
 
     /// A TLSA record (RFC 6698): `usage selector matching data`.
