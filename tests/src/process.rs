@@ -170,6 +170,27 @@ impl ProcessNode {
         self.child.is_some()
     }
 
+    /// What the kernel says of the process — its state, threads and where
+    /// it waits — for a failing test's output.
+    pub fn proc_state(&self) -> String {
+        let Some(pid) = self.pid() else {
+            return "not running".into();
+        };
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}"));
+        let status = match read("status") {
+            Ok(s) => s,
+            Err(e) => return format!("pid {pid}: {e}"),
+        };
+        let keep = ["Name:", "State:", "Threads:", "VmRSS:"];
+        let mut out: Vec<String> = status
+            .lines()
+            .filter(|l| keep.iter().any(|k| l.starts_with(k)))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        out.push(format!("wchan: {}", read("wchan").unwrap_or_default()));
+        format!("pid {pid}: {}", out.join(", "))
+    }
+
     /// Resident memory of the process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

@@ -83,7 +83,12 @@ async fn drills_on_the_leader_and_on_a_follower_pass_with_plausible_times() {
     println!("drill on the leader: {}{}", out.stdout, out.stderr);
     if out.code != 0 {
         for n in &nodes {
-            eprintln!("--- node {} ---\n{}", n.config.node_id, n.log());
+            eprintln!(
+                "--- node {} ({}) ---\n{}",
+                n.config.node_id,
+                n.proc_state(),
+                n.log()
+            );
         }
     }
     check_plausible(&out.json(), leader, true);
@@ -116,7 +121,12 @@ async fn drills_on_the_leader_and_on_a_follower_pass_with_plausible_times() {
     for a in admins(&plan) {
         if let Err(e) = status(a).await {
             for n in &nodes {
-                eprintln!("--- node {} ---\n{}", n.config.node_id, n.log());
+                eprintln!(
+                    "--- node {} ({}) ---\n{}",
+                    n.config.node_id,
+                    n.proc_state(),
+                    n.log()
+                );
             }
             panic!("{a} is down after the drills: {e:#}");
         }
@@ -218,7 +228,12 @@ async fn a_drill_on_a_whole_site_reports_the_recovery() {
     println!("drill on site a: {}{}", out.stdout, out.stderr);
     if out.code != 0 {
         for n in nodes.iter().chain([&learner]) {
-            eprintln!("--- node {} ---\n{}", n.config.node_id, n.log());
+            eprintln!(
+                "--- node {} ({}) ---\n{}",
+                n.config.node_id,
+                n.proc_state(),
+                n.log()
+            );
         }
     }
     let r = out.json();
