@@ -36,6 +36,7 @@
 //! the expanded name first, then at its own (RFC 7672 §2.2.2); a DANE-TA
 //! certificate may name either.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -74,20 +75,50 @@ impl Tlsa {
             data: data.to_vec(),
         })
     }
+}
 
-    /// Whether `cert` is the certificate (or key) this record names.
-    fn matches(&self, cert: &CertificateDer<'_>) -> bool {
-        let selected: &[u8] = match self.selector {
-            0 => cert.as_ref(),
-            _ => match x509_parser::parse_x509_certificate(cert.as_ref()) {
-                Ok((_, c)) => c.tbs_certificate.subject_pki.raw,
-                Err(_) => return false,
-            },
+/// A presented certificate as TLSA records select and hash it: parsed for
+/// its key, and each digest made, at most once however many records ask.
+struct Presented<'a> {
+    cert: &'a [u8],
+    /// Its SubjectPublicKeyInfo; `None` if it does not parse.
+    spki: OnceCell<Option<&'a [u8]>>,
+    /// By selector, then SHA-256 and SHA-512.
+    digests: [[OnceCell<digest::Digest>; 2]; 2],
+}
+
+impl<'a> Presented<'a> {
+    fn new(cert: &'a CertificateDer<'_>) -> Self {
+        Presented {
+            cert: cert.as_ref(),
+            spki: OnceCell::new(),
+            digests: Default::default(),
+        }
+    }
+
+    fn selected(&self, selector: u8) -> Option<&'a [u8]> {
+        if selector == 0 {
+            return Some(self.cert);
+        }
+        *self.spki.get_or_init(|| {
+            x509_parser::parse_x509_certificate(self.cert)
+                .ok()
+                .map(|(_, c)| c.tbs_certificate.subject_pki.raw)
+        })
+    }
+
+    /// Whether `r` names this certificate (or its key).
+    fn named_by(&self, r: &Tlsa) -> bool {
+        let Some(selected) = self.selected(r.selector) else {
+            return false;
         };
-        match self.matching {
-            0 => selected == self.data.as_slice(),
-            1 => digest::digest(&digest::SHA256, selected).as_ref() == self.data.as_slice(),
-            _ => digest::digest(&digest::SHA512, selected).as_ref() == self.data.as_slice(),
+        let digest = |i: usize, alg| {
+            self.digests[usize::from(r.selector)][i].get_or_init(|| digest::digest(alg, selected))
+        };
+        match r.matching {
+            0 => selected == r.data.as_slice(),
+            1 => digest(0, &digest::SHA256).as_ref() == r.data.as_slice(),
+            _ => digest(1, &digest::SHA512).as_ref() == r.data.as_slice(),
         }
     }
 }
@@ -299,13 +330,15 @@ impl ServerCertVerifier for DaneVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ee = self.records.iter().filter(|r| r.usage == 3);
-        if ee.clone().any(|r| r.matches(end_entity)) {
+        let presented = Presented::new(end_entity);
+        let mut ee = self.records.iter().filter(|r| r.usage == 3);
+        if ee.any(|r| presented.named_by(r)) {
             return Ok(ServerCertVerified::assertion());
         }
         let ta: Vec<&Tlsa> = self.records.iter().filter(|r| r.usage == 2).collect();
         for (i, cert) in intermediates.iter().enumerate() {
-            if ta.iter().any(|r| r.matches(cert))
+            let presented = Presented::new(cert);
+            if ta.iter().any(|r| presented.named_by(r))
                 && self.chain_ok(end_entity, &intermediates[..i], cert, now)
             {
                 return Ok(ServerCertVerified::assertion());
@@ -391,11 +424,12 @@ mod tests {
             (1, 2, sha512(&spki)),
         ];
         let other = cert();
+        let (presented, another) = (Presented::new(&c), Presented::new(&other));
         for (selector, matching, data) in cases {
             let r = Tlsa::usable(3, selector, matching, &data).unwrap();
-            assert!(r.matches(&c), "3 {selector} {matching}");
+            assert!(presented.named_by(&r), "3 {selector} {matching}");
             assert!(
-                !r.matches(&other),
+                !another.named_by(&r),
                 "3 {selector} {matching} matched another"
             );
         }
