@@ -204,7 +204,7 @@ type Reply = Arc<Result<Vec<u8>, tonic::Status>>;
 /// rest. At most one per peer: a request from another point aborts it.
 struct InFlight {
     /// Where its entries start: vote, previous log id.
-    key: Vec<u8>,
+    key: (openraft::Vote<NodeId>, Option<openraft::LogId<NodeId>>),
     /// Its last entry.
     last: Option<openraft::LogId<NodeId>>,
     reply: futures::future::Shared<futures::future::BoxFuture<'static, Reply>>,
@@ -300,8 +300,7 @@ impl RaftNetwork<TypeConfig> for PeerConn {
                 })
                 .await;
         }
-        let key = postcard::to_stdvec(&(&rpc.vote, &rpc.prev_log_id))
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let key = (rpc.vote, rpc.prev_log_id);
         let wanted = rpc.entries.last().map(|e| e.log_id);
         let (reply, got) = match &self.inflight {
             Some(f) if f.key == key => (f.reply.clone(), f.last),
