@@ -220,6 +220,42 @@ pub trait StsObserver: Send + Sync {
 /// that needs it meanwhile.
 type Flight = Arc<tokio::sync::OnceCell<Result<Policy, String>>>;
 
+type InFlight = Mutex<HashMap<(String, String), Flight>>;
+
+/// A delivery's place on a fetch: joins the one under way for its domain
+/// and id (or starts it), and takes it off the list when done — or when the
+/// delivery is dropped while waiting — so the list holds fetches under way
+/// only.
+struct Landing<'a> {
+    list: &'a InFlight,
+    key: (String, String),
+    flight: Flight,
+}
+
+impl<'a> Landing<'a> {
+    fn board(list: &'a InFlight, key: (String, String)) -> Self {
+        let flight = list
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        Landing { list, key, flight }
+    }
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        if list
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            list.remove(&self.key);
+        }
+    }
+}
+
 /// Looks policies up and fetches them.
 pub struct Sts {
     store: Arc<dyn PolicyStore>,
@@ -228,7 +264,7 @@ pub struct Sts {
     port: u16,
     /// Fetches under way, by (domain, id): concurrent first deliveries to a
     /// domain fetch its policy once. At most one per delivery running.
-    in_flight: Mutex<HashMap<(String, String), Flight>>,
+    in_flight: InFlight,
 }
 
 impl Sts {
@@ -268,14 +304,8 @@ impl Sts {
                 return Some(c.policy.clone());
             }
         }
-        let key = (domain.clone(), id.clone());
-        let flight = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let landing = Landing::board(&self.in_flight, (domain.clone(), id.clone()));
+        let flight = landing.flight.clone();
         let mut fetcher = false;
         let fetched = flight
             .get_or_init(|| {
@@ -300,12 +330,7 @@ impl Sts {
             })
             .await
             .clone();
-        {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                in_flight.remove(&key);
-            }
-        }
+        drop(landing);
         match fetched {
             Ok(policy) => {
                 if fetcher {
