@@ -61,11 +61,45 @@ pub struct StsLabel {
     pub result: &'static str,
 }
 
-/// Counts what the delivery engine saw under MTA-STS policies (TLS-RPT's
-/// per-domain results, RFC 8460), and gathers them for the reports.
+/// Recipient domains that get a label of their own in the MTA-STS and
+/// DANE metrics; later ones count under [`OTHER_DOMAINS`]. Any domain can
+/// publish a policy or TLSA records, so without a bound a sender could grow
+/// the metrics without end.
+const MAX_DOMAIN_LABELS: usize = 1000;
+const OTHER_DOMAINS: &str = "_other";
+
+/// Counts what the delivery engine saw under MTA-STS policies and DANE
+/// (TLS-RPT's per-domain results, RFC 8460), and gathers the MTA-STS ones
+/// for the reports.
 pub struct StsSessions {
     pub metrics: Arc<Metrics>,
     pub reports: Arc<crate::tlsrpt::TlsReports>,
+    /// Domains labelled so far.
+    labelled: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl StsSessions {
+    pub fn new(metrics: Arc<Metrics>, reports: Arc<crate::tlsrpt::TlsReports>) -> Self {
+        StsSessions {
+            metrics,
+            reports,
+            labelled: Default::default(),
+        }
+    }
+
+    /// `domain`'s label: itself, or [`OTHER_DOMAINS`] once
+    /// [`MAX_DOMAIN_LABELS`] others have one.
+    fn label(&self, domain: &str) -> String {
+        let mut seen = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(domain) {
+            return domain.to_string();
+        }
+        if seen.len() < MAX_DOMAIN_LABELS {
+            seen.insert(domain.to_string());
+            return domain.to_string();
+        }
+        OTHER_DOMAINS.to_string()
+    }
 }
 
 impl skein_delivery::mta_sts::StsObserver for StsSessions {
@@ -80,7 +114,7 @@ impl skein_delivery::mta_sts::StsObserver for StsSessions {
         self.metrics
             .mta_sts_sessions
             .get_or_create(&StsLabel {
-                domain: domain.to_string(),
+                domain: self.label(domain),
                 mode: mode.as_str(),
                 result,
             })
@@ -91,7 +125,7 @@ impl skein_delivery::mta_sts::StsObserver for StsSessions {
         self.metrics
             .dane_sessions
             .get_or_create(&DaneLabel {
-                domain: domain.to_string(),
+                domain: self.label(domain),
                 result,
             })
             .inc();
@@ -537,5 +571,20 @@ mod deferral_tests {
         ] {
             assert_eq!(deferral_reason(text), reason, "{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_past_the_bound_share_one_label() {
+        let s = StsSessions::new(Arc::new(Metrics::new()), Default::default());
+        for i in 0..MAX_DOMAIN_LABELS {
+            assert_eq!(s.label(&format!("d{i}.test")), format!("d{i}.test"));
+        }
+        assert_eq!(s.label("late.test"), OTHER_DOMAINS);
+        assert_eq!(s.label("d7.test"), "d7.test", "a labelled domain keeps it");
     }
 }

@@ -241,10 +241,10 @@ impl<'a> Parts<'a> {
                 dnssec_trust_anchors: d.dnssec_trust_anchors.clone(),
             },
             policies.clone(),
-            Some(Arc::new(crate::metrics::StsSessions {
-                metrics: self.metrics.clone(),
-                reports: reports.clone(),
-            })),
+            Some(Arc::new(crate::metrics::StsSessions::new(
+                self.metrics.clone(),
+                reports.clone(),
+            ))),
         )
         .context("cannot set up delivery")?;
         self.tls_reports = Some(TlsReporting {
