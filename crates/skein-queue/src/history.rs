@@ -9,6 +9,9 @@
 //! history from then on), and it is pruned locally — after a retention
 //! period, and oldest first beyond a count — so it stays bounded on disk.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{MessageId, Millis, NodeId};
@@ -107,10 +110,18 @@ pub fn client_of(body: &[u8]) -> Option<String> {
 /// Where events live: one sled tree, keyed by message id, then the log
 /// index and position of the entry that made them, so a message's events
 /// read in order and re-applying an entry writes the same keys again.
+///
+/// Events are recorded in memory as entries are applied and written to the
+/// tree when the state machine saves (see `store::sm`), in one batch before
+/// the state's own: a crash before that loses none, because the entries
+/// that made them are applied again from the log and make the same keys.
 #[derive(Clone)]
 pub struct History {
     tree: sled::Tree,
+    unsaved: Arc<Mutex<BTreeMap<[u8; KEY_LEN], Event>>>,
 }
+
+const KEY_LEN: usize = 28;
 
 pub(crate) const HISTORY_TREE: &str = "history";
 
@@ -118,38 +129,76 @@ impl History {
     pub(crate) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         Ok(History {
             tree: db.open_tree(HISTORY_TREE)?,
+            unsaved: Arc::default(),
         })
     }
 
-    fn key(id: &MessageId, index: u64, n: u32) -> [u8; 28] {
-        let mut k = [0u8; 28];
+    fn unsaved(&self) -> MutexGuard<'_, BTreeMap<[u8; KEY_LEN], Event>> {
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(id: &MessageId, index: u64, n: u32) -> [u8; KEY_LEN] {
+        let mut k = [0u8; KEY_LEN];
         k[..16].copy_from_slice(&id.0.to_be_bytes());
         k[16..24].copy_from_slice(&index.to_be_bytes());
         k[24..].copy_from_slice(&n.to_be_bytes());
         k
     }
 
-    /// Record the events of the entry at log `index`, in order.
-    pub(crate) fn record(
-        &self,
-        index: u64,
-        events: &[(MessageId, Event)],
-    ) -> Result<(), crate::StoreError> {
-        for (n, (id, e)) in events.iter().enumerate() {
-            self.tree
-                .insert(Self::key(id, index, n as u32), postcard::to_stdvec(e)?)?;
+    /// Record the events of the entry at log `index`, in order (in memory
+    /// until [`History::save`]).
+    pub(crate) fn record(&self, index: u64, events: &[(MessageId, Event)]) {
+        if events.is_empty() {
+            return;
         }
+        let mut unsaved = self.unsaved();
+        for (n, (id, e)) in events.iter().enumerate() {
+            unsaved.insert(Self::key(id, index, n as u32), e.clone());
+        }
+    }
+
+    /// Write the events recorded since the last save, in one batch.
+    pub(crate) fn save(&self) -> Result<(), crate::StoreError> {
+        let mut unsaved = self.unsaved();
+        if unsaved.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, e) in unsaved.iter() {
+            batch.insert(&k[..], postcard::to_stdvec(e)?);
+        }
+        self.tree.apply_batch(batch)?;
+        unsaved.clear();
         Ok(())
     }
 
     /// The events recorded about `id`, oldest first.
     pub fn events(&self, id: &MessageId) -> Result<Vec<Event>, crate::StoreError> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(id.0.to_be_bytes()) {
-            let (_, v) = kv?;
-            out.push(postcard::from_bytes(&v)?);
+        let prefix = id.0.to_be_bytes();
+        // Taken first: a save running meanwhile moves events from memory to
+        // the tree, never out of sight of both reads.
+        let mut all: BTreeMap<[u8; KEY_LEN], Event> = {
+            let unsaved = self.unsaved();
+            let mut lo = [0u8; KEY_LEN];
+            lo[..16].copy_from_slice(&prefix);
+            let mut hi = [0xffu8; KEY_LEN];
+            hi[..16].copy_from_slice(&prefix);
+            unsaved
+                .range(lo..=hi)
+                .map(|(k, e)| (*k, e.clone()))
+                .collect()
+        };
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            let k: [u8; KEY_LEN] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| crate::StoreError::Corrupt("history key".into()))?;
+            if let std::collections::btree_map::Entry::Vacant(slot) = all.entry(k) {
+                slot.insert(postcard::from_bytes(&v)?);
+            }
         }
-        Ok(out)
+        Ok(all.into_values().collect())
     }
 
     /// Forget events older than `keep_since`, then the oldest beyond `max`.
@@ -209,11 +258,16 @@ mod tests {
                 (b, ev(11, EventKind::Held)),
                 (a, ev(12, EventKind::Released)),
             ],
-        )
-        .unwrap();
-        h.record(6, &[(a, ev(20, EventKind::Deleted))]).unwrap();
+        );
+        h.save().unwrap();
+        h.record(6, &[(a, ev(20, EventKind::Deleted))]);
+        // Unsaved events read with the saved ones, in order.
+        assert_eq!(h.events(&a).unwrap().len(), 3);
+        h.save().unwrap();
         // Re-applying an entry writes the same keys: no duplicates.
-        h.record(6, &[(a, ev(20, EventKind::Deleted))]).unwrap();
+        h.record(6, &[(a, ev(20, EventKind::Deleted))]);
+        assert_eq!(h.events(&a).unwrap().len(), 3);
+        h.save().unwrap();
         let names: Vec<_> = h
             .events(&a)
             .unwrap()

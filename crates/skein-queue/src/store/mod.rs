@@ -6,7 +6,9 @@
 //!   [`BodyRef`] for each.
 //! - tree `raft_meta`: `vote`, `last_purged`, `sm_tree` (which state tree is live)
 //! - tree `sm.<gen>`: the state machine. `s` → [`SmHeader`]; `m<id>` → a
-//!   [`crate::Message`]; `b<id>` → the [`BodyRef`] of its body. Installing a
+//!   [`crate::Message`]; `b<id>` → the [`BodyRef`] of its body; saved in
+//!   batches, the log holding what is applied and not yet saved (see
+//!   [`sm`]). Installing a
 //!   snapshot fills a fresh generation and switches `sm_tree` to it in one
 //!   write, so a crash mid-install leaves the old state whole.
 //!
@@ -128,10 +130,17 @@ pub struct StoreStats {
 }
 
 /// What the state machine shares with the rest of the node: the queue in
-/// memory, the live state tree (for bodies), and a signal on every apply.
+/// memory, the live state tree (for bodies), what is not saved to it yet,
+/// and a signal on every apply.
 pub(crate) struct Shared {
     pub state: RwLock<QueueState>,
     pub tree: RwLock<sled::Tree>,
+    /// Locked after `state`, never before it.
+    pub unsaved: std::sync::Mutex<sm::Unsaved>,
+    pub db: sled::Db,
+    /// Tests stop the saver thread to see what a crash before a save leaves.
+    #[cfg(test)]
+    pub saver_paused: std::sync::atomic::AtomicBool,
     pub applied: watch::Sender<Option<LogId>>,
     /// Readers of a consistent view (snapshot builders, backups). While any
     /// runs, bodies of removed messages stay on disk.
@@ -155,39 +164,39 @@ pub struct QueueReader {
 impl QueueReader {
     /// Read the queue in memory. Keep the closure short: apply waits for it.
     pub fn read(&self) -> RwLockReadGuard<'_, QueueState> {
-        self.shared.state.read().unwrap_or_else(|p| p.into_inner())
+        self.shared.read_state()
     }
 
     /// A message body from the local replica.
     pub fn body(&self, id: &MessageId) -> Result<Option<Bytes>, StoreError> {
-        let tree = self
-            .shared
-            .tree
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let bodies = &self.shared.bodies;
         let _guard = bodies.guard();
-        match tree.get(body_key(id))? {
-            Some(v) => Ok(Some(bodies.read(&decode_ref(&v)?)?)),
+        match self.shared.body_ref(id)? {
+            Some(r) => Ok(Some(bodies.read(&r)?)),
             None => Ok(None),
         }
+    }
+
+    /// Save what was applied to the state tree now (it is saved within a
+    /// second anyway; the log holds it until then).
+    fn save(&self) -> Result<(QueueState, Option<LogId>), StoreError> {
+        let state = self.read();
+        let mut u = self.shared.unsaved();
+        self.shared.save(&state, &mut u)?;
+        Ok((state.clone(), u.header_applied()))
     }
 
     /// Write a consistent copy of the whole queue to `path`, in the snapshot
     /// format (see [`snapshot`]), synced to disk. Returns the message count.
     pub fn backup(&self, path: &Path) -> Result<u64, StoreError> {
         let _pin = refs::Pin::on(&self.shared.pins);
-        let state = self.read().clone();
-        let tree = self
-            .shared
-            .tree
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        // Saved, so the tree names the body of every message in the copy;
+        // the pin keeps them while it is written.
+        let (state, applied) = self.save()?;
+        let tree = self.shared.tree();
         let header = snapshot::SnapshotHeader {
             meta: crate::SnapshotMeta {
-                last_log_id: self.applied(),
+                last_log_id: applied,
                 snapshot_id: "backup".into(),
                 ..Default::default()
             },
@@ -232,6 +241,7 @@ impl QueueReader {
     /// Write everything applied so far to disk (the log store does this for
     /// every batch of appends; tools that apply directly call it).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.save()?;
         flush_all(&self.db, &self.shared.bodies)
     }
 

@@ -6,16 +6,19 @@
 //! 1. **A log entry.** The log writes an entry's bodies when it appends it
 //!    and keeps that count until truncate or purge removes the entry.
 //! 2. **A queued message.** The state tree's `b<id>` holds one count while
-//!    the message is queued. Applying an entry that is in the log takes a new
-//!    count ([`Arrived::InLog`]); applying one that is not (tools apply
-//!    entries directly) writes the body and moves the writer's count to the
-//!    message ([`Arrived::Written`]). A message that already has a body keeps
-//!    it, and a body written for a message that is gone again by the end of
-//!    the apply is dropped.
+//!    the message is queued. Applies are saved to the tree in batches (see
+//!    `sm::Unsaved`); until then a body is named by the log entry that
+//!    brought it, which the log keeps until a snapshot, built after a save,
+//!    covers it. Saving an entry that is in the log takes a new count
+//!    ([`Arrived::InLog`]); applying one that is not (tools apply entries
+//!    directly) writes the body, saves at once, and moves the writer's count
+//!    to the message ([`Arrived::Written`]). A message that already has a
+//!    body keeps it, and a body written for a message that is gone again by
+//!    the save is dropped.
 //! 3. **A snapshot builder.** While one runs ([`Reclaim::pin`]), nothing
 //!    removed from the state loses its body: removed messages wait in
 //!    [`Reclaim`] with their `b<id>`, and state trees replaced by an
-//!    installed snapshot wait with theirs. The first apply with no builder
+//!    installed snapshot wait with theirs. The first save with no builder
 //!    running lets them go.
 //!
 //! A segment goes when no count is left (and, for crash safety, only once
@@ -32,7 +35,7 @@ use super::log::{stored_refs, SharedRecent};
 use super::{Bodies, BodyRef, StoreError};
 use crate::{MessageId, Request};
 
-/// How a body reached one apply.
+/// How a body reached the applies since the last save.
 #[derive(Clone, Copy)]
 pub(crate) enum Arrived {
     /// Named by the stored log entry: the log keeps its count, a message
@@ -51,9 +54,9 @@ pub(crate) enum Keep {
     Store(BodyRef),
 }
 
-/// The bodies the entries of one apply carry, by message id, and the count
-/// changes the apply makes. Retains happen before the state batch is
-/// written, releases after it.
+/// The bodies the entries applied since the last save carry, by message
+/// id, and the count changes the save makes. Retains happen before the
+/// state batch is written, releases after it.
 #[derive(Default)]
 pub(crate) struct Arrivals {
     by_id: HashMap<MessageId, Arrived>,
@@ -93,6 +96,13 @@ impl Arrivals {
         Ok(())
     }
 
+    /// The body that arrived for `id` since the last save, if any.
+    pub(crate) fn body(&self, id: &MessageId) -> Option<BodyRef> {
+        self.by_id.get(id).map(|a| match a {
+            Arrived::InLog(r) | Arrived::Written(r) => *r,
+        })
+    }
+
     /// A later body for the same message replaces an earlier one.
     fn arrive(&mut self, id: MessageId, a: Arrived) {
         if let Some(Arrived::Written(old)) = self.by_id.insert(id, a) {
@@ -100,7 +110,7 @@ impl Arrivals {
         }
     }
 
-    /// The message `id` is queued after this apply; `has_body` says whether
+    /// The message `id` is queued at this save; `has_body` says whether
     /// its `b<id>` is already stored.
     pub(crate) fn keep(&mut self, id: &MessageId, has_body: bool) -> Option<Keep> {
         let arrived = self.by_id.remove(id)?;
@@ -187,6 +197,11 @@ impl Reclaim {
     pub(crate) fn retire_tree(&mut self, name: String) {
         self.deferred.clear();
         self.stale_trees.push(name);
+    }
+
+    /// Whether removals or trees wait to be let go.
+    pub(crate) fn waiting(&self) -> bool {
+        !self.deferred.is_empty() || !self.stale_trees.is_empty()
     }
 
     pub(crate) fn take_stale_trees(&mut self) -> Vec<String> {

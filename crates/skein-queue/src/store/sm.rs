@@ -1,8 +1,11 @@
-//! The state machine store: [`QueueState`] in memory, persisted to sled on
-//! every apply, with snapshots streamed to and from files.
+//! The state machine store: [`QueueState`] in memory, applied there at
+//! once and saved to its sled tree in batches (see [`Unsaved`]), with
+//! snapshots streamed to and from files.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError, StoredMembership};
@@ -15,12 +18,13 @@ use super::snapshot::build::SnapshotBuilder;
 use super::snapshot::files::{SnapshotFiles, CURRENT};
 use super::snapshot::install::{install_file, Installed};
 use super::{
-    body_key, decode_ref, id_from_key, message_key, sts_key, Bodies, Shared, SmHeader, StoreError,
-    KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE, STS_PREFIX,
+    body_key, decode_ref, id_from_key, message_key, sts_key, Bodies, BodyRef, Shared, SmHeader,
+    StoreError, KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE, STS_PREFIX,
 };
 use crate::state::Touched;
 use crate::{
-    Entry, LogId, Membership, Message, NodeId, QueueState, Response, SnapshotMeta, TypeConfig,
+    Entry, LogId, Membership, Message, MessageId, NodeId, QueueState, Response, SnapshotMeta,
+    TypeConfig,
 };
 
 type SErr = StorageError<NodeId>;
@@ -35,10 +39,65 @@ pub struct StateMachineStore {
     bodies: Arc<Bodies>,
     shared: Arc<Shared>,
     gen: u64,
-    header: SmHeader,
     snapshots: Arc<SnapshotFiles>,
+}
+
+/// The state is saved when the oldest unsaved apply is this old (by the
+/// saver thread, off the apply path)... Measured with `skein-bench`: 20,
+/// 50, 100, 200 and 1000 ms all beat saving every apply; 1000 ms doubled
+/// the p99 (a long batch holds sled's write lock, and the log waits), and
+/// 100 ms was the best of the rest (docs/performance.md).
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// ...or this many entries or messages have changed since the last save.
+const SAVE_AFTER: usize = 4096;
+
+/// What was applied in memory and is not yet in the state tree. Everything
+/// in it can be made again from the Raft log, which keeps every entry
+/// until a snapshot covers it, and every snapshot is built after a save.
+pub(crate) struct Unsaved {
+    /// The state machine's header as of the last apply.
+    header: SmHeader,
+    /// Messages and MTA-STS domains changed since the last save.
+    ids: Vec<MessageId>,
+    sts: Vec<String>,
+    /// Messages an entry since the last save removed (some may be queued
+    /// again since: their stored body is the old one's).
+    gone: HashSet<MessageId>,
+    arrivals: Arrivals,
+    /// Entries applied since the last save, and when the first was.
+    entries: usize,
+    since: Instant,
     /// Bodies and state trees kept while snapshot builders run (see [`super::refs`]).
     reclaim: Reclaim,
+    /// A save that failed: nothing is applied after it (the node stops, as
+    /// on any write error).
+    failed: Option<String>,
+}
+
+impl Unsaved {
+    pub(crate) fn header_applied(&self) -> Option<LogId> {
+        self.header.applied
+    }
+
+    fn due(&self) -> bool {
+        self.entries > 0
+            && (self.since.elapsed() >= SAVE_EVERY
+                || self.entries >= SAVE_AFTER
+                || self.ids.len() >= SAVE_AFTER
+                // Bodies written by this apply (entries not in the log, as
+                // tools apply them) cannot be made again: save at once.
+                || self.arrivals.wrote())
+            || (self.reclaim.waiting() && !self.reclaim.pinned())
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match &self.failed {
+            Some(e) => Err(StoreError::Io(std::io::Error::other(format!(
+                "an earlier save of the queue state failed: {e}"
+            )))),
+            None => Ok(()),
+        }
+    }
 }
 
 pub(crate) fn tree_name(gen: u64) -> String {
@@ -50,6 +109,184 @@ fn decode_header(v: Option<sled::IVec>) -> Result<SmHeader, StoreError> {
         Some(v) => postcard::from_bytes(&v)?,
         None => SmHeader::default(),
     })
+}
+
+impl Shared {
+    pub(crate) fn read_state(&self) -> RwLockReadGuard<'_, QueueState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, QueueState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take after the state lock, never before it.
+    pub(crate) fn unsaved(&self) -> MutexGuard<'_, Unsaved> {
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn tree(&self) -> sled::Tree {
+        self.tree.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where the body of queued message `id` is: in the state tree, or,
+    /// queued since the last save, where it arrived.
+    pub(crate) fn body_ref(&self, id: &MessageId) -> Result<Option<BodyRef>, StoreError> {
+        let state = self.read_state();
+        if state.get(id).is_none() {
+            return Ok(None);
+        }
+        // Held across both reads: a save moves a reference from the one
+        // to the other while holding it.
+        let unsaved = self.unsaved();
+        match self.tree().get(body_key(id))? {
+            Some(v) => Ok(Some(decode_ref(&v)?)),
+            None => Ok(unsaved.arrivals.body(id)),
+        }
+    }
+
+    /// Write what was applied since the last save to the state tree: the
+    /// history first, then every changed message, body reference and
+    /// policy with the header in one batch, so the tree on disk is always
+    /// the state as of one applied entry. `state` is the live state,
+    /// locked by the caller, as of `u.header.applied`.
+    pub(crate) fn save(&self, state: &QueueState, u: &mut Unsaved) -> Result<(), StoreError> {
+        u.check()?;
+        let r = self.save_unchecked(state, u);
+        if let Err(e) = &r {
+            u.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    fn save_unchecked(&self, state: &QueueState, u: &mut Unsaved) -> Result<(), StoreError> {
+        // Events before the state: after a crash between the two, applying
+        // the entries again writes the same events under the same keys.
+        self.history.save()?;
+        if u.entries == 0 && !u.reclaim.waiting() {
+            return Ok(());
+        }
+        let tree = self.tree();
+        let pinned = u.reclaim.pinned();
+        let mut arrivals = std::mem::take(&mut u.arrivals);
+        let mut batch = sled::Batch::default();
+        u.ids.sort_unstable();
+        u.ids.dedup();
+        for id in &u.ids {
+            match state.get(id) {
+                Some(m) => {
+                    batch.insert(&message_key(id), postcard::to_stdvec(m)?);
+                    let mut has_body = tree.contains_key(body_key(id))?;
+                    if has_body && !pinned && u.gone.contains(id) {
+                        // Removed and queued again: the stored body is the
+                        // earlier message's (a running builder may still
+                        // read it, so only when none runs).
+                        if let Some(v) = tree.get(body_key(id))? {
+                            arrivals.removed(decode_ref(&v)?);
+                        }
+                        has_body = false;
+                    }
+                    if let Some(Keep::Store(r)) = arrivals.keep(id, has_body) {
+                        batch.insert(&body_key(id), postcard::to_stdvec(&r)?);
+                    }
+                }
+                None => {
+                    batch.remove(&message_key(id));
+                    if pinned {
+                        u.reclaim.defer(*id);
+                    } else if let Some(v) = tree.get(body_key(id))? {
+                        batch.remove(&body_key(id));
+                        arrivals.removed(decode_ref(&v)?);
+                    }
+                }
+            }
+        }
+        if !pinned {
+            for id in u.reclaim.take_deferred() {
+                if state.get(&id).is_some() {
+                    continue;
+                }
+                if let Some(v) = tree.get(body_key(&id))? {
+                    batch.remove(&body_key(&id));
+                    arrivals.removed(decode_ref(&v)?);
+                }
+            }
+        }
+        u.sts.sort_unstable();
+        u.sts.dedup();
+        for domain in &u.sts {
+            match state.sts_policy(domain) {
+                Some(p) => batch.insert(sts_key(domain), postcard::to_stdvec(p)?),
+                None => batch.remove(sts_key(domain)),
+            }
+        }
+        batch.insert(KEY_HEADER, postcard::to_stdvec(&u.header)?);
+        arrivals.retain_stored(&self.bodies);
+        if arrivals.wrote() {
+            // Bodies this save names must be on disk before sled can be.
+            self.bodies.sync()?;
+        }
+        // The whole batch, with the applied log id, lands atomically.
+        tree.apply_batch(batch)?;
+        arrivals.release_dropped(&self.bodies);
+        u.ids.clear();
+        u.sts.clear();
+        u.gone.clear();
+        u.entries = 0;
+        if !pinned {
+            self.drop_stale_trees(&mut u.reclaim)?;
+        }
+        Ok(())
+    }
+
+    /// Save if enough is waiting (the saver thread's tick).
+    fn save_if_due(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.saver_paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        // The history needs no lock of the state's: saved early, its
+        // events are the same ones the state's save would write.
+        self.history.save()?;
+        let state = self.read_state();
+        let mut u = self.unsaved();
+        if u.failed.is_none() && u.due() {
+            self.save(&state, &mut u)?;
+        }
+        Ok(())
+    }
+
+    /// Drop state trees an installed snapshot replaced, releasing their bodies.
+    fn drop_stale_trees(&self, reclaim: &mut Reclaim) -> Result<(), StoreError> {
+        for name in reclaim.take_stale_trees() {
+            let old = self.db.open_tree(name.as_bytes())?;
+            for v in old.scan_prefix(b"b").values() {
+                self.bodies.release(&decode_ref(&v?)?);
+            }
+            self.db.drop_tree(name.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// Saves what applies left unsaved once it is due, so an idle store is
+/// saved too; ends with the store.
+fn spawn_saver(shared: Weak<Shared>) {
+    let r = std::thread::Builder::new()
+        .name("skein-sm-save".into())
+        .spawn(move || loop {
+            std::thread::sleep(SAVE_EVERY / 2);
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if let Err(e) = shared.save_if_due() {
+                tracing::error!(error = %e, "saving the queue state failed");
+            }
+        });
+    if let Err(e) = r {
+        // Applies and snapshots still save; only an idle tail waits.
+        tracing::warn!(error = %e, "could not start the state saver thread");
+    }
 }
 
 impl StateMachineStore {
@@ -109,10 +346,25 @@ impl StateMachineStore {
             tree: RwLock::new(tree),
             applied,
             pins: reclaim.pins(),
+            unsaved: Mutex::new(Unsaved {
+                header,
+                ids: Vec::new(),
+                sts: Vec::new(),
+                gone: HashSet::new(),
+                arrivals: Arrivals::default(),
+                entries: 0,
+                since: Instant::now(),
+                reclaim,
+                failed: None,
+            }),
+            db: db.clone(),
+            #[cfg(test)]
+            saver_paused: Default::default(),
             bodies: bodies.clone(),
             history: crate::History::open(&db)?,
             events: tokio::sync::broadcast::channel(4096).0,
         });
+        spawn_saver(Arc::downgrade(&shared));
         let store = StateMachineStore {
             db,
             meta,
@@ -121,36 +373,33 @@ impl StateMachineStore {
             bodies,
             shared: shared.clone(),
             gen,
-            header,
             snapshots,
-            reclaim,
         };
         Ok((store, shared))
     }
 
-    fn tree(&self) -> sled::Tree {
-        self.shared
-            .tree
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
+    /// Apply `entries` to the queue in memory; the state tree follows at the
+    /// next save (see [`Unsaved`]).
     fn apply_entries(
         &mut self,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<Vec<Response>, StoreError> {
+        let shared = self.shared.clone();
         let mut touched = Touched::default();
-        let mut arrivals = Arrivals::default();
         let mut responses = Vec::new();
-        let tree = self.tree();
-        let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = shared.write_state();
+        let mut u = shared.unsaved();
+        u.check()?;
         for entry in entries {
-            self.header.applied = Some(entry.log_id);
+            u.header.applied = Some(entry.log_id);
+            if u.entries == 0 {
+                u.since = Instant::now();
+            }
+            u.entries += 1;
             match entry.payload {
                 EntryPayload::Blank => responses.push(Response::Done),
                 EntryPayload::Normal(req) => {
-                    arrivals.collect(
+                    u.arrivals.collect(
                         &self.bodies,
                         &self.log,
                         &self.recent,
@@ -158,110 +407,82 @@ impl StateMachineStore {
                         &req,
                     )?;
                     let from = touched.events.len();
+                    let ids_from = touched.ids.len();
                     responses.push(state.apply(&req, &mut touched));
+                    for id in &touched.ids[ids_from..] {
+                        if state.get(id).is_none() {
+                            u.gone.insert(*id);
+                        }
+                    }
                     // Keyed by the entry: re-applying it after a crash
                     // writes the same events again, never twice.
-                    self.shared
+                    shared
                         .history
-                        .record(entry.log_id.index, &touched.events[from..])?;
+                        .record(entry.log_id.index, &touched.events[from..]);
                 }
                 EntryPayload::Membership(m) => {
-                    self.header.membership = StoredMembership::new(Some(entry.log_id), m);
+                    u.header.membership = StoredMembership::new(Some(entry.log_id), m);
                     responses.push(Response::Done);
                 }
             }
         }
-        self.header.cluster_time = state.cluster_time();
-
-        let pinned = self.reclaim.pinned();
-        let mut batch = sled::Batch::default();
-        touched.ids.sort_unstable();
-        touched.ids.dedup();
-        for id in &touched.ids {
-            match state.get(id) {
-                Some(m) => {
-                    batch.insert(&message_key(id), postcard::to_stdvec(m)?);
-                    let has_body = tree.contains_key(body_key(id))?;
-                    if let Some(Keep::Store(r)) = arrivals.keep(id, has_body) {
-                        batch.insert(&body_key(id), postcard::to_stdvec(&r)?);
-                    }
-                }
-                None => {
-                    batch.remove(&message_key(id));
-                    if pinned {
-                        self.reclaim.defer(*id);
-                    } else if let Some(v) = tree.get(body_key(id))? {
-                        batch.remove(&body_key(id));
-                        arrivals.removed(decode_ref(&v)?);
-                    }
-                }
-            }
+        u.header.cluster_time = state.cluster_time();
+        u.ids.append(&mut touched.ids);
+        u.sts.append(&mut touched.sts);
+        if u.due() {
+            shared.save(&state, &mut u)?;
         }
-        if !pinned {
-            for id in self.reclaim.take_deferred() {
-                if state.get(&id).is_some() {
-                    continue;
-                }
-                if let Some(v) = tree.get(body_key(&id))? {
-                    batch.remove(&body_key(&id));
-                    arrivals.removed(decode_ref(&v)?);
-                }
-            }
-        }
-        touched.sts.sort_unstable();
-        touched.sts.dedup();
-        for domain in &touched.sts {
-            match state.sts_policy(domain) {
-                Some(p) => batch.insert(sts_key(domain), postcard::to_stdvec(p)?),
-                None => batch.remove(sts_key(domain)),
-            }
-        }
-        batch.insert(KEY_HEADER, postcard::to_stdvec(&self.header)?);
-        arrivals.retain_stored(&self.bodies);
-        if arrivals.wrote() {
-            // Bodies this apply wrote must be on disk before sled can be.
-            self.bodies.sync()?;
-        }
-        // The whole batch, with the applied log id, lands atomically.
-        tree.apply_batch(batch)?;
+        let applied = u.header.applied;
+        drop(u);
         drop(state);
-        arrivals.release_dropped(&self.bodies);
         for e in touched.events {
             // Nobody listening is fine.
-            let _ = self.shared.events.send(e);
+            let _ = shared.events.send(e);
         }
-        if !pinned {
-            self.drop_stale_trees()?;
-        }
-        self.shared.applied.send_replace(self.header.applied);
+        shared.applied.send_replace(applied);
         Ok(responses)
-    }
-
-    /// Drop state trees an installed snapshot replaced, releasing their bodies.
-    fn drop_stale_trees(&mut self) -> Result<(), StoreError> {
-        for name in self.reclaim.take_stale_trees() {
-            let old = self.db.open_tree(name.as_bytes())?;
-            for v in old.scan_prefix(b"b").values() {
-                self.bodies.release(&decode_ref(&v?)?);
-            }
-            self.db.drop_tree(name.as_bytes())?;
-        }
-        Ok(())
     }
 
     /// Make an installed snapshot live in memory; `install_file` did the disk part.
     fn switch_to(&mut self, installed: Installed) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let mut state = shared.write_state();
+        let mut u = shared.unsaved();
+        // What was applied since the last save is older than the snapshot,
+        // which replaces it (the history of it is kept).
+        std::mem::take(&mut u.arrivals).release_dropped(&self.bodies);
+        u.ids.clear();
+        u.sts.clear();
+        u.gone.clear();
+        u.entries = 0;
         let old = tree_name(self.gen);
         self.gen = installed.gen;
-        self.header = installed.header;
-        self.reclaim.retire_tree(old);
-        *self.shared.tree.write().unwrap_or_else(|p| p.into_inner()) = installed.tree;
-        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = installed.state;
-        if !self.reclaim.pinned() {
-            self.drop_stale_trees()?;
+        u.header = installed.header;
+        u.reclaim.retire_tree(old);
+        *shared.tree.write().unwrap_or_else(|p| p.into_inner()) = installed.tree;
+        *state = installed.state;
+        if !u.reclaim.pinned() {
+            shared.drop_stale_trees(&mut u.reclaim)?;
         }
-        self.shared.applied.send_replace(self.header.applied);
+        let applied = u.header.applied;
+        drop(u);
+        drop(state);
+        shared.applied.send_replace(applied);
         Ok(())
+    }
+}
+
+impl Drop for StateMachineStore {
+    /// A store closed in order saves what it applied (a crash leaves that
+    /// to the log).
+    fn drop(&mut self) {
+        let state = self.shared.read_state();
+        let mut u = self.shared.unsaved();
+        if u.failed.is_none() {
+            if let Err(e) = self.shared.save(&state, &mut u) {
+                tracing::warn!(error = %e, "saving the queue state at close failed");
+            }
+        }
     }
 }
 
@@ -277,7 +498,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), SErr> {
-        Ok((self.header.applied, self.header.membership.clone()))
+        let u = self.shared.unsaved();
+        Ok((u.header.applied, u.header.membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SErr>
@@ -291,18 +513,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let state = self.shared.read_state();
+        let mut u = self.shared.unsaved();
+        // Saved first: the log is purged up to the snapshot once it is
+        // built, so the state tree must not need those entries again.
+        let failed = self
+            .shared
+            .save(&state, &mut u)
+            .err()
+            .map(|e| e.to_string());
         SnapshotBuilder {
-            state: self
-                .shared
-                .state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            header: self.header.clone(),
-            tree: self.tree(),
+            state: state.clone(),
+            header: u.header.clone(),
+            tree: self.shared.tree(),
             bodies: self.bodies.clone(),
             snapshots: self.snapshots.clone(),
-            pin: Some(self.reclaim.pin()),
+            pin: Some(u.reclaim.pin()),
+            failed,
         }
     }
 

@@ -775,3 +775,83 @@ async fn mta_sts_policies_survive_reopen_and_travel_in_snapshots() {
         100
     );
 }
+
+/// Copy a data directory as a crash would leave it: whatever the files
+/// hold now, taken while the store is still open.
+fn crash_image(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            crash_image(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Applies are saved to the state tree in batches, not one by one: a crash
+/// before the save loses nothing, because the log (durable before anything
+/// is applied) holds every entry since, and applying them again makes the
+/// same queue, the same bodies and the same history.
+#[tokio::test(flavor = "multi_thread")]
+async fn applies_not_yet_saved_come_back_from_the_log_after_a_crash() {
+    let (dir, copy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = open(dir.path()).unwrap();
+    let first: Vec<Entry> = (1..=4)
+        .map(|i| entry(i, enqueue_body(i as u128, body_of(2000, i as u128))))
+        .collect();
+    append(&mut a.log, first.clone()).await;
+    a.state_machine.apply(first).await.unwrap();
+    // A save, as before every snapshot: the tree now holds entries 1–4.
+    a.reader.flush().unwrap();
+    a.reader
+        .shared
+        .saver_paused
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut rest = vec![entry(5, deliver(1))];
+    rest.extend((6..=9).map(|i| entry(i, enqueue_body(i as u128, body_of(3000, i as u128)))));
+    rest.push(entry(10, deliver(6)));
+    append(&mut a.log, rest.clone()).await;
+    a.state_machine.apply(rest.clone()).await.unwrap();
+    let want = a.reader.read().clone();
+    assert_eq!(want.len(), 6);
+    crash_image(dir.path(), copy.path());
+
+    let mut b = open(copy.path()).unwrap();
+    let (applied, _) = b.state_machine.applied_state().await.unwrap();
+    assert_eq!(
+        applied,
+        Some(log_id(4)),
+        "the crash image holds the state as of the last save"
+    );
+    assert_eq!(b.reader.read().len(), 4);
+    // What openraft does on start: apply the log from there on.
+    let again = b.log.try_get_log_entries(5..11).await.unwrap();
+    assert_eq!(again, rest);
+    b.state_machine.apply(again).await.unwrap();
+    assert_eq!(*b.reader.read(), want);
+    for m in want.messages() {
+        let n = m.id.0;
+        let len = if n <= 4 { 2000 } else { 3000 };
+        assert_eq!(b.reader.body(&m.id).unwrap().unwrap(), body_of(len, n));
+    }
+    assert_eq!(b.reader.body(&MessageId(1)).unwrap(), None);
+    let names = |s: &Stores, id| -> Vec<&'static str> {
+        s.reader
+            .history()
+            .events(&MessageId(id))
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect()
+    };
+    assert_eq!(names(&b, 6), ["accepted", "attempt", "delivered"]);
+    assert_eq!(names(&b, 6), names(&a, 6));
+    // And it all stays once saved and reopened.
+    drop(b);
+    let b = open(copy.path()).unwrap();
+    assert_eq!(*b.reader.read(), want);
+    assert_eq!(names(&b, 1), names(&a, 1));
+}

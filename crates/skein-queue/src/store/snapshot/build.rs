@@ -27,6 +27,8 @@ pub struct SnapshotBuilder {
     pub(crate) bodies: Arc<Bodies>,
     pub(crate) snapshots: Arc<SnapshotFiles>,
     pub(crate) pin: Option<Pin>,
+    /// Saving the state before the build failed: the build fails too.
+    pub(crate) failed: Option<String>,
 }
 
 pub(crate) fn build_file(
@@ -85,6 +87,9 @@ pub(crate) fn write_queue<W: std::io::Write>(
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        if let Some(e) = &self.failed {
+            return Err(snap_err(std::io::Error::other(e.clone())));
+        }
         let state = std::mem::take(&mut self.state);
         let header = self.header.clone();
         let tree = self.tree.clone();
