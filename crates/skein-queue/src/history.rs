@@ -107,42 +107,80 @@ pub fn client_of(body: &[u8]) -> Option<String> {
     (ok(helo) && ok(ip)).then(|| format!("{helo} [{ip}]"))
 }
 
-/// Where events live: one sled tree, keyed by message id, then the log
-/// index and position of the entry that made them, so a message's events
-/// read in order and re-applying an entry writes the same keys again.
+/// Where an event stands in the log: the index of the entry that made it
+/// and its place among that entry's events. Events read in this order, and
+/// an entry applied again makes the same positions.
+type Pos = (u64, u32);
+
+/// Where events live: one sled tree, keyed by message id. Each save writes
+/// one record per message: key id + the log index of its first event in the
+/// save (24 bytes), value the message's events of the save with their
+/// positions. Stores before that wrote one record per event, keyed id + log
+/// index + place (28 bytes); both are read and pruned. An entry applied
+/// again after a crash may land in a record of another save: reads keep one
+/// event per position.
 ///
-/// Events are recorded in memory as entries are applied and written to the
-/// tree when the state machine saves (see `store::sm`), in one batch before
-/// the state's own: a crash before that loses none, because the entries
-/// that made them are applied again from the log and make the same keys.
+/// Events are recorded in memory as entries are applied and written when
+/// the state machine saves (see `store::sm`), before the state's own batch:
+/// a crash before that loses none, because the entries that made them are
+/// applied again from the log.
 #[derive(Clone)]
 pub struct History {
     tree: sled::Tree,
-    unsaved: Arc<Mutex<BTreeMap<[u8; KEY_LEN], Event>>>,
+    mem: Arc<Mutex<Unsaved>>,
+    /// One save at a time.
+    saving: Arc<Mutex<()>>,
 }
 
-const KEY_LEN: usize = 28;
+#[derive(Default)]
+struct Unsaved {
+    /// Recorded since the last save began.
+    recorded: BTreeMap<(u128, u64, u32), Event>,
+    /// Being written by the save under way (readers still see them).
+    writing: Arc<BTreeMap<(u128, u64, u32), Event>>,
+}
+
+const RECORD_KEY_LEN: usize = 24;
+const EVENT_KEY_LEN: usize = 28;
 
 pub(crate) const HISTORY_TREE: &str = "history";
+
+fn record_key(id: u128, index: u64) -> [u8; RECORD_KEY_LEN] {
+    let mut k = [0u8; RECORD_KEY_LEN];
+    k[..16].copy_from_slice(&id.to_be_bytes());
+    k[16..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The events of one stored record, either form, with their positions.
+fn decode(k: &[u8], v: &[u8]) -> Result<Vec<(Pos, Event)>, crate::StoreError> {
+    match k.len() {
+        RECORD_KEY_LEN => {
+            let events: Vec<(u64, u32, Event)> = postcard::from_bytes(v)?;
+            Ok(events.into_iter().map(|(i, n, e)| ((i, n), e)).collect())
+        }
+        EVENT_KEY_LEN => {
+            let index = u64::from_be_bytes(k[16..24].try_into().expect("8 bytes"));
+            let n = u32::from_be_bytes(k[24..].try_into().expect("4 bytes"));
+            Ok(vec![((index, n), postcard::from_bytes(v)?)])
+        }
+        len => Err(crate::StoreError::Corrupt(format!(
+            "history key of {len} bytes"
+        ))),
+    }
+}
 
 impl History {
     pub(crate) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         Ok(History {
             tree: db.open_tree(HISTORY_TREE)?,
-            unsaved: Arc::default(),
+            mem: Arc::default(),
+            saving: Arc::default(),
         })
     }
 
-    fn unsaved(&self) -> MutexGuard<'_, BTreeMap<[u8; KEY_LEN], Event>> {
-        self.unsaved.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn key(id: &MessageId, index: u64, n: u32) -> [u8; KEY_LEN] {
-        let mut k = [0u8; KEY_LEN];
-        k[..16].copy_from_slice(&id.0.to_be_bytes());
-        k[16..24].copy_from_slice(&index.to_be_bytes());
-        k[24..].copy_from_slice(&n.to_be_bytes());
-        k
+    fn mem(&self) -> MutexGuard<'_, Unsaved> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Record the events of the entry at log `index`, in order (in memory
@@ -151,77 +189,127 @@ impl History {
         if events.is_empty() {
             return;
         }
-        let mut unsaved = self.unsaved();
+        let mut mem = self.mem();
         for (n, (id, e)) in events.iter().enumerate() {
-            unsaved.insert(Self::key(id, index, n as u32), e.clone());
+            mem.recorded.insert((id.0, index, n as u32), e.clone());
         }
     }
 
-    /// Write the events recorded since the last save, in one batch.
+    /// Write the events recorded since the last save: one record per
+    /// message. Recording goes on meanwhile (the writes hold no lock the
+    /// apply waits for); the records need no batch, as each stands alone.
     pub(crate) fn save(&self) -> Result<(), crate::StoreError> {
-        let mut unsaved = self.unsaved();
-        if unsaved.is_empty() {
-            return Ok(());
+        let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let writing = {
+            let mut mem = self.mem();
+            if mem.recorded.is_empty() {
+                return Ok(());
+            }
+            let taken = std::mem::take(&mut mem.recorded);
+            mem.writing = Arc::new(taken);
+            mem.writing.clone()
+        };
+        let r = self.write(&writing);
+        let mut mem = self.mem();
+        if r.is_err() {
+            // Kept for the next save; newer ones win a clash.
+            for (k, e) in writing.iter() {
+                mem.recorded.entry(*k).or_insert_with(|| e.clone());
+            }
         }
-        let mut batch = sled::Batch::default();
-        for (k, e) in unsaved.iter() {
-            batch.insert(&k[..], postcard::to_stdvec(e)?);
+        mem.writing = Arc::default();
+        r
+    }
+
+    fn write(&self, events: &BTreeMap<(u128, u64, u32), Event>) -> Result<(), crate::StoreError> {
+        let mut group: Vec<(u64, u32, &Event)> = Vec::new();
+        let mut it = events.iter().peekable();
+        while let Some(((id, index, n), e)) = it.next() {
+            group.push((*index, *n, e));
+            if it.peek().is_none_or(|((next, _, _), _)| next != id) {
+                let first = group[0].0;
+                self.tree
+                    .insert(record_key(*id, first), postcard::to_stdvec(&group)?)?;
+                group.clear();
+            }
         }
-        self.tree.apply_batch(batch)?;
-        unsaved.clear();
         Ok(())
     }
 
     /// The events recorded about `id`, oldest first.
     pub fn events(&self, id: &MessageId) -> Result<Vec<Event>, crate::StoreError> {
-        let prefix = id.0.to_be_bytes();
+        let range = (id.0, 0, 0)..=(id.0, u64::MAX, u32::MAX);
         // Taken first: a save running meanwhile moves events from memory to
         // the tree, never out of sight of both reads.
-        let mut all: BTreeMap<[u8; KEY_LEN], Event> = {
-            let unsaved = self.unsaved();
-            let mut lo = [0u8; KEY_LEN];
-            lo[..16].copy_from_slice(&prefix);
-            let mut hi = [0xffu8; KEY_LEN];
-            hi[..16].copy_from_slice(&prefix);
-            unsaved
-                .range(lo..=hi)
-                .map(|(k, e)| (*k, e.clone()))
+        let mut all: BTreeMap<Pos, Event> = {
+            let mem = self.mem();
+            let pick = |m: &BTreeMap<(u128, u64, u32), Event>| {
+                m.range(range.clone())
+                    .map(|((_, i, n), e)| ((*i, *n), e.clone()))
+                    .collect::<Vec<_>>()
+            };
+            pick(&mem.writing)
+                .into_iter()
+                .chain(pick(&mem.recorded))
                 .collect()
         };
-        for kv in self.tree.scan_prefix(prefix) {
+        for kv in self.tree.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = kv?;
-            let k: [u8; KEY_LEN] = k
-                .as_ref()
-                .try_into()
-                .map_err(|_| crate::StoreError::Corrupt("history key".into()))?;
-            if let std::collections::btree_map::Entry::Vacant(slot) = all.entry(k) {
-                slot.insert(postcard::from_bytes(&v)?);
+            for (pos, e) in decode(&k, &v)? {
+                all.entry(pos).or_insert(e);
             }
         }
         Ok(all.into_values().collect())
     }
 
-    /// Forget events older than `keep_since`, then the oldest beyond `max`.
-    /// Returns how many are left. Walks the whole history: run it rarely.
+    /// Forget events older than `keep_since`, then the oldest records
+    /// beyond `max` events. Returns how many events are left. Walks the
+    /// whole history: run it rarely.
     pub fn prune(&self, keep_since: Millis, max: usize) -> Result<usize, crate::StoreError> {
-        let mut kept: Vec<(Millis, sled::IVec)> = Vec::new();
+        // Per record: its newest event, its count, its key.
+        let mut kept: Vec<(Millis, usize, sled::IVec)> = Vec::new();
         for kv in self.tree.iter() {
             let (k, v) = kv?;
-            let at = postcard::from_bytes::<Event>(&v).map(|e| e.at).unwrap_or(0);
-            if at < keep_since {
+            let Ok(events) = decode(&k, &v) else {
                 self.tree.remove(&k)?;
+                continue;
+            };
+            let total = events.len();
+            let young: Vec<_> = events
+                .into_iter()
+                .filter(|(_, e)| e.at >= keep_since)
+                .collect();
+            let Some(newest) = young.iter().map(|(_, e)| e.at).max() else {
+                self.tree.remove(&k)?;
+                continue;
+            };
+            if young.len() < total {
+                let rest: Vec<(u64, u32, &Event)> =
+                    young.iter().map(|((i, n), e)| (*i, *n, e)).collect();
+                let first = rest[0].0;
+                let id = u128::from_be_bytes(k[..16].try_into().expect("16 bytes"));
+                let key = record_key(id, first);
+                self.tree.insert(key, postcard::to_stdvec(&rest)?)?;
+                if k.as_ref() != key {
+                    self.tree.remove(&k)?;
+                }
+                kept.push((newest, young.len(), sled::IVec::from(&key[..])));
             } else {
-                kept.push((at, k));
+                kept.push((newest, total, k));
             }
         }
-        if kept.len() > max {
-            kept.sort_unstable_by_key(|(at, _)| *at);
-            let excess = kept.len() - max;
-            for (_, k) in kept.drain(..excess) {
+        let mut left: usize = kept.iter().map(|(_, n, _)| n).sum();
+        if left > max {
+            kept.sort_unstable_by_key(|(at, _, _)| *at);
+            for (_, n, k) in kept {
+                if left <= max {
+                    break;
+                }
                 self.tree.remove(k)?;
+                left -= n;
             }
         }
-        Ok(kept.len())
+        Ok(left)
     }
 }
 
@@ -281,5 +369,73 @@ mod tests {
         assert_eq!(h.prune(0, 1).unwrap(), 1);
         assert_eq!(h.events(&a).unwrap()[0].kind, EventKind::Deleted);
         assert!(h.events(&b).unwrap().is_empty());
+    }
+
+    /// After a crash the entries since the state's last save are applied
+    /// again, and their events may be saved in other records than the
+    /// first time: a position is read once, however many records hold it.
+    #[test]
+    fn events_applied_again_in_another_save_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let h = History::open(&db).unwrap();
+        let ev = |at, kind| Event {
+            at,
+            node: Some(1),
+            kind,
+        };
+        let a = MessageId(7);
+        h.record(5, &[(a, ev(10, EventKind::Held))]);
+        h.record(6, &[(a, ev(11, EventKind::Released))]);
+        h.record(7, &[(a, ev(12, EventKind::Deleted))]);
+        h.save().unwrap();
+        assert_eq!(h.tree.len(), 1, "one record per message and save");
+        // The state was saved as of entry 5: 6 and 7 come again, in two saves.
+        h.record(6, &[(a, ev(11, EventKind::Released))]);
+        h.save().unwrap();
+        h.record(7, &[(a, ev(12, EventKind::Deleted))]);
+        h.save().unwrap();
+        let names: Vec<_> = h
+            .events(&a)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect();
+        assert_eq!(names, ["held", "released", "deleted"]);
+        // Pruning counts events as stored: the three records hold five.
+        assert_eq!(h.prune(0, 10).unwrap(), 5);
+        assert_eq!(h.events(&a).unwrap().len(), 3);
+    }
+
+    /// Events stored one per record by earlier versions are read beside
+    /// the newer records, in order, and pruned the same way.
+    #[test]
+    fn events_stored_one_per_record_still_read_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let h = History::open(&db).unwrap();
+        let ev = |at, kind| Event {
+            at,
+            node: None,
+            kind,
+        };
+        let a = MessageId(9);
+        let mut old = [0u8; EVENT_KEY_LEN];
+        old[..16].copy_from_slice(&a.0.to_be_bytes());
+        old[16..24].copy_from_slice(&3u64.to_be_bytes());
+        h.tree
+            .insert(old, postcard::to_stdvec(&ev(5, EventKind::Held)).unwrap())
+            .unwrap();
+        h.record(8, &[(a, ev(30, EventKind::Released))]);
+        h.save().unwrap();
+        let names: Vec<_> = h
+            .events(&a)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect();
+        assert_eq!(names, ["held", "released"]);
+        assert_eq!(h.prune(10, 100).unwrap(), 1);
+        assert_eq!(h.events(&a).unwrap()[0].kind, EventKind::Released);
     }
 }
