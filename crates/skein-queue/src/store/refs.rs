@@ -133,7 +133,8 @@ impl Arrivals {
         self.release.push(r);
     }
 
-    /// Whether bodies were written, so segments must be synced before sled.
+    /// Whether bodies were written here (entries not in the log), which no
+    /// replay can write again: the store saves at once.
     pub(crate) fn wrote(&self) -> bool {
         self.wrote
     }

@@ -222,10 +222,12 @@ impl Shared {
         }
         batch.insert(KEY_HEADER, postcard::to_stdvec(&u.header)?);
         arrivals.retain_stored(&self.bodies);
-        if arrivals.wrote() {
-            // Bodies this save names must be on disk before sled can be.
-            self.bodies.sync()?;
-        }
+        // Bodies this save names must be on disk before sled can be: those
+        // written for tools' entries, and those of log entries a follower
+        // applied before its own flush of them (openraft applies what the
+        // leader committed). Usually the log's flush synced them already,
+        // and this costs nothing.
+        self.bodies.sync()?;
         // The whole batch, with the applied log id, lands atomically.
         tree.apply_batch(batch)?;
         arrivals.release_dropped(&self.bodies);
