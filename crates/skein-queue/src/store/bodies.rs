@@ -49,6 +49,9 @@ pub struct Bodies {
     /// Readers hold it from looking a reference up in sled until they have
     /// read the bytes; unlinking waits for them (see [`Bodies::guard`]).
     gc: RwLock<()>,
+    /// One sync at a time: a second caller waits for the one under way, so
+    /// no caller returns while segments it wrote are still being synced.
+    syncing: Mutex<()>,
     /// Held for the life of this value: one owner of the directory at a time.
     _lock: File,
 }
@@ -166,6 +169,7 @@ impl Bodies {
                 counted: false,
             }),
             gc: RwLock::new(()),
+            syncing: Mutex::new(()),
             _lock: lock,
         };
         // New bodies always go to a fresh segment: the end of the old one may
@@ -296,6 +300,7 @@ impl Bodies {
 
     /// Make every appended body durable. Call before each sled flush.
     pub fn sync(&self) -> Result<(), StoreError> {
+        let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let (files, dir_dirty) = {
             let mut inner = self.lock();
             let dirty = std::mem::take(&mut inner.dirty);
