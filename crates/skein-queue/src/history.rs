@@ -327,16 +327,32 @@ mod tests {
         assert_eq!(client_of(b"Received: from a b ([x])\r\n"), None);
     }
 
-    #[test]
-    fn events_read_back_in_order_and_are_pruned_by_age_then_count() {
+    fn history() -> (tempfile::TempDir, History) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let h = History::open(&db).unwrap();
-        let ev = |at, kind| Event {
+        (dir, h)
+    }
+
+    fn ev(at: Millis, kind: EventKind) -> Event {
+        Event {
             at,
             node: Some(1),
             kind,
-        };
+        }
+    }
+
+    fn names(h: &History, id: MessageId) -> Vec<&'static str> {
+        h.events(&id)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect()
+    }
+
+    #[test]
+    fn events_read_back_in_order_and_are_pruned_by_age_then_count() {
+        let (_dir, h) = history();
         let a = MessageId(7);
         let b = MessageId(8);
         h.record(
@@ -356,13 +372,7 @@ mod tests {
         h.record(6, &[(a, ev(20, EventKind::Deleted))]);
         assert_eq!(h.events(&a).unwrap().len(), 3);
         h.save().unwrap();
-        let names: Vec<_> = h
-            .events(&a)
-            .unwrap()
-            .iter()
-            .map(|e| e.kind.name())
-            .collect();
-        assert_eq!(names, ["held", "released", "deleted"]);
+        assert_eq!(names(&h, a), ["held", "released", "deleted"]);
         assert_eq!(h.events(&b).unwrap().len(), 1);
         assert_eq!(h.prune(11, 100).unwrap(), 3);
         assert_eq!(h.events(&a).unwrap().len(), 2);
@@ -376,14 +386,7 @@ mod tests {
     /// first time: a position is read once, however many records hold it.
     #[test]
     fn events_applied_again_in_another_save_read_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let h = History::open(&db).unwrap();
-        let ev = |at, kind| Event {
-            at,
-            node: Some(1),
-            kind,
-        };
+        let (_dir, h) = history();
         let a = MessageId(7);
         h.record(5, &[(a, ev(10, EventKind::Held))]);
         h.record(6, &[(a, ev(11, EventKind::Released))]);
@@ -395,13 +398,7 @@ mod tests {
         h.save().unwrap();
         h.record(7, &[(a, ev(12, EventKind::Deleted))]);
         h.save().unwrap();
-        let names: Vec<_> = h
-            .events(&a)
-            .unwrap()
-            .iter()
-            .map(|e| e.kind.name())
-            .collect();
-        assert_eq!(names, ["held", "released", "deleted"]);
+        assert_eq!(names(&h, a), ["held", "released", "deleted"]);
         // Pruning counts events as stored: the three records hold five.
         assert_eq!(h.prune(0, 10).unwrap(), 5);
         assert_eq!(h.events(&a).unwrap().len(), 3);
@@ -411,14 +408,7 @@ mod tests {
     /// the newer records, in order, and pruned the same way.
     #[test]
     fn events_stored_one_per_record_still_read_and_prune() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let h = History::open(&db).unwrap();
-        let ev = |at, kind| Event {
-            at,
-            node: None,
-            kind,
-        };
+        let (_dir, h) = history();
         let a = MessageId(9);
         let mut old = [0u8; EVENT_KEY_LEN];
         old[..16].copy_from_slice(&a.0.to_be_bytes());
