@@ -42,11 +42,14 @@ pub struct StateMachineStore {
     snapshots: Arc<SnapshotFiles>,
 }
 
-/// The state is saved when the oldest unsaved apply is this old (by the
-/// saver thread, off the apply path)... Measured with `skein-bench`: 20,
-/// 50, 100, 200 and 1000 ms all beat saving every apply; 1000 ms doubled
-/// the p99 (a long batch holds sled's write lock, and the log waits), and
-/// 100 ms was the best of the rest (docs/performance.md).
+/// The state is saved when the oldest unsaved apply is this old: by the
+/// next apply, or by the saver thread when none comes... Measured with
+/// `skein-bench`: 20, 50, 100, 200 and 1000 ms all beat saving every apply;
+/// 1000 ms doubled the p99 (a long batch holds sled's write lock, and the
+/// log waits), and 100 ms was the best of the rest. Leaving every save to
+/// the saver thread was no faster and raised the worst latency (an apply
+/// then waits for a thread the scheduler may hold off while it has the
+/// lock). See docs/performance.md.
 const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// ...or this many entries or messages have changed since the last save.
 const SAVE_AFTER: usize = 4096;
