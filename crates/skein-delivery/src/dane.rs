@@ -65,6 +65,16 @@ pub(crate) struct Tlsa {
 }
 
 impl Tlsa {
+    /// The record in presentation format (`3 1 1 0123...`), as TLS reports
+    /// name the policy applied (RFC 8460 §4.4).
+    pub(crate) fn presentation(&self) -> String {
+        let mut out = format!("{} {} {} ", self.usage, self.selector, self.matching);
+        for b in &self.data {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+
     /// The record if RFC 7672 lets SMTP use it.
     fn usable(usage: u8, selector: u8, matching: u8, data: &[u8]) -> Option<Tlsa> {
         let ok = matches!(usage, 2 | 3) && matches!(selector, 0 | 1) && matches!(matching, 0..=2);

@@ -297,7 +297,7 @@ impl Deliverer {
                 };
                 if let HostDane::Unusable(reason) = &host_dane {
                     tracing::info!(host = %host.name, reason = %Escaped(reason), "skipping host");
-                    self.observe_dane(&job.domain, "dnssec-invalid", &host.name);
+                    self.observe_dane(&job.domain, "dnssec-invalid", &host.name, &HostDane::None);
                     last = reason.clone();
                     continue;
                 }
@@ -353,9 +353,13 @@ impl Deliverer {
         }
     }
 
-    fn observe_dane(&self, domain: &str, result: &'static str, mx: &str) {
+    fn observe_dane(&self, domain: &str, result: &'static str, mx: &str, host: &HostDane) {
         if let Some(o) = &self.inner.observer {
-            o.dane(domain, result, mx);
+            let tlsa: Vec<String> = match host {
+                HostDane::Verify(records, _) => records.iter().map(|r| r.presentation()).collect(),
+                _ => Vec::new(),
+            };
+            o.dane(domain, result, mx, &tlsa);
         }
     }
 
@@ -445,7 +449,7 @@ impl Deliverer {
             match open(tcp, &dial).await {
                 Ok(conn) => {
                     if dane.is_some() {
-                        self.observe_dane(&job.domain, "success", host);
+                        self.observe_dane(&job.domain, "success", host, host_dane);
                     } else if let (Some(mode), Some(sts), TlsPolicy::Verify) =
                         (sts_mode, &self.inner.sts, policy)
                     {
@@ -459,7 +463,7 @@ impl Deliverer {
                         "validation-failure" => "tlsa-invalid",
                         other => other,
                     };
-                    self.observe_dane(&job.domain, result, host);
+                    self.observe_dane(&job.domain, result, host, host_dane);
                     let code = if reason.starts_with(|c: char| c.is_ascii_digit()) {
                         ""
                     } else {

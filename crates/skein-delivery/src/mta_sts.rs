@@ -212,8 +212,9 @@ pub trait StsObserver: Send + Sync {
     /// A session (or a host skipped) under DANE (RFC 7672). `result`:
     /// `success`, `tlsa-invalid` (no TLSA record matched the certificate),
     /// `starttls-not-supported`, `dnssec-invalid` (the TLSA records could
-    /// not be looked up and proven).
-    fn dane(&self, _domain: &str, _result: &'static str, _mx: &str) {}
+    /// not be looked up and proven). `tlsa`: the MX host's usable TLSA
+    /// records in presentation format, empty when none were had.
+    fn dane(&self, _domain: &str, _result: &'static str, _mx: &str, _tlsa: &[String]) {}
 }
 
 /// One fetch of a domain's policy under one id, shared by every delivery

@@ -31,15 +31,17 @@ fn job(domain: &str) -> Job {
     }
 }
 
-/// Results of DANE sessions, as the node's metrics would count them.
+/// Results of DANE sessions, as the node's metrics would count them, and
+/// the TLSA records each named (for TLS reports).
 #[derive(Default)]
-struct Seen(Mutex<Vec<&'static str>>);
+struct Seen(Mutex<Vec<&'static str>>, Mutex<Vec<Vec<String>>>);
 
 impl StsObserver for Seen {
     fn session(&self, _: &str, _: Mode, _: &'static str, _: &str) {}
 
-    fn dane(&self, _domain: &str, result: &'static str, _mx: &str) {
+    fn dane(&self, _domain: &str, result: &'static str, _mx: &str, tlsa: &[String]) {
         self.0.lock().unwrap().push(result);
+        self.1.lock().unwrap().push(tlsa.to_vec());
     }
 }
 
@@ -119,6 +121,11 @@ async fn a_matching_dane_ee_record_delivers_over_tls() {
     );
     assert_eq!(sink.messages().len(), 1);
     assert_eq!(*s.seen.0.lock().unwrap(), ["success"]);
+    let hex: String = spki_sha256(&cert)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(*s.seen.1.lock().unwrap(), [vec![format!("3 1 1 {hex}")]]);
 }
 
 #[tokio::test]

@@ -121,7 +121,8 @@ impl skein_delivery::mta_sts::StsObserver for StsSessions {
             .inc();
     }
 
-    fn dane(&self, domain: &str, result: &'static str, _mx: &str) {
+    fn dane(&self, domain: &str, result: &'static str, mx: &str, tlsa: &[String]) {
+        self.reports.record_dane(domain, result, mx, tlsa);
         self.metrics
             .dane_sessions
             .get_or_create(&DaneLabel {

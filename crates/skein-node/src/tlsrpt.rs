@@ -7,7 +7,7 @@
 //! cluster (null sender, so it never bounces back here): gzipped JSON in a
 //! `multipart/report; report-type="tlsrpt"` message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,12 +28,45 @@ use crate::smtp::Acceptor;
 const MAX_DOMAINS: usize = 10_000;
 /// Distinct (result, MX host) failure lines kept per domain.
 const MAX_FAILURE_LINES: usize = 100;
+/// MX hosts with a DANE policy kept per domain, and TLSA records per host.
+const MAX_TLSA_HOSTS: usize = 20;
+const MAX_TLSA_LINES: usize = 16;
 
+/// Sessions under one policy: how many succeeded, and the failures by
+/// result and MX host.
 #[derive(Default)]
-struct DomainStats {
-    mode: &'static str,
+struct Counts {
     success: u64,
     failures: BTreeMap<(&'static str, String), u64>,
+}
+
+impl Counts {
+    fn add(&mut self, result: &'static str, mx: &str) {
+        if result == "success" {
+            self.success += 1;
+        } else if self.failures.len() < MAX_FAILURE_LINES
+            || self.failures.contains_key(&(result, mx.to_string()))
+        {
+            *self.failures.entry((result, mx.to_string())).or_default() += 1;
+        }
+    }
+}
+
+/// One MX host's DANE sessions and the TLSA records they went by.
+#[derive(Default)]
+struct TlsaStats {
+    records: BTreeSet<String>,
+    counts: Counts,
+}
+
+/// A domain's sessions in one period: under its MTA-STS policy, and under
+/// DANE per MX host (RFC 8460 reports each as a policy of its own).
+#[derive(Default)]
+struct DomainStats {
+    /// The MTA-STS mode, when any session went by the domain's policy.
+    mode: Option<&'static str>,
+    sts: Counts,
+    tlsa: BTreeMap<String, TlsaStats>,
 }
 
 struct Period {
@@ -58,20 +91,39 @@ impl Default for TlsReports {
 }
 
 impl TlsReports {
-    pub fn record(&self, domain: &str, mode: Mode, result: &'static str, mx: &str) {
+    /// The statistics of `domain` this period, unless the period already
+    /// keeps as many domains as it may.
+    fn with_domain(&self, domain: &str, f: impl FnOnce(&mut DomainStats)) {
         let mut p = self.period.lock().unwrap_or_else(|e| e.into_inner());
         if p.domains.len() >= MAX_DOMAINS && !p.domains.contains_key(domain) {
             return;
         }
-        let d = p.domains.entry(domain.to_string()).or_default();
-        d.mode = mode.as_str();
-        if result == "success" {
-            d.success += 1;
-        } else if d.failures.len() < MAX_FAILURE_LINES
-            || d.failures.contains_key(&(result, mx.to_string()))
-        {
-            *d.failures.entry((result, mx.to_string())).or_default() += 1;
-        }
+        f(p.domains.entry(domain.to_string()).or_default());
+    }
+
+    /// A session under the domain's MTA-STS policy.
+    pub fn record(&self, domain: &str, mode: Mode, result: &'static str, mx: &str) {
+        self.with_domain(domain, |d| {
+            d.mode = Some(mode.as_str());
+            d.sts.add(result, mx);
+        });
+    }
+
+    /// A session with (or a skip of) MX host `mx` under DANE, which went by
+    /// the TLSA records `tlsa` (empty when they could not be had).
+    pub fn record_dane(&self, domain: &str, result: &'static str, mx: &str, tlsa: &[String]) {
+        self.with_domain(domain, |d| {
+            if d.tlsa.len() >= MAX_TLSA_HOSTS && !d.tlsa.contains_key(mx) {
+                return;
+            }
+            let host = d.tlsa.entry(mx.to_string()).or_default();
+            for r in tlsa {
+                if host.records.len() < MAX_TLSA_LINES {
+                    host.records.insert(r.clone());
+                }
+            }
+            host.counts.add(result, mx);
+        });
     }
 
     fn take(&self) -> (DateTime<Utc>, DateTime<Utc>, BTreeMap<String, DomainStats>) {
@@ -104,26 +156,9 @@ fn mailto_rua(records: &[String]) -> Vec<Mailbox> {
         .collect()
 }
 
-/// The report (RFC 8460 4.4) for one domain.
-fn report_json(
-    submitter: &str,
-    report_id: &str,
-    (start, end): (DateTime<Utc>, DateTime<Utc>),
-    domain: &str,
-    stats: &DomainStats,
-    policy: Option<&skein_delivery::mta_sts::Policy>,
-) -> serde_json::Value {
-    let mut lines = vec![
-        "version: STSv1".to_string(),
-        format!("mode: {}", stats.mode),
-    ];
-    let mut mx = Vec::new();
-    if let Some(p) = policy {
-        lines.extend(p.mx.iter().map(|m| format!("mx: {m}")));
-        lines.push(format!("max_age: {}", p.max_age));
-        mx = p.mx.clone();
-    }
-    let failures: Vec<serde_json::Value> = stats
+/// One policy's summary and failure details (RFC 8460 §4.4).
+fn policy_json(policy: serde_json::Value, counts: &Counts) -> serde_json::Value {
+    let failures: Vec<serde_json::Value> = counts
         .failures
         .iter()
         .map(|((result, host), n)| {
@@ -137,7 +172,57 @@ fn report_json(
             f
         })
         .collect();
-    let failed: u64 = stats.failures.values().sum();
+    let failed: u64 = counts.failures.values().sum();
+    serde_json::json!({
+        "policy": policy,
+        "summary": {
+            "total-successful-session-count": counts.success,
+            "total-failure-session-count": failed,
+        },
+        "failure-details": failures,
+    })
+}
+
+/// The report (RFC 8460 4.4) for one domain: its MTA-STS policy, if any
+/// session went by it, and a `tlsa` policy for each MX host DANE applied to.
+fn report_json(
+    submitter: &str,
+    report_id: &str,
+    (start, end): (DateTime<Utc>, DateTime<Utc>),
+    domain: &str,
+    stats: &DomainStats,
+    policy: Option<&skein_delivery::mta_sts::Policy>,
+) -> serde_json::Value {
+    let mut policies = Vec::new();
+    if let Some(mode) = stats.mode {
+        let mut lines = vec!["version: STSv1".to_string(), format!("mode: {mode}")];
+        let mut mx = Vec::new();
+        if let Some(p) = policy {
+            lines.extend(p.mx.iter().map(|m| format!("mx: {m}")));
+            lines.push(format!("max_age: {}", p.max_age));
+            mx = p.mx.clone();
+        }
+        policies.push(policy_json(
+            serde_json::json!({
+                "policy-type": "sts",
+                "policy-string": lines,
+                "policy-domain": domain,
+                "mx-host": mx,
+            }),
+            &stats.sts,
+        ));
+    }
+    for (host, t) in &stats.tlsa {
+        policies.push(policy_json(
+            serde_json::json!({
+                "policy-type": "tlsa",
+                "policy-string": t.records.iter().collect::<Vec<_>>(),
+                "policy-domain": domain,
+                "mx-host": [host],
+            }),
+            &t.counts,
+        ));
+    }
     serde_json::json!({
         "organization-name": submitter,
         "date-range": {
@@ -146,19 +231,7 @@ fn report_json(
         },
         "contact-info": format!("postmaster@{submitter}"),
         "report-id": report_id,
-        "policies": [{
-            "policy": {
-                "policy-type": "sts",
-                "policy-string": lines,
-                "policy-domain": domain,
-                "mx-host": mx,
-            },
-            "summary": {
-                "total-successful-session-count": stats.success,
-                "total-failure-session-count": failed,
-            },
-            "failure-details": failures,
-        }],
+        "policies": policies,
     })
 }
 
@@ -329,7 +402,7 @@ mod tests {
         );
         let (start, end, d) = t.take();
         let s = &d["example.org"];
-        assert_eq!(s.success, 1);
+        assert_eq!(s.sts.success, 1);
         let j = report_json("node1.test", "r1", (start, end), "example.org", s, None);
         assert_eq!(
             j["policies"][0]["summary"]["total-failure-session-count"],
@@ -340,5 +413,45 @@ mod tests {
             "mx2.example.org"
         );
         assert!(t.take().2.is_empty(), "a new period starts empty");
+    }
+
+    #[test]
+    fn dane_sessions_report_a_tlsa_policy_per_mx_host_beside_mta_sts() {
+        let t = TlsReports::default();
+        let rec = ["3 1 1 00ff".to_string()];
+        t.record_dane("dane.example", "success", "mx1.dane.example", &rec);
+        t.record_dane("dane.example", "tlsa-invalid", "mx1.dane.example", &rec);
+        t.record_dane("dane.example", "dnssec-invalid", "mx2.dane.example", &[]);
+        let (start, end, d) = t.take();
+        let s = &d["dane.example"];
+        let j = report_json("node1.test", "r2", (start, end), "dane.example", s, None);
+        let p = j["policies"].as_array().unwrap();
+        assert_eq!(
+            p.len(),
+            2,
+            "no MTA-STS policy went by, one per DANE host: {j}"
+        );
+        assert_eq!(p[0]["policy"]["policy-type"], "tlsa");
+        assert_eq!(p[0]["policy"]["policy-string"][0], "3 1 1 00ff");
+        assert_eq!(p[0]["policy"]["mx-host"][0], "mx1.dane.example");
+        assert_eq!(p[0]["summary"]["total-successful-session-count"], 1);
+        assert_eq!(p[0]["failure-details"][0]["result-type"], "tlsa-invalid");
+        assert_eq!(p[1]["policy"]["policy-string"].as_array().unwrap().len(), 0);
+        assert_eq!(p[1]["failure-details"][0]["result-type"], "dnssec-invalid");
+
+        // A domain with both: the MTA-STS policy first.
+        t.record("both.example", Mode::Testing, "success", "mx.both.example");
+        t.record_dane("both.example", "success", "mx.both.example", &rec);
+        let (start, end, d) = t.take();
+        let j = report_json(
+            "node1.test",
+            "r3",
+            (start, end),
+            "both.example",
+            &d["both.example"],
+            None,
+        );
+        assert_eq!(j["policies"][0]["policy"]["policy-type"], "sts");
+        assert_eq!(j["policies"][1]["policy"]["policy-type"], "tlsa");
     }
 }
