@@ -116,6 +116,16 @@ async fn applied_state_and_bodies_survive_reopen() {
     assert_eq!(entries.len(), 1);
 }
 
+/// A snapshot of `s`, built now (and so its current one).
+async fn build_snapshot(s: &mut Stores) -> openraft::storage::Snapshot<TypeConfig> {
+    s.state_machine
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
 /// `a`'s current snapshot, streamed into `b` and installed there.
 async fn install_current_snapshot(a: &mut Stores, b: &mut Stores) {
     let mut recv = b.state_machine.begin_receiving_snapshot().await.unwrap();
@@ -197,13 +207,7 @@ async fn a_corrupt_snapshot_is_refused_and_the_old_state_kept() {
         .apply(vec![entry(1, enqueue(7, b"mine"))])
         .await
         .unwrap();
-    let snap = a
-        .state_machine
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut a).await;
     let path = a_dir.path().join("snapshots").join("current.snap");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = bytes.len();
@@ -601,8 +605,7 @@ async fn a_notice_enqueued_by_a_report_has_its_body() {
     );
     assert_eq!(s.log.try_get_log_entries(1..3).await.unwrap(), entries);
     // A snapshot (which reads every queued body) builds.
-    let mut b = s.state_machine.get_snapshot_builder().await;
-    b.build_snapshot().await.unwrap();
+    build_snapshot(&mut s).await;
 }
 
 /// After a power cut, sled may hold log entries whose bodies never reached
@@ -763,8 +766,7 @@ async fn mta_sts_policies_survive_reopen_and_travel_in_snapshots() {
     );
     assert_eq!(a.reader.read().sts_policies().count(), 2);
 
-    let mut builder = a.state_machine.get_snapshot_builder().await;
-    builder.build_snapshot().await.unwrap();
+    build_snapshot(&mut a).await;
     let mut b = open(b_dir.path()).unwrap();
     install_current_snapshot(&mut a, &mut b).await;
     assert_eq!(b.reader.read().sts_policies().count(), 2);
@@ -874,13 +876,7 @@ async fn a_snapshot_saves_the_state_before_the_log_behind_it_is_purged() {
     append(&mut a.log, entries.clone()).await;
     a.state_machine.apply(entries).await.unwrap();
     let want = a.reader.read().clone();
-    let snap = a
-        .state_machine
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snap = build_snapshot(&mut a).await;
     assert_eq!(snap.meta.last_log_id, Some(log_id(6)));
     a.log.purge(log_id(6)).await.unwrap();
     // The purge reaches the disk with the next flush (of sled alone: the
