@@ -443,6 +443,10 @@ impl Deliverer {
                 auth: dest.auth,
                 lmtp: dest.lmtp,
                 host,
+                tls_name: match host_dane {
+                    HostDane::Verify(_, base) if dane.is_some() => Some(base.as_str()),
+                    _ => None,
+                },
                 ip,
                 peer,
             };

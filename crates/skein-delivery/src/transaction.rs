@@ -127,6 +127,10 @@ pub(crate) struct Dial<'a> {
     pub lmtp: bool,
     /// The MX or relay host name (or `[literal]`).
     pub host: &'a str,
+    /// The name to present in TLS (SNI) when it is not `host`: under DANE,
+    /// the TLSA base domain (RFC 7672 §8.1), which differs from the MX
+    /// name when the records were found at its CNAME-expanded name.
+    pub tls_name: Option<&'a str>,
     pub ip: IpAddr,
     /// `host[ip]`.
     pub peer: &'a str,
@@ -158,7 +162,7 @@ pub(crate) async fn open(tcp: tokio::net::TcpStream, d: &Dial<'_>) -> Result<Con
                 let Stream::Plain(tcp) = s.into_inner() else {
                     unreachable!("STARTTLS is only sent on a plain stream")
                 };
-                let name = server_name(d.host, d.ip);
+                let name = server_name(d.tls_name.unwrap_or(d.host), d.ip);
                 let handshake = tokio::time::timeout(t.ehlo, connector.connect(name, tcp)).await;
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,

@@ -323,6 +323,17 @@ async fn a_cname_mx_host_is_bound_at_the_expanded_name_first_then_its_own() {
         let r = s.deliverer.deliver(&job("dane.test")).await;
         let ok = matches!(r[0], RcptResult::Delivered { tls: true, .. });
         assert_eq!(ok, delivers, "box {at_box:?} mx {at_mx:?}: {r:?}");
+        if delivers {
+            // The name presented (SNI) is where the records were found
+            // (RFC 7672 §8.1).
+            let base = if at_box.is_some() {
+                "box.dane.test"
+            } else {
+                MX
+            };
+            let last = sink.messages().pop().unwrap();
+            assert_eq!(last.sni.as_deref(), Some(base), "box {at_box:?}");
+        }
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Received {
     pub data: Vec<u8>,
     /// The transaction ran over TLS (after STARTTLS).
     pub tls: bool,
+    /// The server name the client presented (SNI), under TLS.
+    pub sni: Option<String>,
     /// The user the session authenticated as.
     pub auth: Option<String>,
     /// The connection it came on, numbered from 1 in accept order.

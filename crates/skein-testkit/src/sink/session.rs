@@ -39,6 +39,8 @@ struct Session {
     /// Set while a body is being read.
     data: Option<(DataReader, Vec<u8>)>,
     tls: bool,
+    /// The server name the client presented in its TLS handshake (SNI).
+    sni: Option<String>,
     auth: Option<String>,
     connection: usize,
     starttls: bool,
@@ -72,6 +74,7 @@ where
         tx: None,
         data: None,
         tls: false,
+        sni: None,
         auth: None,
         connection,
         starttls: false,
@@ -93,6 +96,7 @@ where
     };
     // RFC 3207 §4.2: everything learned before TLS is forgotten.
     session.tls = true;
+    session.sni = tls.get_ref().1.server_name().map(str::to_string);
     session.starttls = false;
     session.helo = None;
     session.tx = None;
@@ -342,6 +346,7 @@ impl Session {
                 rcpt_to: delivered,
                 data: body,
                 tls: self.tls,
+                sni: self.sni.clone(),
                 auth: self.auth.clone(),
                 connection: self.connection,
                 at: std::time::Instant::now(),
