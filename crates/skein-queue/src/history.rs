@@ -284,16 +284,14 @@ impl History {
                 continue;
             };
             if young.len() < total {
+                // Rewritten under its own key: only a record (never a
+                // single old-style event) can be partly old, and the key
+                // only has to be unique and start with the id — a new key
+                // could land on another record of the same message.
                 let rest: Vec<(u64, u32, &Event)> =
                     young.iter().map(|((i, n), e)| (*i, *n, e)).collect();
-                let first = rest[0].0;
-                let id = u128::from_be_bytes(k[..16].try_into().expect("16 bytes"));
-                let key = record_key(id, first);
-                self.tree.insert(key, postcard::to_stdvec(&rest)?)?;
-                if k.as_ref() != key {
-                    self.tree.remove(&k)?;
-                }
-                kept.push((newest, young.len(), sled::IVec::from(&key[..])));
+                self.tree.insert(&k, postcard::to_stdvec(&rest)?)?;
+                kept.push((newest, young.len(), k));
             } else {
                 kept.push((newest, total, k));
             }

@@ -178,12 +178,14 @@ impl QueueReader {
     }
 
     /// Save what was applied to the state tree now (it is saved within a
-    /// second anyway; the log holds it until then).
-    fn save(&self) -> Result<(QueueState, Option<LogId>), StoreError> {
+    /// tenth of a second anyway; the log holds it until then), then call
+    /// `then` with the state as saved and its last applied log id, before
+    /// anything else is applied.
+    fn save<T>(&self, then: impl FnOnce(&QueueState, Option<LogId>) -> T) -> Result<T, StoreError> {
         let state = self.read();
         let mut u = self.shared.unsaved();
         self.shared.save(&state, &mut u)?;
-        Ok((state.clone(), u.header_applied()))
+        Ok(then(&state, u.header_applied()))
     }
 
     /// Write a consistent copy of the whole queue to `path`, in the snapshot
@@ -192,7 +194,7 @@ impl QueueReader {
         let _pin = refs::Pin::on(&self.shared.pins);
         // Saved, so the tree names the body of every message in the copy;
         // the pin keeps them while it is written.
-        let (state, applied) = self.save()?;
+        let (state, applied) = self.save(|state, applied| (state.clone(), applied))?;
         let tree = self.shared.tree();
         let header = snapshot::SnapshotHeader {
             meta: crate::SnapshotMeta {
@@ -241,7 +243,7 @@ impl QueueReader {
     /// Write everything applied so far to disk (the log store does this for
     /// every batch of appends; tools that apply directly call it).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.save()?;
+        self.save(|_, _| ())?;
         flush_all(&self.db, &self.shared.bodies)
     }
 
