@@ -13,8 +13,8 @@
 //!    ([`Arrived::InLog`]); applying one that is not (tools apply entries
 //!    directly) writes the body, saves at once, and moves the writer's count
 //!    to the message ([`Arrived::Written`]). A message that already has a
-//!    body keeps it, and a body written for a message that is gone again by
-//!    the save is dropped.
+//!    body keeps it; a body for a message that did not stay queued is
+//!    dropped, and one removed and queued again gets the new one.
 //! 3. **A snapshot builder.** While one runs ([`Reclaim::pin`]), nothing
 //!    removed from the state loses its body: removed messages wait in
 //!    [`Reclaim`] with their `b<id>`, and state trees replaced by an
@@ -60,6 +60,8 @@ pub(crate) enum Keep {
 #[derive(Default)]
 pub(crate) struct Arrivals {
     by_id: HashMap<MessageId, Arrived>,
+    /// Messages the entry being applied brought a body for first.
+    fresh: Vec<MessageId>,
     wrote: bool,
     retain: Vec<BodyRef>,
     release: Vec<BodyRef>,
@@ -103,10 +105,39 @@ impl Arrivals {
         })
     }
 
-    /// A later body for the same message replaces an earlier one.
+    /// The first body for a message is its own: the state ignores a later
+    /// enqueue of a queued id. (One removed meanwhile was forgotten, see
+    /// [`Arrivals::forget`].)
     fn arrive(&mut self, id: MessageId, a: Arrived) {
-        if let Some(Arrived::Written(old)) = self.by_id.insert(id, a) {
-            self.release.push(old);
+        match self.by_id.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                if let Arrived::Written(r) = a {
+                    self.release.push(r);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(a);
+                self.fresh.push(id);
+            }
+        }
+    }
+
+    /// The entry whose bodies were collected last is applied: a body for a
+    /// message it did not queue (refused, or queued and gone again) is
+    /// nobody's.
+    pub(crate) fn entry_applied(&mut self, queued: impl Fn(&MessageId) -> bool) {
+        for id in std::mem::take(&mut self.fresh) {
+            if !queued(&id) {
+                self.forget(&id);
+            }
+        }
+    }
+
+    /// Message `id` left the queue: a body that arrived for it is not the
+    /// one of a message queued later under the same id.
+    pub(crate) fn forget(&mut self, id: &MessageId) {
+        if let Some(Arrived::Written(r)) = self.by_id.remove(id) {
+            self.release.push(r);
         }
     }
 

@@ -93,6 +93,15 @@ impl Unsaved {
             || (self.reclaim.waiting() && !self.reclaim.pinned())
     }
 
+    /// Whether `id` was removed since the last save and has been queued
+    /// again, so that the body stored for it is the earlier message's and
+    /// the save replaces it — unless a snapshot builder runs, which may
+    /// still read the earlier one (the new message then keeps it, as one
+    /// queued twice does). Reads follow the same rule as the save.
+    fn requeued(&self, id: &MessageId) -> bool {
+        self.gone.contains(id) && !self.reclaim.pinned()
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         match &self.failed {
             Some(e) => Err(StoreError::Io(std::io::Error::other(format!(
@@ -142,6 +151,9 @@ impl Shared {
         // Held across both reads: a save moves a reference from the one
         // to the other while holding it.
         let unsaved = self.unsaved();
+        if unsaved.requeued(id) {
+            return Ok(unsaved.arrivals.body(id));
+        }
         match self.tree().get(body_key(id))? {
             Some(v) => Ok(Some(decode_ref(&v)?)),
             None => Ok(unsaved.arrivals.body(id)),
@@ -180,10 +192,8 @@ impl Shared {
                 Some(m) => {
                     batch.insert(&message_key(id), postcard::to_stdvec(m)?);
                     let mut has_body = tree.contains_key(body_key(id))?;
-                    if has_body && !pinned && u.gone.contains(id) {
-                        // Removed and queued again: the stored body is the
-                        // earlier message's (a running builder may still
-                        // read it, so only when none runs).
+                    if has_body && u.requeued(id) {
+                        // The stored body is the earlier message's.
                         if let Some(v) = tree.get(body_key(id))? {
                             arrivals.removed(decode_ref(&v)?);
                         }
@@ -417,8 +427,10 @@ impl StateMachineStore {
                     for id in &touched.ids[ids_from..] {
                         if state.get(id).is_none() {
                             u.gone.insert(*id);
+                            u.arrivals.forget(id);
                         }
                     }
+                    u.arrivals.entry_applied(|id| state.get(id).is_some());
                     // Keyed by the entry: re-applying it after a crash
                     // writes the same events again, never twice.
                     shared
