@@ -69,17 +69,18 @@ const MAX_DOMAIN_LABELS: usize = 1000;
 const OTHER_DOMAINS: &str = "_other";
 
 /// Counts what the delivery engine saw under MTA-STS policies and DANE
-/// (TLS-RPT's per-domain results, RFC 8460), and gathers the MTA-STS ones
-/// for the reports.
+/// (TLS-RPT's per-domain results, RFC 8460), and gathers them for the
+/// reports when reports are sent.
 pub struct StsSessions {
     pub metrics: Arc<Metrics>,
-    pub reports: Arc<crate::tlsrpt::TlsReports>,
+    /// `None` unless `delivery.tls_reports`: nothing would take them.
+    pub reports: Option<Arc<crate::tlsrpt::TlsReports>>,
     /// Domains labelled so far.
     labelled: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl StsSessions {
-    pub fn new(metrics: Arc<Metrics>, reports: Arc<crate::tlsrpt::TlsReports>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, reports: Option<Arc<crate::tlsrpt::TlsReports>>) -> Self {
         StsSessions {
             metrics,
             reports,
@@ -110,7 +111,9 @@ impl skein_delivery::mta_sts::StsObserver for StsSessions {
         result: &'static str,
         mx: &str,
     ) {
-        self.reports.record(domain, mode, result, mx);
+        if let Some(r) = &self.reports {
+            r.record(domain, mode, result, mx);
+        }
         self.metrics
             .mta_sts_sessions
             .get_or_create(&StsLabel {
@@ -122,7 +125,9 @@ impl skein_delivery::mta_sts::StsObserver for StsSessions {
     }
 
     fn dane(&self, domain: &str, result: &'static str, mx: &str, tlsa: &[String]) {
-        self.reports.record_dane(domain, result, mx, tlsa);
+        if let Some(r) = &self.reports {
+            r.record_dane(domain, result, mx, tlsa);
+        }
         self.metrics
             .dane_sessions
             .get_or_create(&DaneLabel {

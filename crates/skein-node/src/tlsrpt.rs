@@ -28,9 +28,11 @@ use crate::smtp::Acceptor;
 const MAX_DOMAINS: usize = 10_000;
 /// Distinct (result, MX host) failure lines kept per domain.
 const MAX_FAILURE_LINES: usize = 100;
-/// MX hosts with a DANE policy kept per domain, and TLSA records per host.
+/// MX hosts with a DANE policy kept per domain, and the bytes of TLSA
+/// records (as presented) kept per host: the records are the receiving
+/// domain's to choose, a whole certificate each if it likes.
 const MAX_TLSA_HOSTS: usize = 20;
-const MAX_TLSA_LINES: usize = 16;
+const MAX_TLSA_BYTES: usize = 1024;
 
 /// Sessions under one policy: how many succeeded, and the failures by
 /// result and MX host.
@@ -56,6 +58,8 @@ impl Counts {
 #[derive(Default)]
 struct TlsaStats {
     records: BTreeSet<String>,
+    /// Their length together.
+    bytes: usize,
     counts: Counts,
 }
 
@@ -118,8 +122,8 @@ impl TlsReports {
             }
             let host = d.tlsa.entry(mx.to_string()).or_default();
             for r in tlsa {
-                if host.records.len() < MAX_TLSA_LINES {
-                    host.records.insert(r.clone());
+                if host.bytes + r.len() <= MAX_TLSA_BYTES && host.records.insert(r.clone()) {
+                    host.bytes += r.len();
                 }
             }
             host.counts.add(result, mx);
@@ -453,5 +457,26 @@ mod tests {
         );
         assert_eq!(j["policies"][0]["policy"]["policy-type"], "sts");
         assert_eq!(j["policies"][1]["policy"]["policy-type"], "tlsa");
+
+        // A domain's records are its own to choose: past the bound, a
+        // host's are left out of the report, its sessions still counted.
+        let huge = format!("3 0 0 {}", "ab".repeat(MAX_TLSA_BYTES));
+        t.record_dane("big.example", "success", "mx.big.example", &[huge]);
+        t.record_dane("big.example", "success", "mx.big.example", &rec);
+        let (start, end, d) = t.take();
+        let j = report_json(
+            "n",
+            "r4",
+            (start, end),
+            "big.example",
+            &d["big.example"],
+            None,
+        );
+        let p = &j["policies"][0];
+        assert_eq!(
+            p["policy"]["policy-string"],
+            serde_json::json!(["3 1 1 00ff"])
+        );
+        assert_eq!(p["summary"]["total-successful-session-count"], 2);
     }
 }

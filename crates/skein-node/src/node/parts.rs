@@ -243,7 +243,7 @@ impl<'a> Parts<'a> {
             policies.clone(),
             Some(Arc::new(crate::metrics::StsSessions::new(
                 self.metrics.clone(),
-                reports.clone(),
+                d.tls_reports.then(|| reports.clone()),
             ))),
         )
         .context("cannot set up delivery")?;
