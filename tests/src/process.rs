@@ -188,6 +188,18 @@ impl ProcessNode {
             .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
             .collect();
         out.push(format!("wchan: {}", read("wchan").unwrap_or_default()));
+        // A process that exited and was not reaped yet still tells how:
+        // the last field of `stat` is its wait status.
+        if let Some(code) = read("stat")
+            .ok()
+            .and_then(|s| s.split_whitespace().last()?.parse::<i32>().ok())
+            .filter(|c| *c != 0 || status.contains("State:\tZ"))
+        {
+            out.push(match code & 0x7f {
+                0 => format!("exited with status {}", (code >> 8) & 0xff),
+                sig => format!("killed by signal {sig}"),
+            });
+        }
         format!("pid {pid}: {}", out.join(", "))
     }
 
