@@ -166,6 +166,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.write_timed(&lines, stage, timeout).await
     }
 
+    /// Writes command lines followed by the whole message as one last BDAT
+    /// chunk (RFC 3030), the chunk's bytes exactly as they are: no dot
+    /// stuffing, line endings made CRLF as for DATA. The commands leave
+    /// within `timeout`, the chunk block by block within `block_timeout`;
+    /// every reply is read afterwards.
+    pub async fn send_batch_with_chunk(
+        &mut self,
+        commands: &[Command],
+        body: &[u8],
+        timeout: Duration,
+        block_timeout: Duration,
+    ) -> Result<(), SessionError> {
+        let normalized;
+        let body = if has_bare_line_endings(body) {
+            let mut v = Vec::with_capacity(body.len() + 64);
+            normalize_line_endings(body, &mut v);
+            normalized = v;
+            &normalized[..]
+        } else {
+            body
+        };
+        let mut lines = Vec::new();
+        let bdat = Command::Bdat {
+            size: body.len() as u64,
+            last: true,
+        };
+        for c in commands.iter().chain([&bdat]) {
+            let start = lines.len();
+            c.encode(&mut lines);
+            check_line(&lines[start..], Stage::Mail)?;
+        }
+        tracing::trace!(
+            commands = commands.len(),
+            bytes = body.len(),
+            "send batch and BDAT"
+        );
+        // The commands and the chunk's first block in one write: a small
+        // message leaves in a single segment.
+        let first = body.len().min(BODY_BLOCK);
+        lines.extend_from_slice(&body[..first]);
+        self.write_timed(&lines, Stage::Mail, timeout).await?;
+        for block in body[first..].chunks(BODY_BLOCK) {
+            self.write_timed(block, Stage::Body, block_timeout).await?;
+        }
+        Ok(())
+    }
+
     /// Writes raw bytes, e.g. the lone `.` that ends an unwanted DATA.
     pub async fn send_raw(
         &mut self,
@@ -306,6 +353,21 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"..a\r\nb\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_follows_the_commands_as_is_with_crlf_line_endings() {
+        let (client, mut server) = duplex(1 << 20);
+        let mut session = Session::new(client);
+        let t = Duration::from_secs(5);
+        session
+            .send_batch_with_chunk(&[Command::Rset], b".a\nb\r\n", t, t)
+            .await
+            .unwrap();
+        drop(session);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"RSET\r\nBDAT 7 LAST\r\n.a\r\nb\r\n");
     }
 
     #[tokio::test]

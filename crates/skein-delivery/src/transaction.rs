@@ -4,8 +4,10 @@
 //!   policy with a second EHLO, and AUTH for smarthosts — a [`Conn`] ready
 //!   for mail, or the reason to try the next host.
 //! - [`transact`]: MAIL, RCPT per recipient, DATA (RFC 5321 §3.3), sent in
-//!   one batch when the peer offers PIPELINING (RFC 2920), and what each
-//!   reply means for each recipient. A connection left in a clean state can
+//!   one batch when the peer offers PIPELINING (RFC 2920) — and when it also
+//!   offers CHUNKING (RFC 3030), the message itself as one `BDAT LAST`
+//!   chunk in that batch, in place of DATA and its round trip — and what
+//!   each reply means for each recipient. A connection left in a clean state can
 //!   carry the next message.
 //!
 //! Only failures before the transaction started move on to the next host:
@@ -24,6 +26,13 @@ use crate::conn::{Conn, Stream};
 use crate::job::{Job, RcptResult};
 use crate::session::{Session, SessionError, Stage};
 use crate::tls::{server_name, TlsClients, TlsPolicy};
+
+/// Messages up to this size go as one BDAT chunk in the envelope's batch
+/// when the peer offers PIPELINING and CHUNKING: a round trip less per
+/// message, at the cost of sending the body before the peer judged the
+/// recipients. Larger ones go by DATA, which sends no body to a peer that
+/// refused every recipient.
+const CHUNK_WITH_ENVELOPE: usize = 1 << 20;
 
 /// Longest wait for the reply to QUIT. The results are known by then, so
 /// a peer that never answers QUIT must not hold them up for minutes.
@@ -396,7 +405,9 @@ pub(crate) async fn transact(
     if let Some(text) = refuse_early(c, job) {
         return (HostOutcome::Done(all(job, failed(text))), After::Clean);
     }
-    let mut tx = Transaction::new(c, job, cfg, pipelined);
+    let chunked =
+        pipelined && !c.lmtp && c.ext.has("CHUNKING") && job.body.len() <= CHUNK_WITH_ENVELOPE;
+    let mut tx = Transaction::new(c, job, cfg, pipelined, chunked);
     if tx.asked.is_empty() {
         return (
             HostOutcome::Done(tx.results.finish(failed(String::new()))),
@@ -407,8 +418,12 @@ pub(crate) async fn transact(
         tx.send_envelope(probe).await?;
         tx.mail_reply().await?;
         tx.rcpt_replies().await?;
-        tx.data().await?;
-        tx.body().await?;
+        if tx.chunked {
+            tx.chunk_without_recipients().await?;
+        } else {
+            tx.data().await?;
+            tx.body().await?;
+        }
         Err::<std::convert::Infallible, Stop>(tx.final_replies().await)
     };
     let Err(stop) = steps.await;
@@ -424,7 +439,11 @@ struct Transaction<'a> {
     t: &'a crate::config::Timeouts,
     peer: String,
     pipelined: bool,
-    /// MAIL, then an RCPT for each of `asked` (then DATA when pipelining).
+    /// The message goes as one BDAT chunk at the end of the pipelined
+    /// batch (no DATA).
+    chunked: bool,
+    /// MAIL, then an RCPT for each of `asked` (then DATA when pipelining
+    /// without chunking).
     commands: Vec<Command>,
     /// The recipients RCPT is sent for, by index into the job.
     asked: Vec<usize>,
@@ -434,7 +453,13 @@ struct Transaction<'a> {
 }
 
 impl<'a> Transaction<'a> {
-    fn new(c: &'a mut Conn, job: &'a Job, cfg: &'a DeliveryConfig, pipelined: bool) -> Self {
+    fn new(
+        c: &'a mut Conn,
+        job: &'a Job,
+        cfg: &'a DeliveryConfig,
+        pipelined: bool,
+        chunked: bool,
+    ) -> Self {
         let peer = c.peer.clone();
         let (utf8, dsn) = (c.ext.smtputf8(), c.ext.dsn());
         let mut results = Results::new(job.recipients.len());
@@ -461,6 +486,7 @@ impl<'a> Transaction<'a> {
             t: &cfg.timeouts,
             peer,
             pipelined,
+            chunked,
             commands,
             asked,
             accepted: Vec::new(),
@@ -484,8 +510,9 @@ impl<'a> Transaction<'a> {
         (HostOutcome::Done(results.finish(rest)), after)
     }
 
-    /// MAIL alone, or with PIPELINING the whole envelope and DATA in one
-    /// write, led by the probe's RSET on a reused connection.
+    /// MAIL alone, or with PIPELINING the whole envelope and DATA (or the
+    /// message as a BDAT chunk) in one write, led by the probe's RSET on a
+    /// reused connection.
     async fn send_envelope(&mut self, probe: bool) -> Result<(), Stop> {
         let (s, t) = (&mut self.c.session, self.t);
         if !self.pipelined {
@@ -494,11 +521,19 @@ impl<'a> Transaction<'a> {
                 .await
                 .map_err(|e| (HostOutcome::NextHost(broke(&e, &self.peer)), After::Closed));
         }
-        self.commands.push(Command::Data);
+        if !self.chunked {
+            self.commands.push(Command::Data);
+        }
         if probe {
             self.commands.insert(0, Command::Rset);
         }
-        if let Err(e) = s.send_batch(&self.commands, Stage::Mail, t.mail).await {
+        let sent = if self.chunked {
+            s.send_batch_with_chunk(&self.commands, &self.job.body, t.mail, t.data_block)
+                .await
+        } else {
+            s.send_batch(&self.commands, Stage::Mail, t.mail).await
+        };
+        if let Err(e) = sent {
             if probe {
                 return Err((HostOutcome::Stale, After::Closed));
             }
@@ -507,7 +542,10 @@ impl<'a> Transaction<'a> {
         if probe {
             // Anything but 2xx: the peer is not in the state we think, and
             // the commands behind it cannot be trusted; closing abandons them
-            // (DATA never gets its body).
+            // (DATA never gets its body). A chunk was the whole message; a
+            // server must answer RSET 250 (RFC 5321 §4.1.1.5), and what
+            // fails it here is a connection the peer already closed or a
+            // 421 it left behind, after which it reads nothing more.
             match s.read_reply(Stage::Rset, t.mail).await {
                 Ok(r) if r.is_success() => {
                     self.commands.remove(0);
@@ -536,7 +574,7 @@ impl<'a> Transaction<'a> {
             return Ok(());
         }
         let after = if self.pipelined {
-            drain_refused_batch(s, self.asked.len(), t.rcpt).await
+            drain_refused_batch(s, self.asked.len(), self.chunked, t.rcpt).await
         } else {
             After::Clean
         };
@@ -632,6 +670,31 @@ impl<'a> Transaction<'a> {
         Ok(())
     }
 
+    /// The chunk's reply when every RCPT was refused: a correct server
+    /// refuses the chunk; one that takes it took a message without
+    /// recipients, and the connection is not trusted for another.
+    async fn chunk_without_recipients(&mut self) -> Result<(), Stop> {
+        if !self.accepted.is_empty() {
+            return Ok(());
+        }
+        let reply = match self
+            .c
+            .session
+            .read_reply(Stage::EndOfData, self.t.data_term)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Err(self.broken(&e)),
+        };
+        let after = match reply.code {
+            421 => After::Closed,
+            _ if reply.is_success() => After::Quit,
+            _ => After::Clean,
+        };
+        let rest = deferred(format!("{}: no recipient accepted", self.peer));
+        Err(self.finish(rest, after))
+    }
+
     async fn body(&mut self) -> Result<(), Stop> {
         match self
             .c
@@ -701,16 +764,29 @@ impl<'a> Transaction<'a> {
     }
 }
 
-/// After a refused MAIL in a pipelined batch: read the RCPT and DATA
-/// replies the batch still has coming (a server wrongly saying 354 gets a
-/// lone `.`).
-async fn drain_refused_batch(s: &mut Session<Stream>, rcpts: usize, t: Duration) -> After {
+/// After a refused MAIL in a pipelined batch: read the RCPT and DATA (or
+/// BDAT) replies the batch still has coming (a server wrongly saying 354
+/// gets a lone `.`; one taking the chunk is not trusted for another).
+async fn drain_refused_batch(
+    s: &mut Session<Stream>,
+    rcpts: usize,
+    chunked: bool,
+    t: Duration,
+) -> After {
     for _ in 0..rcpts {
         match s.read_reply(Stage::Rcpt, t).await {
             Ok(r) if r.code == 421 => return After::Closed,
             Ok(_) => {}
             Err(_) => return After::Closed,
         }
+    }
+    if chunked {
+        return match s.read_reply(Stage::EndOfData, t).await {
+            Ok(r) if r.code == 421 => After::Closed,
+            Ok(r) if r.is_success() => After::Quit,
+            Ok(_) => After::Clean,
+            Err(_) => After::Closed,
+        };
     }
     match s.read_reply(Stage::Data, t).await {
         Ok(r) if r.code == 354 => end_unwanted_data(s, t).await,

@@ -224,6 +224,88 @@ async fn pipelining_sends_the_envelope_in_one_batch() {
 }
 
 #[tokio::test]
+async fn chunking_sends_the_message_with_the_envelope_as_is() {
+    let dns = dns().await;
+    let sink = start(
+        SinkMta::builder()
+            .chunking()
+            .on_mail(|from| {
+                if from.starts_with("refused") {
+                    reply(550, (5, 7, 1), "sender refused")
+                } else {
+                    reply(250, (2, 1, 0), "ok")
+                }
+            })
+            .on_rcpt(|to| {
+                if to.starts_with("nobody") {
+                    reply(550, (5, 1, 1), "no such user")
+                } else {
+                    reply(250, (2, 1, 5), "ok")
+                }
+            }),
+    )
+    .await;
+    let d = Deliverer::new(DeliveryConfig {
+        connection_reuse: Duration::from_secs(5),
+        ..config(&dns, sink.port())
+    })
+    .unwrap();
+    // Lines that DATA would have to dot-stuff, one a lone dot: a chunk
+    // carries them as they are.
+    let body = b"Subject: dots\r\n\r\n.leading\r\n.\r\n..two\r\nend\r\n";
+    let r = d
+        .deliver(&job(
+            &["a@example.org", "nobody@example.org", "b@example.org"],
+            body,
+        ))
+        .await;
+    assert!(r[0].is_delivered() && r[2].is_delivered(), "{r:?}");
+    assert!(r[1].is_failed(), "{r:?}");
+    let got = sink.wait_for(1, WAIT).await.unwrap();
+    assert_eq!(got[0].data, body.to_vec(), "the body arrives byte for byte");
+    assert_eq!(got[0].rcpt_to.len(), 2);
+    let batch = sink
+        .batches()
+        .into_iter()
+        .find(|b| b.iter().any(|c| c.starts_with("MAIL FROM")))
+        .unwrap();
+    assert_eq!(
+        batch.len(),
+        5,
+        "MAIL, three RCPTs and BDAT with the message together: {batch:?}"
+    );
+    assert_eq!(batch[4], format!("BDAT {} LAST", body.len()));
+    assert!(!sink.commands().iter().any(|c| c == "DATA"));
+
+    // Every recipient refused: the chunk is refused, nothing is delivered,
+    // and the connection carries the next message (led by RSET).
+    let r = d.deliver(&job(&["nobody@example.org"], b"x\r\n")).await;
+    assert!(r[0].is_failed(), "{r:?}");
+    // The sender refused: likewise.
+    let mut refused = job(&["a@example.org"], b"x\r\n");
+    refused.sender = ReversePath::Mailbox(Mailbox::parse("refused@origin.test").unwrap());
+    let r = d.deliver(&refused).await;
+    assert!(r[0].is_failed(), "{r:?}");
+    let r = d.deliver(&job(&["c@example.org"], b"after\r\n")).await;
+    assert!(r[0].is_delivered(), "{r:?}");
+    assert_eq!(sink.messages().len(), 2, "the refused ones were not taken");
+    assert_eq!(sink.messages()[1].data, b"after\r\n".to_vec());
+    assert_eq!(sink.connections(), 1, "one connection carried all four");
+    let last = sink.batches().pop().unwrap();
+    assert_eq!(last[0], "RSET", "{last:?}");
+    assert_eq!(last.last().unwrap(), "BDAT 7 LAST", "{last:?}");
+
+    // A large message goes by DATA: no body is sent before the recipients
+    // are known to be taken.
+    let big_body = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n"
+        .repeat((1 << 20) / 66 + 1);
+    let r = d.deliver(&job(&["big@example.org"], &big_body)).await;
+    assert!(r[0].is_delivered(), "{r:?}");
+    assert!(sink.commands().iter().any(|c| c == "DATA"));
+    assert_eq!(sink.messages()[2].data, big_body);
+}
+
+#[tokio::test]
 async fn many_messages_share_connections_within_the_concurrency_limit() {
     let dns = dns().await;
     let sink = start(SinkMta::builder()).await;

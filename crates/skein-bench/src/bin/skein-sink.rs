@@ -20,6 +20,11 @@ struct Args {
     /// the sender, to measure a full queue.
     #[arg(long)]
     defer: bool,
+    /// Do not offer CHUNKING (BDAT): senders that use it then send DATA.
+    /// Offered by default, as Postfix 3.4 and later and the large mailbox
+    /// providers do.
+    #[arg(long)]
+    no_chunking: bool,
 }
 
 fn header(data: &[u8], name: &str) -> Option<String> {
@@ -37,6 +42,9 @@ async fn main() -> anyhow::Result<()> {
         .ip(a.listen.ip())
         .port(a.listen.port())
         .forget_commands();
+    if !a.no_chunking {
+        builder = builder.chunking();
+    }
     if a.defer {
         builder = builder.defer_all();
     }

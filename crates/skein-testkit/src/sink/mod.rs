@@ -175,6 +175,16 @@ impl SinkMtaBuilder {
         self
     }
 
+    /// Offers CHUNKING (RFC 3030) as well, as Postfix 3.4 and later and
+    /// the large mailbox providers do: BDAT chunks are taken, and a message
+    /// can end with `BDAT n LAST` instead of DATA.
+    pub fn chunking(mut self) -> Self {
+        if !self.script.ehlo_extensions.iter().any(|e| e == "CHUNKING") {
+            self.script.ehlo_extensions.push("CHUNKING".into());
+        }
+        self
+    }
+
     /// Answers EHLO with `reply` instead of the extension list (e.g. a 502,
     /// to make the client fall back to HELO).
     pub fn ehlo_reply(mut self, reply: Reply) -> Self {

@@ -17,6 +17,14 @@ use super::{new_reply, Hang, Received, Shared};
 /// the sink tests clients, not line limits.
 const MAX_LINE: usize = 4096;
 
+/// A BDAT chunk being read.
+struct Chunk {
+    left: u64,
+    last: bool,
+    /// The chunk is read and dropped, and this is its reply.
+    refused: Option<Reply>,
+}
+
 struct Tx {
     from: String,
     params: MailParams,
@@ -38,6 +46,13 @@ struct Session {
     tx: Option<Tx>,
     /// Set while a body is being read.
     data: Option<(DataReader, Vec<u8>)>,
+    /// Set while a BDAT chunk is being read (RFC 3030), offered when the
+    /// sink's extensions name CHUNKING.
+    chunk: Option<Chunk>,
+    /// The message so far from earlier BDAT chunks of this transaction,
+    /// and whether it went over the size limit.
+    chunks: Vec<u8>,
+    chunks_exceeded: bool,
     tls: bool,
     /// The server name the client presented in its TLS handshake (SNI).
     sni: Option<String>,
@@ -73,6 +88,9 @@ where
         helo: None,
         tx: None,
         data: None,
+        chunk: None,
+        chunks: Vec::new(),
+        chunks_exceeded: false,
         tls: false,
         sni: None,
         auth: None,
@@ -144,6 +162,26 @@ impl Session {
     fn handle(&mut self, input: &mut Vec<u8>, output: &mut Vec<u8>) -> Next {
         let mut pos = 0;
         let next = loop {
+            if let Some(chunk) = &mut self.chunk {
+                let take = chunk.left.min((input.len() - pos) as u64) as usize;
+                if chunk.refused.is_none() && !self.chunks_exceeded {
+                    let max = self.shared.script.max_message_size;
+                    if self.chunks.len() + take > max {
+                        self.chunks_exceeded = true;
+                    } else {
+                        self.chunks.extend_from_slice(&input[pos..pos + take]);
+                    }
+                }
+                pos += take;
+                chunk.left -= take as u64;
+                if chunk.left > 0 {
+                    break Next::Continue;
+                }
+                match self.end_of_chunk(output) {
+                    Next::Continue => continue,
+                    other => break other,
+                }
+            }
             if let Some((reader, body)) = &mut self.data {
                 let progress = reader.feed(&input[pos..], body);
                 pos += progress.consumed;
@@ -202,6 +240,7 @@ impl Session {
         let offer_tls = (script.tls.is_some() || script.broken_tls) && !self.tls;
         let offer_auth = script.auth.is_some() && (self.tls || !offer_tls);
         let lmtp = script.lmtp.is_some();
+        let chunking = script.ehlo_extensions.iter().any(|e| e == "CHUNKING");
         // UTF-8 addresses are allowed in a transaction opened with SMTPUTF8.
         let utf8 = self.tx.as_ref().is_some_and(|t| t.params.smtputf8);
         let answer = match parse_command_utf8(line, utf8) {
@@ -274,6 +313,22 @@ impl Session {
                     answer
                 }
             },
+            Ok(Command::Bdat { size, last }) if chunking => {
+                let refused = match &self.tx {
+                    None => Some(new_reply(503, (5, 5, 1), "Need MAIL first")),
+                    Some(tx) if tx.rcpts.is_empty() => {
+                        Some(new_reply(554, (5, 5, 1), "No valid recipients"))
+                    }
+                    Some(_) => None,
+                };
+                self.chunk = Some(Chunk {
+                    left: size,
+                    last,
+                    refused,
+                });
+                // Answered once the chunk is read (see `end_of_chunk`).
+                return 0;
+            }
             Ok(Command::StartTls) if offer_tls => {
                 self.starttls = true;
                 Reply::new(220, None, "Ready to start TLS")
@@ -296,6 +351,8 @@ impl Session {
             }
             Ok(Command::Rset) => {
                 self.tx = None;
+                self.chunks.clear();
+                self.chunks_exceeded = false;
                 new_reply(250, (2, 0, 0), "Ok")
             }
             Ok(Command::Noop) => new_reply(250, (2, 0, 0), "Ok"),
@@ -307,11 +364,36 @@ impl Session {
         answer.code
     }
 
+    /// A BDAT chunk is read: answer it, and after the last one end the
+    /// message as DATA's end does.
+    fn end_of_chunk(&mut self, output: &mut Vec<u8>) -> Next {
+        let Some(chunk) = self.chunk.take() else {
+            return Next::Continue;
+        };
+        if let Some(reply) = chunk.refused {
+            reply.encode(output);
+            self.chunks.clear();
+            self.chunks_exceeded = false;
+            return Next::Continue;
+        }
+        if !chunk.last {
+            new_reply(250, (2, 0, 0), "Chunk received").encode(output);
+            return Next::Continue;
+        }
+        let body = std::mem::take(&mut self.chunks);
+        let exceeded = std::mem::replace(&mut self.chunks_exceeded, false);
+        self.end_of_message(body, exceeded, output)
+    }
+
     /// The body is complete: pick the final reply and record on 2xx.
     fn end_of_data(&mut self, output: &mut Vec<u8>) -> Next {
         let Some((reader, body)) = self.data.take() else {
             return Next::Continue;
         };
+        self.end_of_message(body, reader.exceeded(), output)
+    }
+
+    fn end_of_message(&mut self, body: Vec<u8>, exceeded: bool, output: &mut Vec<u8>) -> Next {
         let Some(tx) = self.tx.take() else {
             return Next::Continue;
         };
@@ -325,7 +407,7 @@ impl Session {
                 .iter()
                 .map(|r| (per_rcpt(r), vec![r.clone()]))
                 .collect(),
-            None if reader.exceeded() => {
+            None if exceeded => {
                 vec![(
                     new_reply(552, (5, 3, 4), "Message too big"),
                     tx.rcpts.clone(),
