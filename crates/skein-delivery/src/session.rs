@@ -95,6 +95,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
     /// Gives the stream back, e.g. to wrap it in TLS. Bytes already read
     /// are dropped, which is what RFC 3207 §6 requires after STARTTLS.
     pub fn into_inner(self) -> S {
