@@ -69,6 +69,59 @@ async fn a_message_travels_from_smtp_through_raft_to_the_mx() {
     node.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Skein relaying to Skein: the receiving node offers PIPELINING and
+/// CHUNKING, so the sender's delivery puts the message in its envelope's
+/// write as one `BDAT LAST` chunk — read by a server written apart from
+/// that client — and the message arrives byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_relayed_to_another_skein_by_bdat_arrives_intact() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dns = skein_tests::mail::example_org_dns().await;
+    let sink = SinkMta::builder().start().await.unwrap();
+    let cfg_b =
+        TestConfig::new(2, dir_b.path().join("data"), dns.addr(), sink.port()).with_fixed_ports();
+    let b = Node::start(cfg_b.config()).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(b.smtp_addrs[0])
+        .await
+        .unwrap();
+    let replies = skein_testkit::converse(tcp, b"EHLO probe.test\r\nQUIT\r\n").await;
+    assert!(
+        replies[1].lines.iter().any(|l| l == "CHUNKING"),
+        "{replies:?}"
+    );
+    let cfg_a = TestConfig::new(
+        1,
+        dir_a.path().join("data"),
+        dns.addr(),
+        b.smtp_addrs[0].port(),
+    );
+    let a = Node::start(cfg_a.config()).await.unwrap();
+
+    let data = b"From: a@client.test\r\nTo: b@example.org\r\nSubject: by BDAT\r\n\r\n.\r\n.a line with a dot\r\n..two\r\nend\r\n";
+    let s = send(a.smtp_addrs[0], "a@client.test", &["b@example.org"], data)
+        .await
+        .unwrap();
+    assert!(s.accepted(), "{}", s.reply);
+    let got = sink.wait_for(1, Duration::from_secs(20)).await.unwrap();
+    let body = &got[0].data;
+    assert!(
+        body.ends_with(data),
+        "body changed in transit: {:?}",
+        String::from_utf8_lossy(body)
+    );
+    let header = String::from_utf8_lossy(&body[..body.len() - data.len()]).into_owned();
+    assert!(
+        header.starts_with("Received: from node1.skein.test")
+            && header.contains("by node1.skein.test"),
+        "node 2's Received header, then node 1's: {header}"
+    );
+    queue_empties(&a).await;
+    queue_empties(&b).await;
+    assert_eq!(sink.messages().len(), 1, "delivered exactly once");
+    a.shutdown(Duration::from_secs(5)).await;
+    b.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_4xx_defers_the_message_and_the_retry_delivers_it() {
     let dir = tempfile::tempdir().unwrap();
