@@ -160,19 +160,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stage: Stage,
         timeout: Duration,
     ) -> Result<(), SessionError> {
-        let mut lines = Vec::new();
-        for c in commands {
-            let start = lines.len();
-            c.encode(&mut lines);
-            check_line(&lines[start..], stage)?;
-        }
+        let lines = encode_lines(commands, stage)?;
         tracing::trace!(%stage, commands = commands.len(), "send batch");
         self.write_timed(&lines, stage, timeout).await
     }
 
     /// Writes command lines followed by the whole message as one last BDAT
     /// chunk (RFC 3030), the chunk's bytes exactly as they are: no dot
-    /// stuffing, line endings made CRLF as for DATA. The commands leave
+    /// stuffing, line endings made CRLF as for DATA ([`crlf_only`]). The commands leave
     /// within `timeout`, the chunk block by block within `block_timeout`;
     /// every reply is read afterwards.
     pub async fn send_batch_with_chunk(
@@ -182,25 +177,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         timeout: Duration,
         block_timeout: Duration,
     ) -> Result<(), SessionError> {
-        let normalized;
-        let body = if has_bare_line_endings(body) {
-            let mut v = Vec::with_capacity(body.len() + 64);
-            normalize_line_endings(body, &mut v);
-            normalized = v;
-            &normalized[..]
-        } else {
-            body
-        };
-        let mut lines = Vec::new();
+        let body = crlf_only(body);
         let bdat = Command::Bdat {
             size: body.len() as u64,
             last: true,
         };
-        for c in commands.iter().chain([&bdat]) {
-            let start = lines.len();
-            c.encode(&mut lines);
-            check_line(&lines[start..], Stage::Mail)?;
-        }
+        let mut lines = encode_lines(commands.iter().chain([&bdat]), Stage::Mail)?;
         tracing::trace!(
             commands = commands.len(),
             bytes = body.len(),
@@ -245,28 +227,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Writes the body dot-stuffed and terminated by `.`, block by block,
-    /// each block within `block_timeout`. The final reply is read separately.
-    ///
-    /// Nothing leaves with a bare CR or LF: the front door refuses such
-    /// mail, but a body that still holds one (from a restored backup, say)
-    /// has its line endings made CRLF first, so that no receiver can see
-    /// the data end somewhere else than we do.
+    /// each block within `block_timeout`, line endings made CRLF first
+    /// ([`crlf_only`]). The final reply is read separately.
     pub async fn send_body(
         &mut self,
         body: &[u8],
         block_timeout: Duration,
     ) -> Result<(), SessionError> {
-        let normalized;
-        let body = if has_bare_line_endings(body) {
-            let mut v = Vec::with_capacity(body.len() + 64);
-            normalize_line_endings(body, &mut v);
-            normalized = v;
-            &normalized[..]
-        } else {
-            body
-        };
+        let body = crlf_only(body);
         let mut wire = Vec::new();
-        dot_stuff(body, &mut wire);
+        dot_stuff(&body, &mut wire);
         for block in wire.chunks(BODY_BLOCK) {
             self.write_timed(block, Stage::Body, block_timeout).await?;
         }
@@ -292,6 +262,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }),
         }
     }
+}
+
+/// Nothing leaves with a bare CR or LF: the front door refuses such mail,
+/// but a body that still holds one (from a restored backup, say) has its
+/// line endings made CRLF first, so that no receiver can see the data end
+/// somewhere else than we do.
+fn crlf_only(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !has_bare_line_endings(body) {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut v = Vec::with_capacity(body.len() + 64);
+    normalize_line_endings(body, &mut v);
+    std::borrow::Cow::Owned(v)
+}
+
+/// Command lines one after another, each checked by [`check_line`].
+fn encode_lines<'c>(
+    commands: impl IntoIterator<Item = &'c Command>,
+    stage: Stage,
+) -> Result<Vec<u8>, SessionError> {
+    let mut lines = Vec::new();
+    for c in commands {
+        let start = lines.len();
+        c.encode(&mut lines);
+        check_line(&lines[start..], stage)?;
+    }
+    Ok(lines)
 }
 
 /// An encoded command line must hold no CR, LF or NUL but its final CRLF.

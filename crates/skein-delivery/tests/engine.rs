@@ -62,6 +62,14 @@ async fn start(sink: SinkMtaBuilder) -> SinkMta {
     sink.start().await.unwrap()
 }
 
+/// The first batch of commands the sink read that held a MAIL.
+fn envelope_batch(sink: &SinkMta) -> Vec<String> {
+    sink.batches()
+        .into_iter()
+        .find(|b| b.iter().any(|c| c.starts_with("MAIL FROM")))
+        .unwrap()
+}
+
 fn delivered_over_tls(r: &RcptResult) -> bool {
     matches!(r, RcptResult::Delivered { tls: true, .. })
 }
@@ -203,11 +211,7 @@ async fn pipelining_sends_the_envelope_in_one_batch() {
         .await;
     assert!(r[0].is_delivered() && r[2].is_delivered(), "{r:?}");
     assert!(r[1].is_failed(), "{r:?}");
-    let batch = sink
-        .batches()
-        .into_iter()
-        .find(|b| b.iter().any(|c| c.starts_with("MAIL FROM")))
-        .unwrap();
+    let batch = envelope_batch(&sink);
     assert_eq!(
         batch.len(),
         5,
@@ -264,11 +268,7 @@ async fn chunking_sends_the_message_with_the_envelope_as_is() {
     let got = sink.wait_for(1, WAIT).await.unwrap();
     assert_eq!(got[0].data, body.to_vec(), "the body arrives byte for byte");
     assert_eq!(got[0].rcpt_to.len(), 2);
-    let batch = sink
-        .batches()
-        .into_iter()
-        .find(|b| b.iter().any(|c| c.starts_with("MAIL FROM")))
-        .unwrap();
+    let batch = envelope_batch(&sink);
     assert_eq!(
         batch.len(),
         5,
