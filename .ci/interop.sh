@@ -2,7 +2,9 @@
 # shellcheck disable=SC2317  # case functions are only called through run_case
 # Interop tier: real SMTP clients nobody here wrote (swaks, Python's smtplib,
 # Postfix's smtp-source, Postfix itself) against a live skeind, which delivers
-# everything to Postfix's smtp-sink; every message must arrive.
+# everything to Postfix's smtp-sink — and one domain to a Postfix smtpd, which
+# offers CHUNKING and so gets each message as a BDAT chunk; every message
+# must arrive.
 #
 #   .ci/interop.sh                  # run every case
 #   INTEROP_TLS=on .ci/interop.sh   # STARTTLS/AUTH cases must run (a missing feature fails)
@@ -97,6 +99,8 @@ T="$(mktemp -d /tmp/skein-interop.XXXXXX)"
 chmod 0755 "$T"
 SINK_DIR="$T/sink"
 PF="$T/postfix"
+# A second private Postfix, receiving: Skein delivers to its smtpd.
+PFR="$T/postfix-receiving"
 SINK_PID=""
 SKEIND_PID=""
 TLS_PID=""
@@ -115,13 +119,14 @@ stop_pid() { # stop_pid PID: SIGTERM, up to 10 s, then SIGKILL
     wait "$pid" 2>/dev/null || true
 }
 
-stop_postfix() {
-    [ -f "$PF/conf/main.cf" ] || return 0
-    local pidfile="$PF/queue/pid/master.pid" pid
+stop_postfix() { # stop_postfix [DIR]: the private instance at DIR (default $PF)
+    local pf=${1:-$PF}
+    [ -f "$pf/conf/main.cf" ] || return 0
+    local pidfile="$pf/queue/pid/master.pid" pid
     [ -f "$pidfile" ] || return 0
     pid="$(tr -dc 0-9 <"$pidfile")"
     if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then return 0; fi
-    postfix -c "$PF/conf" stop >/dev/null 2>&1 || true
+    postfix -c "$pf/conf" stop >/dev/null 2>&1 || true
     local i
     for ((i = 0; i < 100; i++)); do
         kill -0 "$pid" 2>/dev/null || return 0
@@ -134,6 +139,7 @@ cleanup() {
     local rc=$?
     set +e
     stop_postfix
+    stop_postfix "$PFR"
     stop_pid "$TLS_PID"
     stop_pid "$SKEIND_PID"
     stop_pid "$SINK_PID"
@@ -153,8 +159,8 @@ fmt_secs() { printf '%d.%d' $((($2 - $1) / 1000000)) $(((($2 - $1) / 100000) % 1
 
 # ---------------------------------------------------------------- ports
 read -r SINK_PORT SMTP_PORT CLUSTER_PORT METRICS_PORT \
-    TLS_SMTP_PORT TLS_SUB_PORT TLS_CLUSTER_PORT TLS_METRICS_PORT \
-    <<<"$(python3 "$HELPER" ports 8)"
+    TLS_SMTP_PORT TLS_SUB_PORT TLS_CLUSTER_PORT TLS_METRICS_PORT PFR_PORT \
+    <<<"$(python3 "$HELPER" ports 9)"
 
 # ---------------------------------------------------------------- the sink
 mkdir -p "$SINK_DIR"
@@ -230,6 +236,13 @@ key_file = "$DKIM_DIR/rsa.pem"
 domain = "dkim.interop.test"
 selector = "ed"
 key_file = "$DKIM_DIR/ed25519.pem"
+
+# Mail for bdat.interop.test goes to the receiving Postfix's smtpd, which
+# offers PIPELINING and CHUNKING (case postfix-bdat).
+[[route]]
+domain = "bdat.interop.test"
+relay = "smtp://127.0.0.1:$PFR_PORT"
+tls = "none"
 EOF
 "$SKEIND" check-config --config "$SK/skein.toml" >"$SK/check-config.out" 2>&1 ||
     { cat "$SK/check-config.out" >&2; die "skeind check-config rejects the plain config"; }
@@ -542,6 +555,85 @@ case_postfix() {
     [ "$sent" -eq 5 ] || { warn "Postfix logged $sent status=sent via skeind, expected 5"; return 1; }
 }
 
+# Postfix receiving from Skein: its smtpd offers PIPELINING and CHUNKING, so
+# Skein sends each message as one BDAT chunk with its envelope; Postfix
+# relays it on to the sink. With debug_peer_list its log shows the commands.
+setup_postfix_receiving() {
+    mkdir -p "$PFR/conf" "$PFR/queue" "$PFR/data"
+    chown postfix "$PFR/data"
+    cat >"$PFR/conf/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $PFR/queue
+data_directory = $PFR/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = receiving.interop.test
+mydomain = interop.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = bdat.interop.test
+transport_maps = texthash:$PFR/conf/transport
+local_transport = error:local delivery is disabled
+alias_maps =
+alias_database =
+biff = no
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+debug_peer_list = 127.0.0.1
+maillog_file = $PFR/maillog
+maillog_file_prefixes = $PFR
+EOF
+    cat >"$PFR/conf/transport" <<EOF
+bdat.interop.test	smtp:[127.0.0.1]:$SINK_PORT
+EOF
+    cat >"$PFR/conf/master.cf" <<EOF
+127.0.0.1:$PFR_PORT inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+    postfix -c "$PFR/conf" check || { warn "postfix check failed (receiving)"; return 1; }
+    postfix -c "$PFR/conf" start || { warn "postfix start failed (receiving)"; return 1; }
+    python3 "$HELPER" wait-banner 127.0.0.1 "$PFR_PORT" --deadline 20 ||
+        { warn "the receiving Postfix's smtpd did not answer"; return 1; }
+}
+
+case_postfix_receives_bdat() {
+    is_root || skip "the private Postfix instance needs root"
+    local exp="$T/exp-postfix-bdat" t chunks
+    setup_postfix_receiving
+    tokens "c11-$RUN_ID" 3 >"$exp"
+    while read -r t; do RCPT="user@bdat.interop.test" swaks_send "$SMTP_PORT" "$t"; done <"$exp"
+    await_tokens "$exp"
+    chunks="$(grep -cE '< localhost\[127\.0\.0\.1\]: BDAT [0-9]+ LAST' "$PFR/maillog" || true)"
+    if [ "$chunks" -ne 3 ]; then
+        warn "the receiving Postfix logged $chunks 'BDAT n LAST' from Skein, expected 3; its log:"
+        grep -E '< localhost\[127\.0\.0\.1\]: ' "$PFR/maillog" | tail -n 20 >&2 || true
+        return 1
+    fi
+    if grep -qE '< localhost\[127\.0\.0\.1\]: DATA' "$PFR/maillog"; then
+        warn "Skein sent DATA to a receiver offering CHUNKING"
+        return 1
+    fi
+}
+
 # ---------------------------------------------------------------- STARTTLS / AUTH
 TLS_DIR="$T/tls"
 TLS_USER="interop"
@@ -737,6 +829,7 @@ run_case smtplib 10 case_smtplib "$SK/skeind.log"
 run_case smtp-source "$SOURCE_MSGS" case_smtp_source "$SK/skeind.log"
 run_case postfix-relay 5 case_postfix "$SK/skeind.log"
 run_case dkim-dkimpy 1 case_dkim "$SK/skeind.log"
+run_case postfix-bdat 3 case_postfix_receives_bdat "$SK/skeind.log"
 
 say "== STARTTLS/AUTH setup (INTEROP_TLS=$INTEROP_TLS)"
 TLS_LOG="$T/skein-tls/skeind.log"
