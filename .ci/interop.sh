@@ -459,42 +459,39 @@ case_smtp_source() {
     fi
 }
 
-# A private Postfix: its own config and queue under $T, no inet listener at
-# all (nothing on port 25), mail injected with its sendmail and relayed to
-# skeind. [127.0.0.1] is Postfix's own address (class local), so a transport
-# map sends it on; tls@[127.0.0.1] goes to the STARTTLS skeind instead.
-setup_postfix() {
-    mkdir -p "$PF/conf" "$PF/queue" "$PF/data"
-    chown postfix "$PF/data"
-    cat >"$PF/conf/main.cf" <<EOF
+# postfix_instance DIR HOSTNAME: the directories of a private Postfix under
+# DIR and the main.cf every one here shares (no local delivery, no TLS out,
+# its own log); the caller appends what makes it what it is.
+postfix_instance() {
+    local dir=$1 host=$2
+    mkdir -p "$dir/conf" "$dir/queue" "$dir/data"
+    chown postfix "$dir/data"
+    cat >"$dir/conf/main.cf" <<EOF
 compatibility_level = 3.6
-queue_directory = $PF/queue
-data_directory = $PF/data
+queue_directory = $dir/queue
+data_directory = $dir/data
 mail_owner = postfix
 setgid_group = postdrop
-myhostname = postfix.interop.test
+myhostname = $host
 mydomain = interop.test
-myorigin = \$myhostname
 mydestination =
-inet_interfaces = loopback-only
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:$SMTP_PORT
-transport_maps = texthash:$PF/conf/transport
+transport_maps = texthash:$dir/conf/transport
 local_transport = error:local delivery is disabled
 alias_maps =
 alias_database =
 biff = no
 smtp_tls_security_level = none
-maillog_file = $PF/maillog
-maillog_file_prefixes = $PF
+maillog_file = $dir/maillog
+maillog_file_prefixes = $dir
 EOF
-    cat >"$PF/conf/transport" <<EOF
-tls@[127.0.0.1]	relay-tls:[127.0.0.1]:$TLS_SMTP_PORT
-[127.0.0.1]	relay:[127.0.0.1]:$SMTP_PORT
-EOF
-    # No inet services: this instance listens on nothing.
-    cat >"$PF/conf/master.cf" <<EOF
+}
+
+# postfix_services: the master.cf lines of the services every private
+# Postfix here runs (unix sockets only).
+postfix_services() {
+    cat <<'EOF'
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -506,17 +503,40 @@ verify    unix  -       -       n       -       1       verify
 flush     unix  n       -       n       1000?   0       flush
 proxymap  unix  -       -       n       -       -       proxymap
 smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-relay-tls unix  -       -       n       -       -       smtp -o smtp_tls_security_level=encrypt -o smtp_tls_CAfile=$T/tls/cert.pem -o smtp_tls_loglevel=1
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 EOF
+}
+
+# A private Postfix: its own config and queue under $T, no inet listener at
+# all (nothing on port 25), mail injected with its sendmail and relayed to
+# skeind. [127.0.0.1] is Postfix's own address (class local), so a transport
+# map sends it on; tls@[127.0.0.1] goes to the STARTTLS skeind instead.
+setup_postfix() {
+    postfix_instance "$PF" postfix.interop.test
+    cat >>"$PF/conf/main.cf" <<EOF
+myorigin = \$myhostname
+inet_interfaces = loopback-only
+relayhost = [127.0.0.1]:$SMTP_PORT
+EOF
+    cat >"$PF/conf/transport" <<EOF
+tls@[127.0.0.1]	relay-tls:[127.0.0.1]:$TLS_SMTP_PORT
+[127.0.0.1]	relay:[127.0.0.1]:$SMTP_PORT
+EOF
+    # No inet services: this instance listens on nothing.
+    {
+        postfix_services
+        cat <<EOF
+relay     unix  -       -       n       -       -       smtp
+relay-tls unix  -       -       n       -       -       smtp -o smtp_tls_security_level=encrypt -o smtp_tls_CAfile=$T/tls/cert.pem -o smtp_tls_loglevel=1
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+EOF
+    } >"$PF/conf/master.cf"
     if postconf -c "$PF/conf" -M | awk '$2 == "inet" { found = 1 } END { exit !found }'; then
         warn "the private Postfix would listen on an inet port"
         return 1
@@ -559,56 +579,20 @@ case_postfix() {
 # Skein sends each message as one BDAT chunk with its envelope; Postfix
 # relays it on to the sink. With debug_peer_list its log shows the commands.
 setup_postfix_receiving() {
-    mkdir -p "$PFR/conf" "$PFR/queue" "$PFR/data"
-    chown postfix "$PFR/data"
-    cat >"$PFR/conf/main.cf" <<EOF
-compatibility_level = 3.6
-queue_directory = $PFR/queue
-data_directory = $PFR/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = receiving.interop.test
-mydomain = interop.test
-mydestination =
+    postfix_instance "$PFR" receiving.interop.test
+    cat >>"$PFR/conf/main.cf" <<EOF
 inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
 relay_domains = bdat.interop.test
-transport_maps = texthash:$PFR/conf/transport
-local_transport = error:local delivery is disabled
-alias_maps =
-alias_database =
-biff = no
-smtp_tls_security_level = none
 smtpd_tls_security_level = none
 debug_peer_list = 127.0.0.1
-maillog_file = $PFR/maillog
-maillog_file_prefixes = $PFR
 EOF
     cat >"$PFR/conf/transport" <<EOF
 bdat.interop.test	smtp:[127.0.0.1]:$SINK_PORT
 EOF
-    cat >"$PFR/conf/master.cf" <<EOF
-127.0.0.1:$PFR_PORT inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-EOF
+    {
+        echo "127.0.0.1:$PFR_PORT inet n - n - - smtpd"
+        postfix_services
+    } >"$PFR/conf/master.cf"
     postfix -c "$PFR/conf" check || { warn "postfix check failed (receiving)"; return 1; }
     postfix -c "$PFR/conf" start || { warn "postfix start failed (receiving)"; return 1; }
     python3 "$HELPER" wait-banner 127.0.0.1 "$PFR_PORT" --deadline 20 ||
