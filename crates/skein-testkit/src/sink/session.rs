@@ -29,6 +29,10 @@ struct Tx {
     from: String,
     params: MailParams,
     rcpts: Vec<String>,
+    /// The message so far from BDAT chunks, and whether it went over the
+    /// size limit: gone with the transaction (RSET, EHLO, its end).
+    chunks: Vec<u8>,
+    chunks_exceeded: bool,
 }
 
 /// What to do after handling some input.
@@ -49,10 +53,6 @@ struct Session {
     /// Set while a BDAT chunk is being read (RFC 3030), offered when the
     /// sink's extensions name CHUNKING.
     chunk: Option<Chunk>,
-    /// The message so far from earlier BDAT chunks of this transaction,
-    /// and whether it went over the size limit.
-    chunks: Vec<u8>,
-    chunks_exceeded: bool,
     tls: bool,
     /// The server name the client presented in its TLS handshake (SNI).
     sni: Option<String>,
@@ -89,8 +89,6 @@ where
         tx: None,
         data: None,
         chunk: None,
-        chunks: Vec::new(),
-        chunks_exceeded: false,
         tls: false,
         sni: None,
         auth: None,
@@ -164,12 +162,13 @@ impl Session {
         let next = loop {
             if let Some(chunk) = &mut self.chunk {
                 let take = chunk.left.min((input.len() - pos) as u64) as usize;
-                if chunk.refused.is_none() && !self.chunks_exceeded {
-                    let max = self.shared.script.max_message_size;
-                    if self.chunks.len() + take > max {
-                        self.chunks_exceeded = true;
-                    } else {
-                        self.chunks.extend_from_slice(&input[pos..pos + take]);
+                // A chunk not refused belongs to a transaction.
+                if let Some(tx) = self.tx.as_mut().filter(|_| chunk.refused.is_none()) {
+                    if tx.chunks.len() + take > self.shared.script.max_message_size {
+                        tx.chunks_exceeded = true;
+                    }
+                    if !tx.chunks_exceeded {
+                        tx.chunks.extend_from_slice(&input[pos..pos + take]);
                     }
                 }
                 pos += take;
@@ -283,6 +282,8 @@ impl Session {
                             from,
                             params,
                             rcpts: Vec::new(),
+                            chunks: Vec::new(),
+                            chunks_exceeded: false,
                         });
                     }
                     answer
@@ -351,8 +352,6 @@ impl Session {
             }
             Ok(Command::Rset) => {
                 self.tx = None;
-                self.chunks.clear();
-                self.chunks_exceeded = false;
                 new_reply(250, (2, 0, 0), "Ok")
             }
             Ok(Command::Noop) => new_reply(250, (2, 0, 0), "Ok"),
@@ -372,16 +371,20 @@ impl Session {
         };
         if let Some(reply) = chunk.refused {
             reply.encode(output);
-            self.chunks.clear();
-            self.chunks_exceeded = false;
+            if let Some(tx) = self.tx.as_mut() {
+                tx.chunks.clear();
+                tx.chunks_exceeded = false;
+            }
             return Next::Continue;
         }
         if !chunk.last {
             new_reply(250, (2, 0, 0), "Chunk received").encode(output);
             return Next::Continue;
         }
-        let body = std::mem::take(&mut self.chunks);
-        let exceeded = std::mem::replace(&mut self.chunks_exceeded, false);
+        let (body, exceeded) = match self.tx.as_mut() {
+            Some(tx) => (std::mem::take(&mut tx.chunks), tx.chunks_exceeded),
+            None => return Next::Continue,
+        };
         self.end_of_message(body, exceeded, output)
     }
 
