@@ -1,9 +1,12 @@
 //! `skein-sink`: a receiving MTA for demos and the Docker tier. Answers 250
 //! to everything and prints one line per message received:
-//! `delivered <X-Token or Message-ID or -> <bytes>`.
+//! `delivered <X-Token or Message-ID or -> <bytes> <unix time received>`
+//! (seconds, to the microsecond: when the sink answered its end of data, not
+//! when the line is printed, so that a harness timing the last arrival measures the
+//! MTA and not this program's or its own polling).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use skein_testkit::SinkMta;
@@ -35,6 +38,13 @@ fn header(data: &[u8], name: &str) -> Option<String> {
     })
 }
 
+/// The wall-clock time of `at`, in seconds since the epoch.
+fn unix_time(at: Instant) -> String {
+    let t = SystemTime::now() - at.elapsed();
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
@@ -56,9 +66,8 @@ async fn main() -> anyhow::Result<()> {
             let id = header(&m.data, "X-Token")
                 .or_else(|| header(&m.data, "Message-ID"))
                 .unwrap_or_else(|| "-".into());
-            println!("delivered {id} {}", m.data.len());
+            println!("delivered {id} {} {}", m.data.len(), unix_time(m.at));
         }
-        // Often, so that a harness timing the last arrival is not kept waiting.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
