@@ -1,9 +1,9 @@
 //! `skein-sink`: a receiving MTA for demos and the Docker tier. Answers 250
 //! to everything and prints one line per message received:
 //! `delivered <X-Token or Message-ID or -> <bytes> <unix time received>`
-//! (seconds, to the microsecond: when the sink answered its end of data, not
-//! when the line is printed, so that a harness timing the last arrival measures the
-//! MTA and not this program's or its own polling).
+//! (seconds, to the microsecond: when the sink answered its end of data,
+//! not when the line is printed, so that a harness timing the last arrival
+//! measures the MTA and not this program's or its own polling).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -20,13 +20,13 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
-use std::sync::mpsc;
 
 use super::{
     flush_all, flush_durable, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED, KEY_VOTE,
