@@ -381,10 +381,13 @@ impl Session {
             new_reply(250, (2, 0, 0), "Chunk received").encode(output);
             return Next::Continue;
         }
-        let (body, exceeded) = match self.tx.as_mut() {
-            Some(tx) => (std::mem::take(&mut tx.chunks), tx.chunks_exceeded),
-            None => return Next::Continue,
+        // A chunk is refused unless it has a transaction; should that ever
+        // not hold, the client still gets an answer, never silence.
+        let Some(tx) = self.tx.as_mut() else {
+            new_reply(503, (5, 5, 1), "Need MAIL first").encode(output);
+            return Next::Continue;
         };
+        let (body, exceeded) = (std::mem::take(&mut tx.chunks), tx.chunks_exceeded);
         self.end_of_message(body, exceeded, output)
     }
 
