@@ -598,11 +598,13 @@ async fn a_wiped_node_catches_up_from_a_snapshot() {
     .await
     .unwrap();
     holds_snapshot(&n3, "the wiped node to install a snapshot").await;
-    for m in b.read().messages() {
+    // The ids first: reading a body takes the queue's lock again, and a
+    // second read while an apply waits for the lock would deadlock.
+    let ids: Vec<_> = b.read().messages().map(|m| m.id).collect();
+    for id in ids {
         assert!(
-            b.body(&m.id).unwrap().is_some(),
-            "body of {} missing on the wiped node",
-            m.id
+            b.body(&id).unwrap().is_some(),
+            "body of {id} missing on the wiped node"
         );
     }
     nodes.push(n3);
