@@ -1,8 +1,8 @@
 //! What a hostile sender controls beyond the parser, tried against real
-//! `skeind` processes at their default settings (but for the Raft timings of
-//! the first, see there): large bounces that once
-//! poisoned a node's reports, envelope parameters that once smuggled lines
-//! into bounces, and mail for a domain whose MX is the cluster itself.
+//! `skeind` processes at their default settings (but for the first test's
+//! Raft timings, see there): large bounces that once poisoned a node's
+//! reports, envelope parameters that once smuggled lines into bounces, and
+//! mail for a domain whose MX is the cluster itself.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -16,8 +16,8 @@ use skein_tests::{
 
 /// The first test pushes 150 MB of mail through a cluster of `skeind`
 /// processes. Beside the other tests' clusters on a 2-core machine (debug
-/// builds), its nodes starve each other's, and what these tests count is
-/// not how a cluster rides out a starved machine: they run one at a time.
+/// builds) the nodes of all of them starve, and how a cluster rides out a
+/// starved machine is not what these tests count: they run one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn dns_for(sink_ip: Ipv4Addr) -> skein_testkit::DnsServerBuilder {
@@ -78,10 +78,15 @@ async fn queues_empty(plan: &ClusterPlan, nodes: &[ProcessNode], timeout: Durati
     })
     .await;
     if let Err(e) = ok {
-        for n in nodes {
-            eprintln!("--- node {} log ---\n{}", n.config.node_id, n.log());
-        }
+        print_logs(nodes);
         panic!("{e}");
+    }
+}
+
+/// Every node's log, for a failing test to show.
+fn print_logs(nodes: &[ProcessNode]) {
+    for n in nodes {
+        eprintln!("--- node {} log ---\n{}", n.config.node_id, n.log());
     }
 }
 
@@ -105,8 +110,8 @@ async fn large_bounces_on_one_node_all_go_out_and_later_mail_is_delivered_once()
     let _alone = ONE_AT_A_TIME.lock().await;
     let sink = refusing_sink().start().await.unwrap();
     let dns = dns_for(Ipv4Addr::LOCALHOST).start().await.unwrap();
-    // Default settings but for the test's addresses and claim interval, and
-    // Raft timings a debug build keeps: on a slow 2-core machine its nodes,
+    // Default settings but for the test's addresses and delivery timings,
+    // and Raft timings a debug build keeps: on a slow 2-core machine its nodes,
     // decoding and checking 15 MB entries, missed the default 500 ms
     // election timeout. The lease is the default one, not the tests' 5 s:
     // with 150 MB to replicate, a delivered bounce's outcome once took
@@ -146,18 +151,14 @@ async fn large_bounces_on_one_node_all_go_out_and_later_mail_is_delivered_once()
     for s in sends {
         let s = s.await.unwrap().unwrap();
         if !s.accepted() {
-            for n in &nodes {
-                eprintln!("--- node {} log ---\n{}", n.config.node_id, n.log());
-            }
+            print_logs(&nodes);
             panic!("{}", s.reply);
         }
     }
     let got = sink.wait_for(BOUNCES, Duration::from_secs(180)).await;
     let bounces = notices(&sink);
     if got.is_err() || bounces.len() < BOUNCES {
-        for n in &nodes {
-            eprintln!("--- node {} log ---\n{}", n.config.node_id, n.log());
-        }
+        print_logs(&nodes);
         panic!("{} of {BOUNCES} bounces delivered", bounces.len());
     }
     for b in &bounces {
@@ -197,9 +198,7 @@ async fn large_bounces_on_one_node_all_go_out_and_later_mail_is_delivered_once()
     }
     let bounces = notices(&sink);
     if bounces.len() != BOUNCES {
-        for n in &nodes {
-            eprintln!("--- node {} log ---\n{}", n.config.node_id, n.log());
-        }
+        print_logs(&nodes);
         let about: Vec<String> = bounces
             .iter()
             .map(|b| {
