@@ -345,7 +345,7 @@ impl Metrics {
         );
         r.register(
             "skein_log_flushes",
-            "Group commits of the Raft log: one body sync and one sled flush each",
+            "Group commits of the Raft log: one sync of the segments each",
             m.log_flushes.clone(),
         );
         r.register(

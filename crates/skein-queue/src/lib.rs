@@ -1,9 +1,9 @@
 //! The replicated mail queue of Skein.
 //!
 //! What it is: the queue state machine ([`QueueState`], a pure function of the
-//! log: requests in, state out, no clock or randomness inside), its storage in
-//! sled (the Raft log, the vote, the applied state and message bodies, and
-//! snapshots streamed to files), and the openraft type configuration that ties
+//! log: requests in, state out, no clock or randomness inside), its storage
+//! (the Raft log and message bodies in segment files, the vote and the
+//! applied state in sled, and snapshots streamed to files), and the openraft type configuration that ties
 //! them together ([`TypeConfig`]).
 //!
 //! What it is not: the network. Raft RPCs, leader forwarding and the delivery

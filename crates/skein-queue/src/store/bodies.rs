@@ -1,4 +1,4 @@
-//! Message bodies in append-only segment files beside sled.
+//! Message bodies and the Raft log, in append-only segment files beside sled.
 //!
 //! A queue writes every body once and deletes it soon after; sled 0.34 keeps
 //! the space such insert-then-delete traffic frees (its files plateau at a few
@@ -6,10 +6,18 @@
 //! appended in order, and a segment file is unlinked whole once nothing refers
 //! to it: when the queue drains, the disk space comes back.
 //!
+//! The segments are also the Raft log's write-ahead log: an entry is one
+//! record, its bodies followed by its metadata (see [`Bodies::append_record`]),
+//! so one sync of the segment makes the entry durable — no second write
+//! anywhere else. A segment begins with [`SEG_MAGIC`] and holds framed
+//! records; [`Bodies::scan`] reads the log's records back in the order they
+//! were written. (Segments from before the log moved here have no magic and
+//! hold bare bodies; they are read only through the references sled keeps.)
+//!
 //! Each body is written once per node. The Raft log entry that carried it and
 //! the queued message (state machine) both hold a [`BodyRef`] to the same
-//! bytes; references are counted per segment in memory and recounted from sled
-//! when the store opens.
+//! bytes; references are counted per segment in memory and recounted when the
+//! store opens (the log's from its records, the queue's from sled).
 //!
 //! Two rules keep this crash-safe:
 //! - Segments are synced before every sled flush ([`Bodies::sync`]), so sled
@@ -31,8 +39,51 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 
-/// A segment takes new bodies until it reaches this size.
+/// A segment takes new records until it reaches this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
+
+/// The first bytes of every segment that holds framed records.
+const SEG_MAGIC: &[u8; 8] = b"SKEINSG2";
+const SEG_HEAD: u64 = SEG_MAGIC.len() as u64;
+
+/// A record's header: `S K <kind> 0`, the metadata's length (u32), the
+/// bodies' length (u64) and the metadata's CRC-32 (u32), little endian.
+/// The bodies follow, then the metadata.
+const REC_HEAD: u64 = 20;
+
+/// A Raft log entry: its metadata is the entry without its bodies and a
+/// reference to each (see the log store).
+pub(crate) const KIND_ENTRY: u8 = 1;
+/// One body and no metadata (snapshot installs, entries applied directly).
+pub(crate) const KIND_BODY: u8 = 2;
+/// The log is cut from an index on (metadata: the index).
+pub(crate) const KIND_TRUNCATE: u8 = 3;
+/// A log record an open found past a hole in the log: never read again.
+const KIND_DEAD: u8 = 0xff;
+
+/// A record the log wrote, read back by [`Bodies::scan`].
+pub(crate) struct Scanned {
+    pub kind: u8,
+    /// Where the record begins (to mark it dead).
+    pub at: RecordAt,
+    /// Where its metadata is, and the metadata.
+    pub meta_ref: BodyRef,
+    pub meta: Vec<u8>,
+}
+
+/// The segment and offset a record begins at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RecordAt {
+    pub seg: u32,
+    pub off: u64,
+}
+
+/// A record appended: where its metadata is, and its bodies.
+pub(crate) struct Written {
+    pub at: RecordAt,
+    pub meta: BodyRef,
+    pub bodies: Vec<BodyRef>,
+}
 
 /// Where a body lives: segment, offset, length and CRC-32 of the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,16 +243,19 @@ impl Bodies {
             .write(true)
             .create_new(true)
             .open(self.dir.join(seg_name(n)))?;
+        file.write_all_at(SEG_MAGIC, 0)?;
         inner.files.insert(
             n,
             Segment {
                 file: Arc::new(file),
-                len: 0,
+                len: SEG_HEAD,
             },
         );
         inner.active = n;
-        inner.active_len = 0;
+        inner.active_len = SEG_HEAD;
         inner.dir_dirty = true;
+        // Synced with the next sync, like the directory entry.
+        inner.dirty.push(n);
         Ok(())
     }
 
@@ -221,33 +275,153 @@ impl Bodies {
     /// Append a body; the returned reference is counted once (for the
     /// record that will hold it). Durable after the next [`Bodies::sync`].
     pub fn append(&self, body: &[u8]) -> Result<BodyRef, StoreError> {
-        let len = u32::try_from(body.len())
-            .map_err(|_| StoreError::Corrupt("a body over 4 GiB".into()))?;
+        let w = self.append_record(KIND_BODY, &[body], false, |_| Ok(Vec::new()))?;
+        Ok(w.bodies[0])
+    }
+
+    /// Append one record: `bodies`, then the metadata `meta` makes from
+    /// their references. Each body reference is counted once, and the
+    /// metadata's too if `count_meta` (a log entry: the log holds it).
+    /// Durable after the next [`Bodies::sync`].
+    pub(crate) fn append_record(
+        &self,
+        kind: u8,
+        bodies: &[&[u8]],
+        count_meta: bool,
+        meta: impl FnOnce(&[BodyRef]) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<Written, StoreError> {
+        let mut lens = Vec::with_capacity(bodies.len());
+        for b in bodies {
+            lens.push(
+                u32::try_from(b.len())
+                    .map_err(|_| StoreError::Corrupt("a body over 4 GiB".into()))?,
+            );
+        }
+        let crcs: Vec<u32> = bodies.iter().map(|b| crc32fast::hash(b)).collect();
+        let bodies_len: u64 = lens.iter().map(|l| u64::from(*l)).sum();
         let mut inner = self.lock();
-        if inner.active_len > 0 && inner.active_len + body.len() as u64 > SEGMENT_BYTES {
+        if inner.active_len > SEG_HEAD && inner.active_len + REC_HEAD + bodies_len > SEGMENT_BYTES {
             self.roll(&mut inner)?;
         }
-        let (seg, off) = (inner.active, inner.active_len);
+        let (seg, start) = (inner.active, inner.active_len);
+        let mut off = start + REC_HEAD;
+        let mut refs = Vec::with_capacity(bodies.len());
+        for (len, crc) in lens.iter().zip(crcs) {
+            refs.push(BodyRef {
+                seg,
+                off,
+                len: *len,
+                crc,
+            });
+            off += u64::from(*len);
+        }
+        let meta = meta(&refs)?;
+        let meta_len = u32::try_from(meta.len())
+            .map_err(|_| StoreError::Corrupt("record metadata over 4 GiB".into()))?;
+        let meta_ref = BodyRef {
+            seg,
+            off,
+            len: meta_len,
+            crc: crc32fast::hash(&meta),
+        };
+        let total = REC_HEAD + bodies_len + u64::from(meta_len);
+        let mut buf = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        buf.extend_from_slice(&[b'S', b'K', kind, 0]);
+        buf.extend_from_slice(&meta_len.to_le_bytes());
+        buf.extend_from_slice(&bodies_len.to_le_bytes());
+        buf.extend_from_slice(&meta_ref.crc.to_le_bytes());
+        for b in bodies {
+            buf.extend_from_slice(b);
+        }
+        buf.extend_from_slice(&meta);
         let s = inner
             .files
             .get_mut(&seg)
             .ok_or_else(|| StoreError::Corrupt("active body segment missing".into()))?;
-        if let Err(e) = s.file.write_all_at(body, off) {
+        if let Err(e) = s.file.write_all_at(&buf, start) {
             // Nothing names the bytes; the next append starts over them.
             return Err(e.into());
         }
-        s.len = off + body.len() as u64;
-        inner.active_len = off + body.len() as u64;
-        *inner.refs.entry(seg).or_insert(0) += 1;
+        s.len = start + total;
+        inner.active_len = start + total;
+        let counts = refs.len() as u64 + u64::from(count_meta);
+        if counts > 0 {
+            *inner.refs.entry(seg).or_insert(0) += counts;
+        }
         if inner.dirty.last() != Some(&seg) {
             inner.dirty.push(seg);
         }
-        Ok(BodyRef {
-            seg,
-            off,
-            len,
-            crc: crc32fast::hash(body),
+        Ok(Written {
+            at: RecordAt { seg, off: start },
+            meta: meta_ref,
+            bodies: refs,
         })
+    }
+
+    /// The log's records (every kind but bare bodies), in the order they
+    /// were written. A segment is read up to its first record that does not
+    /// check out: the torn tail a crash left (nothing after it in that
+    /// segment was synced; later records go to later segments, as every
+    /// open starts a new one). Call at open, before anything is appended.
+    pub(crate) fn scan(&self) -> Result<Vec<Scanned>, StoreError> {
+        let mut segs: Vec<(u32, Arc<File>, u64)> = {
+            let inner = self.lock();
+            inner
+                .files
+                .iter()
+                .map(|(n, s)| (*n, s.file.clone(), s.len))
+                .collect()
+        };
+        segs.sort_unstable_by_key(|(n, _, _)| *n);
+        let mut out = Vec::new();
+        for (seg, file, len) in segs {
+            let mut magic = [0u8; SEG_HEAD as usize];
+            if len < SEG_HEAD || file.read_exact_at(&mut magic, 0).is_err() || &magic != SEG_MAGIC {
+                continue;
+            }
+            let mut off = SEG_HEAD;
+            while off < len {
+                match read_record(&file, seg, off, len)? {
+                    Some((next, rec)) => {
+                        if let Some(rec) = rec {
+                            out.push(rec);
+                        }
+                        off = next;
+                    }
+                    None => {
+                        tracing::info!(
+                            segment = seg,
+                            offset = off,
+                            "a segment ends in a record a crash left unfinished; the rest of it is skipped"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mark log records dead, for good: they lie past a hole in the log (a
+    /// crash kept them, not what came before them) and were never reported
+    /// durable. Synced before it returns.
+    pub(crate) fn kill(&self, records: &[RecordAt]) -> Result<(), StoreError> {
+        let mut files: Vec<(u32, Arc<File>)> = Vec::new();
+        for r in records {
+            let file = {
+                let inner = self.lock();
+                inner.files.get(&r.seg).map(|s| s.file.clone())
+            };
+            let Some(file) = file else { continue };
+            file.write_all_at(&[KIND_DEAD], r.off + 2)?;
+            if !files.iter().any(|(n, _)| *n == r.seg) {
+                files.push((r.seg, file));
+            }
+        }
+        for (_, f) in files {
+            f.sync_data()?;
+        }
+        Ok(())
     }
 
     /// Count one more holder of `r`.
@@ -346,7 +520,7 @@ impl Bodies {
         }
         // A drained active segment is swapped for an empty one, so an idle
         // queue keeps no dead bodies at all.
-        if inner.active_len > 0 && !inner.refs.contains_key(&inner.active) {
+        if inner.active_len > SEG_HEAD && !inner.refs.contains_key(&inner.active) {
             if let Err(e) = self.roll(&mut inner) {
                 tracing::warn!(error = %e, "could not start a new body segment");
             }
@@ -386,4 +560,60 @@ impl Bodies {
     pub fn segments(&self) -> usize {
         self.lock().files.len()
     }
+}
+
+/// The record at `off` of segment `seg` (length `len`): the offset after it
+/// and, unless it is a bare body or dead, the record; `None` if it does not
+/// check out (a torn tail).
+fn read_record(
+    file: &File,
+    seg: u32,
+    off: u64,
+    len: u64,
+) -> Result<Option<(u64, Option<Scanned>)>, StoreError> {
+    if off + REC_HEAD > len {
+        return Ok(None);
+    }
+    let mut h = [0u8; REC_HEAD as usize];
+    file.read_exact_at(&mut h, off)?;
+    let kind = h[2];
+    if h[0] != b'S' || h[1] != b'K' || h[3] != 0 {
+        return Ok(None);
+    }
+    let meta_len = u64::from(u32::from_le_bytes([h[4], h[5], h[6], h[7]]));
+    let bodies_len = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+    let Some(end) = (off + REC_HEAD)
+        .checked_add(bodies_len)
+        .and_then(|e| e.checked_add(meta_len))
+        .filter(|e| *e <= len)
+    else {
+        return Ok(None);
+    };
+    if !matches!(kind, KIND_ENTRY | KIND_BODY | KIND_TRUNCATE | KIND_DEAD) {
+        return Ok(None);
+    }
+    let meta_off = off + REC_HEAD + bodies_len;
+    let mut meta = vec![0u8; meta_len as usize];
+    file.read_exact_at(&mut meta, meta_off)?;
+    if crc32fast::hash(&meta) != crc {
+        return Ok(None);
+    }
+    if matches!(kind, KIND_BODY | KIND_DEAD) {
+        return Ok(Some((end, None)));
+    }
+    Ok(Some((
+        end,
+        Some(Scanned {
+            kind,
+            at: RecordAt { seg, off },
+            meta_ref: BodyRef {
+                seg,
+                off: meta_off,
+                len: meta_len as u32,
+                crc,
+            },
+            meta,
+        }),
+    )))
 }

@@ -1,20 +1,27 @@
-//! The Raft log and vote in sled, with group commit.
+//! The Raft log, written ahead in the body segments, with group commit.
 //!
-//! `append` writes the entries into sled's memory and hands the openraft
-//! callback to the flusher, a thread of its own. The flusher takes every
-//! callback waiting, calls one `flush` (an fsync) for all of them, and only
-//! then reports them durable. A thread rather than a task: the flush blocks,
-//! and a task would hand each one to Tokio's blocking pool and back — two
-//! more thread wake-ups per group commit, on every node, for nothing.
-//! While one flush runs the next batch gathers: the group commit that makes
-//! replicated accepts fast without ever reporting an unflushed append.
-//! (Followers get many entries per append. openraft 0.9 waits for each of
-//! the leader's appends before the next, so there the batching happens one
-//! level up: many proposals in one entry, see skein-node's `cluster/batch.rs`.)
+//! `append` writes each entry as one record of the segments (its bodies,
+//! then the entry without them and a reference to each, see
+//! [`Bodies::append_record`]) and hands the openraft callback to the
+//! flusher, a thread of its own. The flusher takes every callback waiting,
+//! syncs the segments once for all of them, and only then reports them
+//! durable: one fsync per group commit, nothing written twice. A thread
+//! rather than a task: the sync blocks, and a task would hand each one to
+//! Tokio's blocking pool and back — two more thread wake-ups per group
+//! commit, on every node, for nothing. While one sync runs the next batch
+//! gathers: the group commit that makes replicated accepts fast without
+//! ever reporting an unsynced append. (Followers get many entries per
+//! append. openraft 0.9 waits for each of the leader's appends before the
+//! next, so there the batching happens one level up: many proposals in one
+//! entry, see skein-node's `cluster/batch.rs`.)
 //!
-//! Bodies are taken out of each entry and appended to the body segments
-//! ([`super::bodies`]); sled keeps the entry with a reference per body, and
-//! reads put the bodies back. Every flush syncs the segments first.
+//! Where each entry is lives in memory ([`LogMem`]), rebuilt at open by
+//! reading the records back in order: an entry at index `i` cuts the log
+//! from `i` on (a truncated tail comes back and is cut again), a truncate
+//! record cuts it too, entries at or below the purge point are skipped. The
+//! vote and the purge point are in sled, flushed before `save_vote` and
+//! `purge` return. Data directories from before the log moved here keep it
+//! in sled's `raft_log` tree; the first open moves it over.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -22,19 +29,20 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use super::bodies::{RecordAt, Scanned, KIND_ENTRY, KIND_TRUNCATE};
 use super::{
-    flush_all, flush_durable, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED, KEY_VOTE,
-    LOG_TREE, META_TREE,
+    flush_all, Bodies, BodyRef, StoreError, StoreStats, KEY_LAST_PURGED, KEY_VOTE, LOG_TREE,
+    META_TREE,
 };
 use crate::{Entry, LogId, NodeId, TypeConfig, Vote};
 
-/// An entry as sled holds it: bodies taken out, referenced in order.
+/// An entry as its record holds it: bodies taken out, referenced in order.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Stored {
     pub entry: Entry,
@@ -52,6 +60,11 @@ pub(crate) struct StoredRef<'a> {
 /// appends come to do it (an idle queue gives its disk space back).
 const IDLE_FLUSH: Duration = Duration::from_secs(1);
 
+/// Under load, releases wait for a sled flush at most this long: the group
+/// commit syncs only the segments, and a release counts only after a sled
+/// flush (see [`super::bodies`]). The state machine saves as often.
+const RELEASE_FLUSH: Duration = Duration::from_millis(100);
+
 type SErr = StorageError<NodeId>;
 
 /// How much the cache of recent entries holds at most: bytes (entries as
@@ -59,44 +72,72 @@ type SErr = StorageError<NodeId>;
 const RECENT_BYTES: usize = 32 << 20;
 const RECENT_ENTRIES: usize = 4096;
 
-/// The entries appended lately, whole (bodies as shared buffers), with the
-/// references their bodies were stored under. openraft reads each entry back
-/// at once, to send it to every follower and to apply it; from here those
-/// reads cost no disk read, checksum or copy. Truncate and purge keep it
-/// equal to the log; past its bounds the oldest go (and are read from disk).
-#[derive(Default)]
-pub(crate) struct Recent {
-    entries: BTreeMap<u64, RecentEntry>,
-    bytes: usize,
+/// Where an entry of the log is: its id, its record, its bodies.
+#[derive(Clone)]
+struct Located {
+    log_id: LogId,
+    at: RecordAt,
+    meta: BodyRef,
+    bodies: Vec<BodyRef>,
 }
 
-/// An entry whole, the references its bodies were stored under, and what
-/// it counts against the cache's bound.
-struct RecentEntry {
-    entry: Entry,
-    refs: Vec<BodyRef>,
-    size: usize,
+/// The log in memory: where every entry is, the entries appended lately
+/// whole, and the purge point.
+#[derive(Default)]
+pub(crate) struct LogMem {
+    index: BTreeMap<u64, Located>,
+    recent: Recent,
+    last_purged: Option<LogId>,
+}
+
+impl LogMem {
+    /// Take the entries from `from` on out of the index and the cache.
+    fn cut(&mut self, from: u64) -> Vec<Located> {
+        self.recent.remove(from..);
+        self.index.split_off(&from).into_values().collect()
+    }
+
+    /// The body references of the entry at `index`, if it is in the log.
+    pub(crate) fn refs(&self, index: u64) -> Option<Vec<BodyRef>> {
+        self.index.get(&index).map(|l| l.bodies.clone())
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        self.index
+            .values()
+            .next_back()
+            .map(|l| l.log_id)
+            .or(self.last_purged)
+    }
+}
+
+/// The entries appended lately, whole (bodies as shared buffers). openraft
+/// reads each entry back at once, to send it to every follower and to apply
+/// it; from here those reads cost no disk read, checksum or copy. Truncate
+/// and purge keep it equal to the log; past its bounds the oldest go (and
+/// are read from disk).
+#[derive(Default)]
+struct Recent {
+    entries: BTreeMap<u64, (Entry, usize)>,
+    bytes: usize,
 }
 
 impl Recent {
     /// `stored`: the size of the entry without its bodies, as written.
-    fn insert(&mut self, entry: Entry, refs: Vec<BodyRef>, stored: usize) {
+    fn insert(&mut self, entry: Entry, stored: usize) {
         let size = stored
             + match &entry.payload {
                 EntryPayload::Normal(req) => req.cmd.body_bytes(),
                 _ => 0,
             };
         let index = entry.log_id.index;
-        if let Some(old) = self
-            .entries
-            .insert(index, RecentEntry { entry, refs, size })
-        {
-            self.bytes -= old.size;
+        if let Some((_, old)) = self.entries.insert(index, (entry, size)) {
+            self.bytes -= old;
         }
         self.bytes += size;
         while self.bytes > RECENT_BYTES || self.entries.len() > RECENT_ENTRIES {
             match self.entries.pop_first() {
-                Some((_, old)) => self.bytes -= old.size,
+                Some((_, (_, old))) => self.bytes -= old,
                 None => break,
             }
         }
@@ -106,8 +147,8 @@ impl Recent {
     fn remove(&mut self, range: impl RangeBounds<u64>) {
         let gone: Vec<u64> = self.entries.range(range).map(|(i, _)| *i).collect();
         for i in gone {
-            if let Some(old) = self.entries.remove(&i) {
-                self.bytes -= old.size;
+            if let Some((_, old)) = self.entries.remove(&i) {
+                self.bytes -= old;
             }
         }
     }
@@ -118,70 +159,59 @@ impl Recent {
         let out: Vec<Entry> = self
             .entries
             .range(lo..hi)
-            .map(|(_, r)| r.entry.clone())
+            .map(|(_, (e, _))| e.clone())
             .collect();
         (out.len() == len).then_some(out)
     }
-
-    pub(crate) fn refs(&self, index: u64) -> Option<Vec<BodyRef>> {
-        self.entries.get(&index).map(|r| r.refs.clone())
-    }
 }
 
-pub(crate) type SharedRecent = Arc<std::sync::Mutex<Recent>>;
+pub(crate) type SharedLog = Arc<std::sync::Mutex<LogMem>>;
 
-fn lock_recent(r: &SharedRecent) -> std::sync::MutexGuard<'_, Recent> {
+pub(crate) fn lock_log(r: &SharedLog) -> std::sync::MutexGuard<'_, LogMem> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
-    log: sled::Tree,
     meta: sled::Tree,
     bodies: Arc<Bodies>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
-    recent: SharedRecent,
+    mem: SharedLog,
 }
 
 impl LogStore {
-    /// Open the log and count its references to bodies.
+    /// Open the log: read its records back, count their references to
+    /// bodies, and move a log sled still holds into the segments.
     pub(crate) fn open(
         db: sled::Db,
         bodies: Arc<Bodies>,
         stats: Arc<StoreStats>,
     ) -> Result<Self, StoreError> {
-        let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
-        // Count the references, and check every body: after a power cut,
-        // sled may hold entries it wrote back on its own whose bodies never
-        // reached the disk. Such entries were never reported durable (every
-        // flush syncs the bodies first), so the log is cut before the first.
-        let mut torn = None;
-        for kv in log.iter() {
-            let (k, v) = kv?;
-            let refs = decode_stored(&v)?.bodies;
-            if torn.is_none() && refs.iter().any(|r| bodies.read(r).is_err()) {
-                torn = Some(k);
-            }
-            if torn.is_none() {
-                for r in &refs {
-                    bodies.retain(r);
-                }
+        let last_purged = match meta.get(KEY_LAST_PURGED)? {
+            Some(v) => Some(postcard::from_bytes::<LogId>(&v)?),
+            None => None,
+        };
+        let mut mem = LogMem {
+            last_purged,
+            ..LogMem::default()
+        };
+        let dead = replay(&mut mem, bodies.scan()?)?;
+        let dead = dead
+            .into_iter()
+            .chain(check_bodies(&mut mem, &bodies))
+            .collect::<Vec<_>>();
+        if !dead.is_empty() {
+            bodies.kill(&dead)?;
+        }
+        for l in mem.index.values() {
+            bodies.retain(&l.meta);
+            for r in &l.bodies {
+                bodies.retain(r);
             }
         }
-        if let Some(from) = torn {
-            tracing::warn!(
-                index = u64::from_be_bytes(from[..8].try_into().unwrap_or_default()),
-                "log entries past a body that never reached the disk are dropped"
-            );
-            let mut batch = sled::Batch::default();
-            for k in log.range(from..).keys() {
-                batch.remove(k?);
-            }
-            log.apply_batch(batch)?;
-            db.flush()?;
-        }
+        migrate(&db, &bodies, &mut mem)?;
         let (tx, rx) = mpsc::channel();
         let (db2, bodies2) = (db.clone(), bodies.clone());
         std::thread::Builder::new()
@@ -189,78 +219,101 @@ impl LogStore {
             .spawn(move || flusher(db2, bodies2, stats, rx))?;
         Ok(LogStore {
             db,
-            log,
             meta,
             bodies,
             flusher: tx,
-            recent: SharedRecent::default(),
+            mem: Arc::new(std::sync::Mutex::new(mem)),
         })
     }
 
-    /// The cache of recent entries, for the state machine's body references.
-    pub(crate) fn recent(&self) -> SharedRecent {
-        self.recent.clone()
+    /// The log in memory, for the state machine's body references.
+    pub(crate) fn mem(&self) -> SharedLog {
+        self.mem.clone()
     }
 
-    /// An entry read back whole, its bodies from their segments.
-    fn decode_entry(&self, v: &[u8]) -> Result<Entry, SErr> {
-        let Stored { mut entry, bodies } =
-            decode_stored(v).map_err(|e| StorageIOError::read_logs(&e))?;
+    /// The last entry's log id (or the purge point's), for recovery.
+    pub(crate) fn last_log_id(&self) -> Option<LogId> {
+        lock_log(&self.mem).last_log_id()
+    }
+
+    /// Append `entry` and sync it, outside Raft (recovery).
+    pub(crate) fn append_synced(&self, entry: Entry) -> Result<(), StoreError> {
+        self.write_entry(entry)?;
+        self.bodies.sync()
+    }
+
+    /// An entry read back whole from its record.
+    fn read_entry(&self, l: &Located) -> Result<Entry, StoreError> {
+        let Stored { mut entry, bodies } = decode_stored(&self.bodies.read(&l.meta)?)?;
         if let EntryPayload::Normal(req) = &mut entry.payload {
             let slots = req.cmd.bodies_mut();
             if slots.len() != bodies.len() {
-                let e = StoreError::Corrupt(format!("entry {} lost its bodies", entry.log_id));
-                return Err(StorageIOError::read_logs(&e).into());
+                return Err(StoreError::Corrupt(format!(
+                    "entry {} lost its bodies",
+                    entry.log_id
+                )));
             }
             for (slot, r) in slots.into_iter().zip(&bodies) {
-                *slot = self
-                    .bodies
-                    .read(r)
-                    .map_err(|e| StorageIOError::read_logs(&e))?;
+                *slot = self.bodies.read(r)?;
             }
         }
         Ok(entry)
     }
 
-    /// The body references of the entries in `range`, for releasing.
-    fn refs_in(
-        &self,
-        iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-    ) -> Result<Vec<BodyRef>, StoreError> {
-        let mut refs = Vec::new();
-        for kv in iter {
-            let (_, v) = kv?;
-            refs.extend(decode_stored(&v)?.bodies);
+    /// Write one entry's record and put it in the log in memory.
+    fn write_entry(&self, mut entry: Entry) -> Result<(), StoreError> {
+        // The bodies go into the record as they are; its metadata is the
+        // entry without them, and the cache gets it whole.
+        let mut taken = Vec::new();
+        if let EntryPayload::Normal(req) = &mut entry.payload {
+            for body in req.cmd.bodies_mut() {
+                taken.push(std::mem::take(body));
+            }
         }
-        Ok(refs)
-    }
-
-    fn last_purged(&self) -> Result<Option<LogId>, SErr> {
-        match self
-            .meta
-            .get(KEY_LAST_PURGED)
-            .map_err(|e| StorageIOError::read_logs(&e))?
-        {
-            Some(v) => Ok(Some(
-                postcard::from_bytes(&v).map_err(|e| StorageIOError::read_logs(&e))?,
-            )),
-            None => Ok(None),
+        let slices: Vec<&[u8]> = taken.iter().map(|b| &b[..]).collect();
+        let w = self
+            .bodies
+            .append_record(KIND_ENTRY, &slices, true, |refs| {
+                Ok(postcard::to_stdvec(&StoredRef {
+                    entry: &entry,
+                    bodies: refs,
+                })?)
+            });
+        drop(slices);
+        if let EntryPayload::Normal(req) = &mut entry.payload {
+            for (slot, body) in req.cmd.bodies_mut().into_iter().zip(taken) {
+                *slot = body;
+            }
         }
-    }
-
-    /// Take the entries `range` yields out of the log, and release their
-    /// bodies (truncating the tail, purging the head).
-    fn remove_entries(&self, range: impl Fn() -> sled::Iter) -> Result<(), StoreError> {
-        let refs = self.refs_in(range())?;
-        let mut batch = sled::Batch::default();
-        for kv in range() {
-            batch.remove(kv?.0);
-        }
-        self.log.apply_batch(batch)?;
-        for r in &refs {
-            self.bodies.release(r);
-        }
+        let w = w?;
+        let index = entry.log_id.index;
+        let mut mem = lock_log(&self.mem);
+        // openraft truncates before it appends over entries; whatever was
+        // there is gone either way.
+        let gone = mem.cut(index);
+        mem.index.insert(
+            index,
+            Located {
+                log_id: entry.log_id,
+                at: w.at,
+                meta: w.meta,
+                bodies: w.bodies,
+            },
+        );
+        mem.recent.insert(entry, w.meta.len as usize);
+        drop(mem);
+        self.release(&gone);
         Ok(())
+    }
+
+    /// The entries are gone from the log: their records and bodies may go.
+    fn release(&self, gone: &[Located]) {
+        for l in gone {
+            self.bodies.release(&l.meta);
+            for r in &l.bodies {
+                self.bodies.release(r);
+            }
+        }
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -271,9 +324,149 @@ impl LogStore {
     }
 }
 
-/// The group-commit loop: one sync of the body segments and one sled flush
-/// for every append waiting. When idle, it still flushes now and then so that
-/// released bodies can be unlinked. Ends when the log store is gone.
+/// Rebuild the log from its records, in the order they were written.
+/// Returns the records past a hole: entries after one were never reported
+/// durable (a sync covers everything written before it), and a crash kept
+/// them without what came first.
+fn replay(mem: &mut LogMem, records: Vec<Scanned>) -> Result<Vec<RecordAt>, StoreError> {
+    let mut dead = Vec::new();
+    for rec in records {
+        if !dead.is_empty() {
+            dead.push(rec.at);
+            continue;
+        }
+        match rec.kind {
+            KIND_TRUNCATE => {
+                let from: u64 = postcard::from_bytes(&rec.meta)?;
+                mem.cut(from);
+            }
+            KIND_ENTRY => {
+                let Stored { entry, bodies } = decode_stored(&rec.meta)?;
+                let i = entry.log_id.index;
+                if mem.last_purged.is_some_and(|p| i <= p.index) {
+                    continue;
+                }
+                let next = match mem.index.keys().next_back() {
+                    Some(last) => Some(last + 1),
+                    None => mem.last_purged.map(|p| p.index + 1),
+                };
+                if next.is_some_and(|n| i > n) {
+                    tracing::warn!(
+                        index = i,
+                        "log records past a hole a crash left are dropped (never reported durable)"
+                    );
+                    dead.push(rec.at);
+                    continue;
+                }
+                mem.cut(i);
+                mem.index.insert(
+                    i,
+                    Located {
+                        log_id: entry.log_id,
+                        at: rec.at,
+                        meta: rec.meta_ref,
+                        bodies,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(dead)
+}
+
+/// Check every body the log names: after a power cut, a record may be on
+/// disk without all of its bodies (the pages of one file reach the disk in
+/// any order until a sync). Such an entry was never reported durable, so
+/// the log is cut before the first; their records are returned, to kill.
+fn check_bodies(mem: &mut LogMem, bodies: &Bodies) -> Vec<RecordAt> {
+    let torn = mem
+        .index
+        .values()
+        .find(|l| l.bodies.iter().any(|r| bodies.read(r).is_err()))
+        .map(|l| l.log_id.index);
+    let Some(from) = torn else {
+        return Vec::new();
+    };
+    tracing::warn!(
+        index = from,
+        "log entries past a body that never reached the disk are dropped"
+    );
+    mem.cut(from).into_iter().map(|l| l.at).collect()
+}
+
+/// Move a log sled still holds (a data directory from before the log moved
+/// to the segments) into records, then drop the tree. A crash part way
+/// moves it again: the records written first are cut by the same entries.
+fn migrate(db: &sled::Db, bodies: &Bodies, mem: &mut LogMem) -> Result<(), StoreError> {
+    if !db
+        .tree_names()
+        .iter()
+        .any(|n| n.as_ref() == LOG_TREE.as_bytes())
+    {
+        return Ok(());
+    }
+    let old = db.open_tree(LOG_TREE)?;
+    let mut moved = 0u64;
+    for kv in old.iter() {
+        let (_, v) = kv?;
+        let Stored {
+            entry,
+            bodies: refs,
+        } = decode_stored(&v)?;
+        let i = entry.log_id.index;
+        if mem.last_purged.is_some_and(|p| i <= p.index) {
+            continue;
+        }
+        // As at every open: an entry whose body never reached the disk
+        // ends the log.
+        if refs.iter().any(|r| bodies.read(r).is_err()) {
+            tracing::warn!(
+                index = i,
+                "log entries past a body that never reached the disk are dropped"
+            );
+            break;
+        }
+        let w = bodies.append_record(KIND_ENTRY, &[], true, |_| {
+            Ok(postcard::to_stdvec(&StoredRef {
+                entry: &entry,
+                bodies: &refs,
+            })?)
+        })?;
+        for r in &refs {
+            bodies.retain(r);
+        }
+        for l in mem.cut(i) {
+            bodies.release(&l.meta);
+            for r in &l.bodies {
+                bodies.release(r);
+            }
+        }
+        mem.index.insert(
+            i,
+            Located {
+                log_id: entry.log_id,
+                at: w.at,
+                meta: w.meta,
+                bodies: refs,
+            },
+        );
+        moved += 1;
+    }
+    bodies.sync()?;
+    db.drop_tree(LOG_TREE)?;
+    db.flush()?;
+    tracing::info!(
+        entries = moved,
+        "the Raft log moved from sled to the segments"
+    );
+    Ok(())
+}
+
+/// The group-commit loop: one sync of the segments for every append
+/// waiting. Releases wait for a sled flush, at most [`RELEASE_FLUSH`]
+/// under load; when idle, it still flushes now and then so that released
+/// bodies can be unlinked. Ends when the log store is gone.
 fn flusher(
     db: sled::Db,
     bodies: Arc<Bodies>,
@@ -281,6 +474,7 @@ fn flusher(
     rx: mpsc::Receiver<LogFlushed<TypeConfig>>,
 ) {
     let mut waiting = Vec::new();
+    let mut flushed = Instant::now();
     loop {
         match rx.recv_timeout(IDLE_FLUSH) {
             Ok(first) => waiting.push(first),
@@ -289,6 +483,7 @@ fn flusher(
                     if let Err(e) = flush_all(&db, &bodies) {
                         tracing::warn!(error = %e, "idle flush failed");
                     }
+                    flushed = Instant::now();
                 } else {
                     bodies.collect();
                 }
@@ -297,11 +492,8 @@ fn flusher(
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         waiting.extend(rx.try_iter());
-        let began = std::time::Instant::now();
-        let (result, settling) = match flush_durable(&db, &bodies) {
-            Ok(settling) => (Ok(()), Some(settling)),
-            Err(e) => (Err(std::io::Error::other(e.to_string())), None),
-        };
+        let began = Instant::now();
+        let result = bodies.sync();
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats
             .appends
@@ -312,30 +504,18 @@ fn flusher(
         for cb in waiting.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
             };
             cb.log_io_completed(r);
         }
-        // Unlink what the flush made unreferenced, once the appends are out.
-        if let Some(settling) = settling {
-            bodies.settle(settling);
+        // Unlink what is no longer referenced, once the appends are out.
+        if result.is_ok() && bodies.has_releases() && flushed.elapsed() >= RELEASE_FLUSH {
+            if let Err(e) = flush_all(&db, &bodies) {
+                tracing::warn!(error = %e, "flush for released bodies failed");
+            }
+            flushed = Instant::now();
         }
     }
-}
-
-/// The key of the entry at index `i`: the index, big endian, then four
-/// zero bytes (entries were once split into numbered chunks; the one chunk
-/// left keeps the layout every data directory has).
-pub(crate) fn entry_key(i: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(&i.to_be_bytes());
-    k
-}
-
-/// Where the entries from index `i` begin (any key of an index sorts
-/// after its 8-byte prefix).
-fn index_key(i: u64) -> [u8; 8] {
-    i.to_be_bytes()
 }
 
 pub(crate) fn decode_stored(v: &[u8]) -> Result<Stored, StoreError> {
@@ -343,18 +523,8 @@ pub(crate) fn decode_stored(v: &[u8]) -> Result<Stored, StoreError> {
 }
 
 /// The body references stored with the entry at `index`, if it is in the log.
-pub(crate) fn stored_refs(
-    log: &sled::Tree,
-    recent: &SharedRecent,
-    index: u64,
-) -> Result<Option<Vec<BodyRef>>, StoreError> {
-    if let Some(refs) = lock_recent(recent).refs(index) {
-        return Ok(Some(refs));
-    }
-    Ok(match log.get(entry_key(index))? {
-        Some(v) => Some(decode_stored(&v)?.bodies),
-        None => None,
-    })
+pub(crate) fn stored_refs(log: &SharedLog, index: u64) -> Option<Vec<BodyRef>> {
+    lock_log(log).refs(index)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -372,21 +542,28 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
-        if let Some(hi) = hi {
-            if let Some(entries) = lock_recent(&self.recent).get(lo, hi) {
-                return Ok(entries);
+        let located: Vec<Located> = {
+            let mem = lock_log(&self.mem);
+            if let Some(hi) = hi {
+                if let Some(entries) = mem.recent.get(lo, hi) {
+                    return Ok(entries);
+                }
             }
-        }
-        let iter = match hi {
-            Some(hi) => self.log.range(index_key(lo)..index_key(hi)),
-            None => self.log.range(index_key(lo)..),
+            let r = match hi {
+                Some(hi) if hi <= lo => return Ok(Vec::new()),
+                Some(hi) => mem.index.range(lo..hi),
+                None => mem.index.range(lo..),
+            };
+            r.map(|(_, l)| l.clone()).collect()
         };
-        let mut out = Vec::new();
         // Purged entries' segments are not unlinked while this is held.
         let _guard = self.bodies.guard();
-        for kv in iter {
-            let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(self.decode_entry(&v)?);
+        let mut out = Vec::with_capacity(located.len());
+        for l in &located {
+            out.push(
+                self.read_entry(l)
+                    .map_err(|e| StorageIOError::read_logs(&e))?,
+            );
         }
         Ok(out)
     }
@@ -396,19 +573,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
-        let last_purged_log_id = self.last_purged()?;
-        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, v)) => Some(
-                decode_stored(&v)
-                    .map_err(|e| StorageIOError::read_logs(&e))?
-                    .entry
-                    .log_id,
-            ),
-            None => None,
-        };
+        let mem = lock_log(&self.mem);
         Ok(LogState {
-            last_purged_log_id,
-            last_log_id: last.or(last_purged_log_id),
+            last_purged_log_id: mem.last_purged,
+            last_log_id: mem.last_log_id(),
         })
     }
 
@@ -446,49 +614,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut written = Vec::new();
-        let r = (|| {
-            for mut entry in entries {
-                // The bodies go to their segment; sled gets the entry without
-                // them, the cache gets it whole (they are put back).
-                let mut refs = Vec::new();
-                let mut taken = Vec::new();
-                if let EntryPayload::Normal(req) = &mut entry.payload {
-                    for body in req.cmd.bodies_mut() {
-                        let r = self.bodies.append(body)?;
-                        written.push(r);
-                        refs.push(r);
-                        taken.push(std::mem::take(body));
-                    }
-                }
-                let index = entry.log_id.index;
-                let v = postcard::to_stdvec(&StoredRef {
-                    entry: &entry,
-                    bodies: &refs,
-                })?;
-                if let EntryPayload::Normal(req) = &mut entry.payload {
-                    for (slot, body) in req.cmd.bodies_mut().into_iter().zip(taken) {
-                        *slot = body;
-                    }
-                }
-                // One insert per entry, not a batch: sled writes out (and
-                // syncs) its buffer on every batch, which on the hot path
-                // cost more than the flush itself. An insert is atomic, and a
-                // crash keeps a prefix of them; none of this was reported
-                // durable before the flush anyway. One chunk, however large:
-                // entries leave the log soon, so sled holding a large one in
-                // memory for a while does no harm.
-                let stored = v.len();
-                self.log.insert(entry_key(index), v)?;
-                lock_recent(&self.recent).insert(entry, refs, stored);
-            }
-            Ok::<_, StoreError>(())
-        })();
-        if let Err(e) = r {
-            for w in &written {
-                self.bodies.release(w);
-            }
-            return Err(StorageIOError::write_logs(&e).into());
+        for entry in entries {
+            self.write_entry(entry)
+                .map_err(|e| StorageIOError::write_logs(&e))?;
         }
         // Readable now; durable when the flusher says so.
         if let Err(mpsc::SendError(cb)) = self.flusher.send(callback) {
@@ -498,23 +626,46 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), SErr> {
-        lock_recent(&self.recent).remove(log_id.index..);
-        self.remove_entries(|| self.log.range(index_key(log_id.index)..))
+        let gone = lock_log(&self.mem).cut(log_id.index);
+        if gone.is_empty() {
+            return Ok(());
+        }
+        // Recorded, so that a reopen cuts the log here too; durable with
+        // the next sync, which comes before the appends that follow are
+        // reported (a crash before it brings back entries never committed,
+        // as a crash before the truncate would).
+        let r = self.bodies.append_record(KIND_TRUNCATE, &[], false, |_| {
+            Ok(postcard::to_stdvec(&log_id.index)?)
+        });
+        self.release(&gone);
+        r.map(|_| ())
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), SErr> {
-        lock_recent(&self.recent).remove(..=log_id.index);
-        // Record the purge point first: a crash part way leaves entries below
-        // it, which are never read, rather than a hole above it.
+        // The purge point is on disk before the entries leave: a reopen
+        // must never find entries after it missing from before them.
         let v = postcard::to_stdvec(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         self.meta
             .insert(KEY_LAST_PURGED, v)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.remove_entries(|| match log_id.index.checked_add(1) {
-            Some(next) => self.log.range(..index_key(next)),
-            None => self.log.range::<&[u8], _>(..),
-        })
-        .map_err(|e| StorageIOError::write_logs(&e).into())
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let gone: Vec<Located> = {
+            let mut mem = lock_log(&self.mem);
+            mem.recent.remove(..=log_id.index);
+            let keep = match log_id.index.checked_add(1) {
+                Some(next) => mem.index.split_off(&next),
+                None => BTreeMap::new(),
+            };
+            let gone = std::mem::replace(&mut mem.index, keep);
+            if mem.last_purged.is_none_or(|p| p.index < log_id.index) {
+                mem.last_purged = Some(log_id);
+            }
+            gone.into_values().collect()
+        };
+        self.release(&gone);
+        Ok(())
     }
 }

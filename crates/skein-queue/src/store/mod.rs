@@ -1,9 +1,9 @@
-//! sled storage for the Raft log, the vote and the state machine.
+//! Storage for the Raft log, the vote and the state machine.
 //!
-//! One sled database per node, in `<data_dir>/db`:
-//! - tree `raft_log`: entry index (big endian, then four zero bytes) →
-//!   postcard(stored entry): the entry with its bodies taken out, plus a
-//!   [`BodyRef`] for each.
+//! The Raft log is written ahead in the body segments under
+//! `<data_dir>/bodies` (see [`log`] and [`bodies`]): one record per entry,
+//! its bodies and then the entry without them. The rest is in one sled
+//! database per node, in `<data_dir>/db`:
 //! - tree `raft_meta`: `vote`, `last_purged`, `sm_tree` (which state tree is live)
 //! - tree `sm.<gen>`: the state machine. `s` → [`SmHeader`]; `m<id>` → a
 //!   [`crate::Message`]; `b<id>` → the [`BodyRef`] of its body; saved in
@@ -12,8 +12,8 @@
 //!   snapshot fills a fresh generation and switches `sm_tree` to it in one
 //!   write, so a crash mid-install leaves the old state whole.
 //!
-//! Bodies are in segment files under `<data_dir>/bodies` (see [`bodies`]),
-//! written once and shared by the log entry and the queued message.
+//! Each body is written once, in its log entry's record, and shared by the
+//! log entry and the queued message.
 //! Snapshots are files in `<data_dir>/snapshots` (see [`snapshot`]).
 
 pub mod bodies;
@@ -51,6 +51,8 @@ impl From<postcard::Error> for StoreError {
     }
 }
 
+/// The tree the Raft log was kept in before it moved to the segments
+/// (read once, to move it; see the log store).
 pub(crate) const LOG_TREE: &str = "raft_log";
 pub(crate) const META_TREE: &str = "raft_meta";
 pub(crate) const KEY_VOTE: &[u8] = b"vote";
@@ -121,7 +123,7 @@ pub(crate) fn decode_ref(v: &[u8]) -> Result<BodyRef, StoreError> {
 /// Counters of the log's group commit (read by the node's metrics).
 #[derive(Debug, Default)]
 pub struct StoreStats {
-    /// Group commits: one body sync and one sled flush each.
+    /// Group commits: one sync of the segments each.
     pub flushes: std::sync::atomic::AtomicU64,
     /// Appends made durable by them.
     pub appends: std::sync::atomic::AtomicU64,
@@ -286,20 +288,16 @@ pub struct Stores {
 pub fn open(dir: &Path) -> Result<Stores, StoreError> {
     std::fs::create_dir_all(dir)?;
     let db = open_db(&dir.join("db"))?;
-    if let Some(req) = recovery::pending(dir)? {
-        recovery::apply(&db, dir, &req)?;
-    }
     let snapshot_dir: PathBuf = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)?;
     let bodies = Arc::new(Bodies::open(&dir.join("bodies"))?);
     let stats = Arc::new(StoreStats::default());
     let log = LogStore::open(db.clone(), bodies.clone(), stats.clone())?;
-    let (state_machine, shared) = StateMachineStore::open(
-        db.clone(),
-        snapshot_dir.clone(),
-        bodies.clone(),
-        log.recent(),
-    )?;
+    if let Some(req) = recovery::pending(dir)? {
+        recovery::apply(&db, &log, dir, &req)?;
+    }
+    let (state_machine, shared) =
+        StateMachineStore::open(db.clone(), snapshot_dir.clone(), bodies.clone(), log.mem())?;
     // Both stores have counted their references: drop what nothing names.
     bodies.finish_open()?;
     let reader = QueueReader {
@@ -324,11 +322,11 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
     loop {
         let r = sled::Config::new()
             .path(path)
-            // Flushes are ours: one per batch of appends (group commit), and
-            // before every vote is reported saved.
+            // Flushes are ours: before every vote and purge is reported
+            // saved, and for released bodies (see the log's flusher).
             .flush_every_ms(None)
-            // sled caches 1 GiB by default; it holds only metadata and log
-            // entries (bodies are in segments), so a small cache keeps
+            // sled caches 1 GiB by default; it holds only the queue's
+            // metadata (the log and bodies are in segments), so a small cache keeps
             // memory bounded whatever the queue size.
             .cache_capacity(CACHE_BYTES)
             .open();

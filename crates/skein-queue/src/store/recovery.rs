@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, Membership, Vote};
 use serde::{Deserialize, Serialize};
 
-use super::log::{decode_stored, entry_key, StoredRef};
-use super::{StoreError, KEY_LAST_PURGED, KEY_VOTE, LOG_TREE, META_TREE};
+use super::log::LogStore;
+use super::{StoreError, KEY_VOTE, META_TREE};
 use crate::{Entry, NodeId};
 
 /// The request, in the data directory.
@@ -70,16 +70,14 @@ pub fn pending(dir: &Path) -> Result<Option<Request>, StoreError> {
 /// Returns the log id of the new membership entry. Applying a request
 /// twice (a crash between the flush and the removal) only appends a second
 /// membership entry naming the same single voter.
-pub(crate) fn apply(db: &sled::Db, dir: &Path, req: &Request) -> Result<LogId<NodeId>, StoreError> {
-    let log = db.open_tree(LOG_TREE)?;
+pub(crate) fn apply(
+    db: &sled::Db,
+    log: &LogStore,
+    dir: &Path,
+    req: &Request,
+) -> Result<LogId<NodeId>, StoreError> {
     let meta = db.open_tree(META_TREE)?;
-    let last = match log.last()? {
-        Some((_, v)) => Some(decode_stored(&v)?.entry.log_id),
-        None => match meta.get(KEY_LAST_PURGED)? {
-            Some(v) => Some(postcard::from_bytes::<LogId<NodeId>>(&v)?),
-            None => None,
-        },
-    };
+    let last = log.last_log_id();
     let vote: Option<Vote<NodeId>> = match meta.get(KEY_VOTE)? {
         Some(v) => Some(postcard::from_bytes(&v)?),
         None => None,
@@ -106,13 +104,7 @@ pub(crate) fn apply(db: &sled::Db, dir: &Path, req: &Request) -> Result<LogId<No
         log_id,
         payload: EntryPayload::Membership(membership),
     };
-    log.insert(
-        entry_key(index),
-        postcard::to_stdvec(&StoredRef {
-            entry: &entry,
-            bodies: &[],
-        })?,
-    )?;
+    log.append_synced(entry)?;
     meta.insert(
         KEY_VOTE,
         postcard::to_stdvec(&Vote::new_committed(term, req.node_id))?,

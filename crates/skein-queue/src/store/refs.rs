@@ -23,15 +23,15 @@
 //!
 //! A segment goes when no count is left (and, for crash safety, only once
 //! the sled flush after the last release has finished — see [`super::bodies`]).
-//! On open, counts are rebuilt from what sled names: every log entry and
-//! every `b<id>` of a queued message; a `b<id>` whose message is gone was
+//! On open, counts are rebuilt: every log entry from its record, and
+//! every `b<id>` of a queued message from sled; a `b<id>` whose message is gone was
 //! waiting in [`Reclaim`] and is forgotten.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::log::{stored_refs, SharedRecent};
+use super::log::{stored_refs, SharedLog};
 use super::{Bodies, BodyRef, StoreError};
 use crate::{MessageId, Request};
 
@@ -73,8 +73,7 @@ impl Arrivals {
     pub(crate) fn collect(
         &mut self,
         bodies: &Bodies,
-        log: &sled::Tree,
-        recent: &SharedRecent,
+        log: &SharedLog,
         index: u64,
         req: &Request,
     ) -> Result<(), StoreError> {
@@ -82,7 +81,7 @@ impl Arrivals {
         if carried.is_empty() {
             return Ok(());
         }
-        if let Some(refs) = stored_refs(log, recent, index)? {
+        if let Some(refs) = stored_refs(log, index) {
             if refs.len() == carried.len() {
                 for ((id, _), r) in carried.iter().zip(refs) {
                     self.arrive(*id, Arrived::InLog(r));

@@ -12,14 +12,14 @@ use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError, StoredM
 use tokio::io::AsyncSeekExt;
 use tokio::sync::watch;
 
-use super::log::SharedRecent;
+use super::log::SharedLog;
 use super::refs::{Arrivals, Keep, Reclaim};
 use super::snapshot::build::SnapshotBuilder;
 use super::snapshot::files::{SnapshotFiles, CURRENT};
 use super::snapshot::install::{install_file, Installed};
 use super::{
     body_key, decode_ref, id_from_key, message_key, sts_key, Bodies, BodyRef, Shared, SmHeader,
-    StoreError, KEY_HEADER, KEY_SM_TREE, LOG_TREE, META_TREE, STS_PREFIX,
+    StoreError, KEY_HEADER, KEY_SM_TREE, META_TREE, STS_PREFIX,
 };
 use crate::state::Touched;
 use crate::{
@@ -32,10 +32,9 @@ type SErr = StorageError<NodeId>;
 pub struct StateMachineStore {
     db: sled::Db,
     meta: sled::Tree,
-    /// The Raft log: applied entries find their bodies' references there
-    /// (recent ones in its cache).
-    log: sled::Tree,
-    recent: SharedRecent,
+    /// The Raft log in memory: applied entries find their bodies'
+    /// references there.
+    log: SharedLog,
     bodies: Arc<Bodies>,
     shared: Arc<Shared>,
     gen: u64,
@@ -309,10 +308,9 @@ impl StateMachineStore {
         db: sled::Db,
         snapshot_dir: PathBuf,
         bodies: Arc<Bodies>,
-        recent: SharedRecent,
+        log: SharedLog,
     ) -> Result<(Self, Arc<Shared>), StoreError> {
         let meta = db.open_tree(META_TREE)?;
-        let log = db.open_tree(LOG_TREE)?;
         let gen = match meta.get(KEY_SM_TREE)? {
             Some(v) => u64::from_be_bytes(
                 v.as_ref()
@@ -384,7 +382,6 @@ impl StateMachineStore {
             db,
             meta,
             log,
-            recent,
             bodies,
             shared: shared.clone(),
             gen,
@@ -414,13 +411,8 @@ impl StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => responses.push(Response::Done),
                 EntryPayload::Normal(req) => {
-                    u.arrivals.collect(
-                        &self.bodies,
-                        &self.log,
-                        &self.recent,
-                        entry.log_id.index,
-                        &req,
-                    )?;
+                    u.arrivals
+                        .collect(&self.bodies, &self.log, entry.log_id.index, &req)?;
                     let from = touched.events.len();
                     let ids_from = touched.ids.len();
                     responses.push(state.apply(&req, &mut touched));

@@ -623,39 +623,150 @@ async fn a_notice_enqueued_by_a_report_has_its_body() {
     build_snapshot(&mut s).await;
 }
 
-/// After a power cut, sled may hold log entries whose bodies never reached
-/// the disk (they were never reported durable). The store cuts its log
-/// before the first such entry instead of serving a damaged body.
+/// The segment file and offset a log entry's body was written at.
+fn body_place(s: &Stores, index: u64) -> (std::path::PathBuf, u64, usize) {
+    let r = super::log::stored_refs(&s.log.mem(), index).unwrap()[0];
+    let path = s
+        .reader
+        .data_dir()
+        .join("bodies")
+        .join(format!("{:08}.seg", r.seg));
+    (path, r.off, r.len as usize)
+}
+
+/// Overwrite `len` bytes at `off` of the file at `path`.
+fn damage(path: &std::path::Path, off: u64, len: usize, with: u8) {
+    let mut bytes = std::fs::read(path).unwrap();
+    for b in &mut bytes[off as usize..off as usize + len] {
+        *b = with;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// After a power cut, a log record may be on disk without its bodies (they
+/// were never reported durable: the pages of a file reach the disk in any
+/// order until a sync). The store cuts its log before the first such entry
+/// instead of serving a damaged body, and it stays cut.
 #[tokio::test(flavor = "multi_thread")]
 async fn log_entries_whose_bodies_never_reached_the_disk_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    {
+    let place = {
         let mut s = open(dir.path()).unwrap();
         let entries: Vec<Entry> = (1..=6u64)
             .map(|i| entry(i, enqueue_body(i as u128, body_of(5000, i as u128))))
             .collect();
         append(&mut s.log, entries).await;
-    }
+        body_place(&s, 4)
+    };
     // Damage the body of entry 4 the way a lost page would.
-    let seg = std::fs::read_dir(dir.path().join("bodies"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| std::fs::metadata(p).unwrap().len() == 30_000)
-        .expect("the segment with the six bodies");
-    let mut bytes = std::fs::read(&seg).unwrap();
-    for b in &mut bytes[15_000..20_000] {
-        *b = 0;
-    }
-    std::fs::write(&seg, bytes).unwrap();
+    damage(&place.0, place.1, place.2, 0);
 
+    for _ in 0..2 {
+        let mut s = open(dir.path()).unwrap();
+        assert_eq!(
+            s.log.get_log_state().await.unwrap().last_log_id,
+            Some(log_id(3))
+        );
+        let back = s.log.try_get_log_entries(1..10).await.unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[2], entry(3, enqueue_body(3, body_of(5000, 3))));
+    }
+}
+
+/// A crash can keep a later segment's records and not an earlier one's
+/// tail (nothing was synced after either). The log ends where the first
+/// record is missing; the records past the hole are dead for good, so the
+/// entries appended after the reopen read back in order, and a truncate
+/// holds across a reopen.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_past_a_hole_in_the_log_stay_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = |i: u64| entry(i, enqueue_body(i as u128, body_of(3000, i as u128)));
+    let place = {
+        let mut s = open(dir.path()).unwrap();
+        append(&mut s.log, (1..=5).map(e).collect()).await;
+        body_place(&s, 4)
+    };
+    {
+        // A new segment: the next run's, or the same run's after a roll.
+        // The queue names its bodies, so it stays whatever the log does.
+        let mut s = open(dir.path()).unwrap();
+        append(&mut s.log, (6..=7).map(e).collect()).await;
+        s.state_machine.apply((6..=7).map(e)).await.unwrap();
+        s.reader.flush().unwrap();
+    }
+    // Entry 4's record torn: its header is gone (it sits right before its
+    // one body).
+    damage(&place.0, place.1 - 20, 20, 0);
+    {
+        let mut s = open(dir.path()).unwrap();
+        let state = s.log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(3)));
+        assert_eq!(s.log.try_get_log_entries(1..10).await.unwrap().len(), 3);
+        append(&mut s.log, vec![entry(4, deliver(1)), e(5)]).await;
+        s.log.truncate(log_id(5)).await.unwrap();
+    }
     let mut s = open(dir.path()).unwrap();
     assert_eq!(
         s.log.get_log_state().await.unwrap().last_log_id,
-        Some(log_id(3))
+        Some(log_id(4))
     );
     let back = s.log.try_get_log_entries(1..10).await.unwrap();
-    assert_eq!(back.len(), 3);
-    assert_eq!(back[2], entry(3, enqueue_body(3, body_of(5000, 3))));
+    let want: Vec<Entry> = (1..=3).map(e).chain([entry(4, deliver(1))]).collect();
+    assert_eq!(back, want);
+}
+
+/// A data directory from before the log moved into the segments keeps it in
+/// sled's `raft_log` tree, its bodies bare in segments without a header:
+/// the first open moves the log over, and the entries read back whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_kept_in_sled_moves_to_the_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (1..=3u64)
+        .map(|i| entry(i, enqueue_body(i as u128, body_of(2000, i as u128))))
+        .collect();
+    {
+        std::fs::create_dir_all(dir.path().join("bodies")).unwrap();
+        let mut seg = Vec::new();
+        let db = open_db(&dir.path().join("db")).unwrap();
+        let tree = db.open_tree(LOG_TREE).unwrap();
+        for e in &entries {
+            let mut e = e.clone();
+            let mut refs = Vec::new();
+            if let EntryPayload::Normal(req) = &mut e.payload {
+                for b in req.cmd.bodies_mut() {
+                    refs.push(BodyRef {
+                        seg: 1,
+                        off: seg.len() as u64,
+                        len: b.len() as u32,
+                        crc: crc32fast::hash(b),
+                    });
+                    seg.extend_from_slice(b);
+                    *b = Bytes::new();
+                }
+            }
+            let mut key = [0u8; 12];
+            key[..8].copy_from_slice(&e.log_id.index.to_be_bytes());
+            let v = postcard::to_stdvec(&super::log::StoredRef {
+                entry: &e,
+                bodies: &refs,
+            })
+            .unwrap();
+            tree.insert(key, v).unwrap();
+        }
+        std::fs::write(dir.path().join("bodies").join("00000001.seg"), seg).unwrap();
+        db.flush().unwrap();
+    }
+    for _ in 0..2 {
+        let mut s = open(dir.path()).unwrap();
+        assert_eq!(s.log.try_get_log_entries(1..4).await.unwrap(), entries);
+        assert!(!s
+            .reader
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == LOG_TREE.as_bytes()));
+    }
 }
 
 /// The bodies of a batched entry are each written once, read back in their
@@ -893,10 +1004,8 @@ async fn a_snapshot_saves_the_state_before_the_log_behind_it_is_purged() {
     let want = a.reader.read().clone();
     let snap = build_snapshot(&mut a).await;
     assert_eq!(snap.meta.last_log_id, Some(log_id(6)));
+    // The purge point is on disk when the purge returns.
     a.log.purge(log_id(6)).await.unwrap();
-    // The purge reaches the disk with the next flush (of sled alone: the
-    // reader's flush would save the state first).
-    flush_all(&a.reader.db, &a.reader.shared.bodies).unwrap();
     crash_image(dir.path(), copy.path());
 
     let mut b = open(copy.path()).unwrap();
