@@ -302,18 +302,8 @@ impl LogStore {
         );
         mem.recent.insert(entry, w.meta.len as usize);
         drop(mem);
-        self.release(&gone);
+        release(&self.bodies, &gone);
         Ok(())
-    }
-
-    /// The entries are gone from the log: their records and bodies may go.
-    fn release(&self, gone: &[Located]) {
-        for l in gone {
-            self.bodies.release(&l.meta);
-            for r in &l.bodies {
-                self.bodies.release(r);
-            }
-        }
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -321,6 +311,16 @@ impl LogStore {
         tokio::task::spawn_blocking(move || flush_all(&db, &bodies))
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
+
+/// The entries are gone from the log: their records and bodies may go.
+fn release(bodies: &Bodies, gone: &[Located]) {
+    for l in gone {
+        bodies.release(&l.meta);
+        for r in &l.bodies {
+            bodies.release(r);
+        }
     }
 }
 
@@ -436,12 +436,7 @@ fn migrate(db: &sled::Db, bodies: &Bodies, mem: &mut LogMem) -> Result<(), Store
         for r in &refs {
             bodies.retain(r);
         }
-        for l in mem.cut(i) {
-            bodies.release(&l.meta);
-            for r in &l.bodies {
-                bodies.release(r);
-            }
-        }
+        release(bodies, &mem.cut(i));
         mem.index.insert(
             i,
             Located {
@@ -637,7 +632,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let r = self.bodies.append_record(KIND_TRUNCATE, &[], false, |_| {
             Ok(postcard::to_stdvec(&log_id.index)?)
         });
-        self.release(&gone);
+        release(&self.bodies, &gone);
         r.map(|_| ())
             .map_err(|e| StorageIOError::write_logs(&e).into())
     }
@@ -665,7 +660,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             gone.into_values().collect()
         };
-        self.release(&gone);
+        release(&self.bodies, &gone);
         Ok(())
     }
 }
