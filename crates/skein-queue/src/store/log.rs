@@ -537,6 +537,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
+        // Taken before the look-up: a purged entry's segment is not
+        // unlinked between finding its record and reading it.
+        let _guard = self.bodies.guard();
         let located: Vec<Located> = {
             let mem = lock_log(&self.mem);
             if let Some(hi) = hi {
@@ -551,8 +554,6 @@ impl RaftLogReader<TypeConfig> for LogStore {
             };
             r.map(|(_, l)| l.clone()).collect()
         };
-        // Purged entries' segments are not unlinked while this is held.
-        let _guard = self.bodies.guard();
         let mut out = Vec::with_capacity(located.len());
         for l in &located {
             out.push(
