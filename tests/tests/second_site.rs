@@ -272,11 +272,14 @@ async fn when_every_voter_is_lost_the_learner_recovers_with_all_it_held() {
     )
     .await;
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    wait_for(Duration::from_secs(30), "node 4 to lead", || async {
+    if let Err(e) = wait_for(Duration::from_secs(30), "node 4 to lead", || async {
         status(a4).await.is_ok_and(|s| s.leader == 4)
     })
     .await
-    .unwrap();
+    {
+        eprintln!("--- node 4 log ---\n{}", learner.log());
+        panic!("{e}");
+    }
 
     println!(
         "node 4 leads {:?} after the voters were killed",

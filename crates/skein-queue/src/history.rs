@@ -112,21 +112,35 @@ pub fn client_of(body: &[u8]) -> Option<String> {
 /// an entry applied again makes the same positions.
 type Pos = (u64, u32);
 
-/// Where events live: one sled tree, keyed by message id. Each save writes
-/// one record per message: key id + the log index of its first event in the
-/// save (24 bytes), value the message's events of the save with their
-/// positions. Stores before that wrote one record per event, keyed id + log
-/// index + place (28 bytes); both are read and pruned. An entry applied
-/// again after a crash may land in a record of another save: reads keep one
-/// event per position.
+/// Where events live. Each save writes its events as a few records of the
+/// `history.saves` tree — one sled insert per [`EVENTS_PER_RECORD`] events
+/// rather than one per message, which cost a 3-node cluster about 7 % of
+/// its CPU (docs/performance.md). A record's key is the cluster time of its
+/// newest event, then the position of its first: records sort by time, so
+/// pruning walks them oldest first, and a trace reads only records saved
+/// since the message was queued — every event of a message is at or after
+/// the time in its id, which the accepting node took just before proposing
+/// it (see [`trace_from`]). A record's value lists the message of each
+/// event first, then the events, so a trace decodes only records that hold
+/// the message it asks about.
+///
+/// Stores before that kept one record per message per save in the
+/// `history` tree, keyed by message id and log index (24 bytes) — and
+/// before that one per event (28 bytes): both are still read and pruned, and
+/// nothing is written there any more.
 ///
 /// Events are recorded in memory as entries are applied and written when
 /// the state machine saves (see `store::sm`), before the state's own batch:
 /// a crash before that loses none, because the entries that made them are
-/// applied again from the log.
+/// applied again from the log. An entry applied again after a crash may
+/// land in a record of another save: reads keep one event per message and
+/// position.
 #[derive(Clone)]
 pub struct History {
-    tree: sled::Tree,
+    /// Records of saves.
+    saves: sled::Tree,
+    /// Records of earlier versions, keyed by message.
+    legacy: sled::Tree,
     mem: Arc<Mutex<Unsaved>>,
     /// One save at a time.
     saving: Arc<Mutex<()>>,
@@ -140,20 +154,49 @@ struct Unsaved {
     writing: Arc<BTreeMap<(u128, u64, u32), Event>>,
 }
 
+/// At most this many events go in one record: a record stays well below
+/// the size at which sled writes a value to a file of its own.
+const EVENTS_PER_RECORD: usize = 256;
+/// How much earlier than the time in a message's id a trace starts
+/// reading: room for the accepting node's clock to have stepped back
+/// between taking the id and proposing the message.
+const TRACE_SLACK_MS: Millis = 60_000;
+
+const SAVE_KEY_LEN: usize = 20;
 const RECORD_KEY_LEN: usize = 24;
 const EVENT_KEY_LEN: usize = 28;
 
 pub(crate) const HISTORY_TREE: &str = "history";
+pub(crate) const SAVES_TREE: &str = "history.saves";
 
-fn record_key(id: u128, index: u64) -> [u8; RECORD_KEY_LEN] {
-    let mut k = [0u8; RECORD_KEY_LEN];
-    k[..16].copy_from_slice(&id.to_be_bytes());
-    k[16..].copy_from_slice(&index.to_be_bytes());
+fn save_key(newest: Millis, first: Pos) -> [u8; SAVE_KEY_LEN] {
+    let mut k = [0u8; SAVE_KEY_LEN];
+    k[..8].copy_from_slice(&newest.to_be_bytes());
+    k[8..16].copy_from_slice(&first.0.to_be_bytes());
+    k[16..].copy_from_slice(&first.1.to_be_bytes());
     k
 }
 
-/// The events of one stored record, either form, with their positions.
-fn decode(k: &[u8], v: &[u8]) -> Result<Vec<(Pos, Event)>, crate::StoreError> {
+/// The cluster time of the newest event in the record under `key`.
+fn newest_of(key: &[u8]) -> Option<Millis> {
+    (key.len() == SAVE_KEY_LEN).then(|| u64::from_be_bytes(key[..8].try_into().expect("8 bytes")))
+}
+
+/// Where a trace of `id` starts reading the saves: the time in the id (its
+/// top 48 bits, see [`crate::IdGenerator`]) less [`TRACE_SLACK_MS`].
+fn trace_from(id: &MessageId) -> Millis {
+    ((id.0 >> 80) as u64).saturating_sub(TRACE_SLACK_MS)
+}
+
+/// The message of each event of a save's record, and the rest of the
+/// record (the events, in the same order).
+fn record_ids(v: &[u8]) -> Result<(Vec<u128>, &[u8]), crate::StoreError> {
+    Ok(postcard::take_from_bytes(v)?)
+}
+
+/// The events of one record of an earlier version, either form, with their
+/// positions.
+fn decode_legacy(k: &[u8], v: &[u8]) -> Result<Vec<(Pos, Event)>, crate::StoreError> {
     match k.len() {
         RECORD_KEY_LEN => {
             let events: Vec<(u64, u32, Event)> = postcard::from_bytes(v)?;
@@ -170,10 +213,18 @@ fn decode(k: &[u8], v: &[u8]) -> Result<Vec<(Pos, Event)>, crate::StoreError> {
     }
 }
 
+/// Which tree a record pruning keeps is in.
+#[derive(Clone, Copy)]
+enum Kept {
+    Saves,
+    Legacy,
+}
+
 impl History {
     pub(crate) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         Ok(History {
-            tree: db.open_tree(HISTORY_TREE)?,
+            saves: db.open_tree(SAVES_TREE)?,
+            legacy: db.open_tree(HISTORY_TREE)?,
             mem: Arc::default(),
             saving: Arc::default(),
         })
@@ -195,9 +246,9 @@ impl History {
         }
     }
 
-    /// Write the events recorded since the last save: one record per
-    /// message. Recording goes on meanwhile (the writes hold no lock the
-    /// apply waits for); the records need no batch, as each stands alone.
+    /// Write the events recorded since the last save. Recording goes on
+    /// meanwhile (the writes hold no lock the apply waits for); the records
+    /// need no batch, as each stands alone.
     pub(crate) fn save(&self) -> Result<(), crate::StoreError> {
         let _one = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let writing = {
@@ -221,22 +272,29 @@ impl History {
         r
     }
 
+    /// The events in log order, [`EVENTS_PER_RECORD`] to a record.
     fn write(&self, events: &BTreeMap<(u128, u64, u32), Event>) -> Result<(), crate::StoreError> {
-        let mut group: Vec<(u64, u32, &Event)> = Vec::new();
-        let mut it = events.iter().peekable();
-        while let Some(((id, index, n), e)) = it.next() {
-            group.push((*index, *n, e));
-            if it.peek().is_none_or(|((next, _, _), _)| next != id) {
-                let first = group[0].0;
-                self.tree
-                    .insert(record_key(*id, first), postcard::to_stdvec(&group)?)?;
-                group.clear();
-            }
+        let mut all: Vec<(Pos, u128, &Event)> = events
+            .iter()
+            .map(|((id, i, n), e)| ((*i, *n), *id, e))
+            .collect();
+        all.sort_unstable_by_key(|(pos, id, _)| (*pos, *id));
+        for chunk in all.chunks(EVENTS_PER_RECORD) {
+            let newest = chunk.iter().map(|(_, _, e)| e.at).max().unwrap_or(0);
+            let ids: Vec<u128> = chunk.iter().map(|(_, id, _)| *id).collect();
+            let events: Vec<(u64, u32, &Event)> =
+                chunk.iter().map(|((i, n), _, e)| (*i, *n, *e)).collect();
+            let mut v = postcard::to_stdvec(&ids)?;
+            v.extend_from_slice(&postcard::to_stdvec(&events)?);
+            self.saves.insert(save_key(newest, chunk[0].0), v)?;
         }
         Ok(())
     }
 
-    /// The events recorded about `id`, oldest first.
+    /// The events recorded about `id`, oldest first. Reads the records of
+    /// every save since the message was queued: on a busy node, and for a
+    /// message queued long ago, that is much of the history — run it off
+    /// the async threads.
     pub fn events(&self, id: &MessageId) -> Result<Vec<Event>, crate::StoreError> {
         let range = (id.0, 0, 0)..=(id.0, u64::MAX, u32::MAX);
         // Taken first: a save running meanwhile moves events from memory to
@@ -253,25 +311,58 @@ impl History {
                 .chain(pick(&mem.recorded))
                 .collect()
         };
-        for kv in self.tree.scan_prefix(id.0.to_be_bytes()) {
+        for kv in self.saves.range(trace_from(id).to_be_bytes()..) {
+            let (_, v) = kv?;
+            let (ids, rest) = record_ids(&v)?;
+            if !ids.contains(&id.0) {
+                continue;
+            }
+            let events: Vec<(u64, u32, Event)> = postcard::from_bytes(rest)?;
+            if events.len() != ids.len() {
+                return Err(crate::StoreError::Corrupt(format!(
+                    "a history record names {} messages for {} events",
+                    ids.len(),
+                    events.len()
+                )));
+            }
+            for (m, (i, n, e)) in ids.into_iter().zip(events) {
+                if m == id.0 {
+                    all.entry((i, n)).or_insert(e);
+                }
+            }
+        }
+        for kv in self.legacy.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = kv?;
-            for (pos, e) in decode(&k, &v)? {
+            for (pos, e) in decode_legacy(&k, &v)? {
                 all.entry(pos).or_insert(e);
             }
         }
         Ok(all.into_values().collect())
     }
 
-    /// Forget events older than `keep_since`, then the oldest records
-    /// beyond `max` events. Returns how many events are left. Walks the
-    /// whole history: run it rarely.
+    /// Forget records whose newest event is older than `keep_since` (a
+    /// record of a save spans moments, so its older events go with it),
+    /// then the oldest records beyond `max` events. Returns how many
+    /// events are left. Walks the whole history: run it rarely.
     pub fn prune(&self, keep_since: Millis, max: usize) -> Result<usize, crate::StoreError> {
-        // Per record: its newest event, its count, its key.
-        let mut kept: Vec<(Millis, usize, sled::IVec)> = Vec::new();
-        for kv in self.tree.iter() {
+        // Per record: its newest event, its count, its tree and key.
+        let mut kept: Vec<(Millis, usize, Kept, sled::IVec)> = Vec::new();
+        for kv in self.saves.iter() {
             let (k, v) = kv?;
-            let Ok(events) = decode(&k, &v) else {
-                self.tree.remove(&k)?;
+            let count = record_ids(&v).map(|(ids, _)| ids.len());
+            match (newest_of(&k), count) {
+                (Some(newest), Ok(count)) if newest >= keep_since => {
+                    kept.push((newest, count, Kept::Saves, k));
+                }
+                _ => {
+                    self.saves.remove(&k)?;
+                }
+            }
+        }
+        for kv in self.legacy.iter() {
+            let (k, v) = kv?;
+            let Ok(events) = decode_legacy(&k, &v) else {
+                self.legacy.remove(&k)?;
                 continue;
             };
             let total = events.len();
@@ -280,30 +371,29 @@ impl History {
                 .filter(|(_, e)| e.at >= keep_since)
                 .collect();
             let Some(newest) = young.iter().map(|(_, e)| e.at).max() else {
-                self.tree.remove(&k)?;
+                self.legacy.remove(&k)?;
                 continue;
             };
             if young.len() < total {
                 // Rewritten under its own key: only a record (never a
-                // single old-style event) can be partly old, and the key
-                // only has to be unique and start with the id — a new key
-                // could land on another record of the same message.
+                // single old-style event) can be partly old.
                 let rest: Vec<(u64, u32, &Event)> =
                     young.iter().map(|((i, n), e)| (*i, *n, e)).collect();
-                self.tree.insert(&k, postcard::to_stdvec(&rest)?)?;
-                kept.push((newest, young.len(), k));
-            } else {
-                kept.push((newest, total, k));
+                self.legacy.insert(&k, postcard::to_stdvec(&rest)?)?;
             }
+            kept.push((newest, young.len(), Kept::Legacy, k));
         }
-        let mut left: usize = kept.iter().map(|(_, n, _)| n).sum();
+        let mut left: usize = kept.iter().map(|(_, n, _, _)| n).sum();
         if left > max {
-            kept.sort_unstable_by_key(|(at, _, _)| *at);
-            for (_, n, k) in kept {
+            kept.sort_unstable_by_key(|(at, _, _, _)| *at);
+            for (_, n, tree, k) in kept {
                 if left <= max {
                     break;
                 }
-                self.tree.remove(k)?;
+                match tree {
+                    Kept::Saves => self.saves.remove(k)?,
+                    Kept::Legacy => self.legacy.remove(k)?,
+                };
                 left -= n;
             }
         }
@@ -366,17 +456,74 @@ mod tests {
         // Unsaved events read with the saved ones, in order.
         assert_eq!(h.events(&a).unwrap().len(), 3);
         h.save().unwrap();
-        // Re-applying an entry writes the same keys: no duplicates.
+        // Re-applying an entry writes the same events (here under the
+        // same key): no duplicates.
         h.record(6, &[(a, ev(20, EventKind::Deleted))]);
         assert_eq!(h.events(&a).unwrap().len(), 3);
         h.save().unwrap();
         assert_eq!(names(&h, a), ["held", "released", "deleted"]);
         assert_eq!(h.events(&b).unwrap().len(), 1);
-        assert_eq!(h.prune(11, 100).unwrap(), 3);
-        assert_eq!(h.events(&a).unwrap().len(), 2);
-        assert_eq!(h.prune(0, 1).unwrap(), 1);
-        assert_eq!(h.events(&a).unwrap()[0].kind, EventKind::Deleted);
+        // A save's record stays whole while its newest event is young...
+        assert_eq!(h.prune(12, 100).unwrap(), 4);
+        assert_eq!(h.events(&a).unwrap().len(), 3);
+        // ...and goes when that one is old.
+        assert_eq!(h.prune(13, 100).unwrap(), 1);
+        assert_eq!(names(&h, a), ["deleted"]);
         assert!(h.events(&b).unwrap().is_empty());
+        // Beyond the count, the oldest records go first.
+        h.record(7, &[(b, ev(30, EventKind::Released))]);
+        h.save().unwrap();
+        assert_eq!(h.prune(0, 1).unwrap(), 1);
+        assert!(h.events(&a).unwrap().is_empty());
+        assert_eq!(names(&h, b), ["released"]);
+    }
+
+    /// A save writes one record per [`EVENTS_PER_RECORD`] events, whatever
+    /// the number of messages they are about, and each message's events
+    /// read back from among the others.
+    #[test]
+    fn a_save_writes_a_record_per_so_many_events_not_per_message() {
+        let (_dir, h) = history();
+        let ids: Vec<MessageId> = (1..=300).map(MessageId).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let at = 1000 + i as u64;
+            h.record(
+                10 + i as u64,
+                &[
+                    (*id, ev(at, EventKind::Held)),
+                    (*id, ev(at, EventKind::Released)),
+                ],
+            );
+        }
+        h.save().unwrap();
+        assert_eq!(h.saves.len(), 600_usize.div_ceil(EVENTS_PER_RECORD));
+        for id in [ids[0], ids[127], ids[128], ids[299]] {
+            assert_eq!(names(&h, id), ["held", "released"]);
+        }
+        assert_eq!(h.prune(0, usize::MAX).unwrap(), 600);
+    }
+
+    /// A trace reads the records saved since the time in the message's id
+    /// (less the slack), not the whole history: a damaged record from long
+    /// before stops a trace of an older message, never one of a newer.
+    #[test]
+    fn a_trace_reads_only_records_saved_since_the_message_was_queued() {
+        let (_dir, h) = history();
+        let ids = crate::IdGenerator::new(1);
+        let day = 86_400_000;
+        let old = ids.next(day);
+        let new = ids.next(3 * day);
+        h.record(5, &[(old, ev(day, EventKind::Held))]);
+        h.record(6, &[(new, ev(3 * day, EventKind::Held))]);
+        h.save().unwrap();
+        h.saves
+            .insert(save_key(2 * day, (1, 0)), &b"\xff\xff\xff"[..])
+            .unwrap();
+        assert_eq!(names(&h, new), ["held"]);
+        assert!(matches!(h.events(&old), Err(crate::StoreError::Corrupt(_))));
+        // Pruning drops what it cannot read.
+        assert_eq!(h.prune(0, 100).unwrap(), 2);
+        assert_eq!(names(&h, old), ["held"]);
     }
 
     /// After a crash the entries since the state's last save are applied
@@ -390,7 +537,7 @@ mod tests {
         h.record(6, &[(a, ev(11, EventKind::Released))]);
         h.record(7, &[(a, ev(12, EventKind::Deleted))]);
         h.save().unwrap();
-        assert_eq!(h.tree.len(), 1, "one record per message and save");
+        assert_eq!(h.saves.len(), 1, "one record per save");
         // The state was saved as of entry 5: 6 and 7 come again, in two saves.
         h.record(6, &[(a, ev(11, EventKind::Released))]);
         h.save().unwrap();
@@ -402,28 +549,36 @@ mod tests {
         assert_eq!(h.events(&a).unwrap().len(), 3);
     }
 
-    /// Events stored one per record by earlier versions are read beside
-    /// the newer records, in order, and pruned the same way.
+    /// Events stored by earlier versions — one record per message and
+    /// save, and before that one per event — are read beside the newer
+    /// records, in order, and pruned the same way.
     #[test]
-    fn events_stored_one_per_record_still_read_and_prune() {
+    fn events_stored_by_earlier_versions_still_read_and_prune() {
         let (_dir, h) = history();
         let a = MessageId(9);
-        let mut old = [0u8; EVENT_KEY_LEN];
-        old[..16].copy_from_slice(&a.0.to_be_bytes());
-        old[16..24].copy_from_slice(&3u64.to_be_bytes());
-        h.tree
-            .insert(old, postcard::to_stdvec(&ev(5, EventKind::Held)).unwrap())
+        let mut one = [0u8; EVENT_KEY_LEN];
+        one[..16].copy_from_slice(&a.0.to_be_bytes());
+        one[16..24].copy_from_slice(&3u64.to_be_bytes());
+        h.legacy
+            .insert(one, postcard::to_stdvec(&ev(5, EventKind::Held)).unwrap())
+            .unwrap();
+        let mut per_message = [0u8; RECORD_KEY_LEN];
+        per_message[..16].copy_from_slice(&a.0.to_be_bytes());
+        per_message[16..].copy_from_slice(&4u64.to_be_bytes());
+        let saved: Vec<(u64, u32, Event)> = vec![
+            (4, 0, ev(6, EventKind::Released)),
+            (4, 1, ev(20, EventKind::Held)),
+        ];
+        h.legacy
+            .insert(per_message, postcard::to_stdvec(&saved).unwrap())
             .unwrap();
         h.record(8, &[(a, ev(30, EventKind::Released))]);
         h.save().unwrap();
-        let names: Vec<_> = h
-            .events(&a)
-            .unwrap()
-            .iter()
-            .map(|e| e.kind.name())
-            .collect();
-        assert_eq!(names, ["held", "released"]);
-        assert_eq!(h.prune(10, 100).unwrap(), 1);
-        assert_eq!(h.events(&a).unwrap()[0].kind, EventKind::Released);
+        assert_eq!(names(&h, a), ["held", "released", "held", "released"]);
+        // The old forms are pruned event by event.
+        assert_eq!(h.prune(10, 100).unwrap(), 2);
+        assert_eq!(names(&h, a), ["held", "released"]);
+        assert_eq!(h.prune(10, 1).unwrap(), 1);
+        assert_eq!(names(&h, a), ["released"]);
     }
 }

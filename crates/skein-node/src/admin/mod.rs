@@ -285,11 +285,12 @@ impl Admin for AdminService {
 
     async fn trace(&self, req: Request<MessageRequest>) -> Result<Response<TraceReply>, Status> {
         let id = parse_id(&req.into_inner().id)?;
-        let events = self
-            .cluster
-            .reader()
-            .history()
-            .events(&id)
+        // It reads the records saved since the message was queued: off the
+        // async threads.
+        let history = self.cluster.reader().history().clone();
+        let events = tokio::task::spawn_blocking(move || history.events(&id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
         if events.is_empty() {
             return Err(Status::not_found(format!(
