@@ -355,6 +355,7 @@ async fn peers_and_clients_without_the_secret_or_token_are_refused() {
         let e = raft
             .propose(tonic::Request::new(ProposeRequest {
                 command: vec![].into(),
+                seq: 0,
             }))
             .await
             .unwrap_err();

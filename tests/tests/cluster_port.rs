@@ -14,8 +14,8 @@ use openraft::{CommittedLeaderId, LogId, Vote};
 use skein_node::Node;
 use skein_proto::v1::raft_client::RaftClient;
 use skein_proto::v1::{
-    change_membership_request, ChangeMembershipRequest, ElectRequest, NodeInfoRequest,
-    ProposeRequest, RaftPayload, SnapshotChunk,
+    change_membership_request, propose_reply, ChangeMembershipRequest, ElectRequest,
+    NodeInfoRequest, ProposeRequest, RaftPayload, SnapshotChunk,
 };
 use skein_queue::{Command, SnapshotMeta, TypeConfig};
 use skein_testkit::{wait_for, SinkMta};
@@ -84,7 +84,25 @@ async fn every_method(addr: SocketAddr, secret: Option<&str>) -> Vec<(&'static s
                     })
                     .unwrap()
                     .into(),
+                    seq: 0,
                 }))
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "ProposeStream",
+            code(
+                c.propose_stream(req!(tokio_stream::iter([ProposeRequest {
+                    command: postcard::to_stdvec(&Command::Claim {
+                        node: 9,
+                        max: 1,
+                        lease_ms: 1,
+                    })
+                    .unwrap()
+                    .into(),
+                    seq: 1,
+                }])))
                 .await
                 .map(drop),
             ),
@@ -204,11 +222,38 @@ async fn a_peer_with_the_secret_and_a_members_certificate_cannot_crash_a_node() 
     ] {
         let e = peer
             .propose(with_secret(ProposeRequest {
-                command: command.into(),
+                command: command.clone().into(),
+                seq: 0,
             }))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+        // On a stream: that request is answered with the error, and the
+        // stream goes on to the next.
+        let mut replies = peer
+            .propose_stream(with_secret(tokio_stream::iter([
+                ProposeRequest {
+                    command: command.into(),
+                    seq: 7,
+                },
+                ProposeRequest {
+                    command: vec![0xff; 3].into(),
+                    seq: 8,
+                },
+            ])))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut answered = Vec::new();
+        while let Some(r) = replies.message().await.unwrap() {
+            match r.result {
+                Some(propose_reply::Result::Error(e)) => answered.push((r.seq, e)),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        answered.sort();
+        assert_eq!(answered.len(), 2, "{what}: {answered:?}");
+        assert_eq!((answered[0].0, answered[1].0), (7, 8), "{what}");
     }
 
     // Snapshots: a chunk far past the start, a chunk over the size limit,

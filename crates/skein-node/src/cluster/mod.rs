@@ -9,6 +9,7 @@
 
 mod batch;
 mod control;
+mod forward;
 mod network;
 mod receive;
 mod service;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::{BasicNode, SnapshotPolicy};
-use skein_proto::v1::{propose_reply, ProposeRequest};
+use skein_proto::v1::{propose_reply, ProposeReply, ProposeRequest};
 use skein_queue::{Command, NodeId, QueueReader, Raft, Response, Stores};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -64,6 +65,8 @@ struct Inner {
     id: NodeId,
     raft: Raft,
     batcher: batch::Batcher,
+    /// Proposals to the leader when this node is not it.
+    forwarder: forward::Forwarder,
     reader: QueueReader,
     peers: PeerChannels,
     limits: batch::EntryLimit,
@@ -135,6 +138,7 @@ impl Cluster {
             inner: Arc::new(Inner {
                 id: config.node_id,
                 batcher: batch::Batcher::start(raft.clone(), limits),
+                forwarder: forward::Forwarder::default(),
                 limits,
                 raft,
                 reader: stores.reader,
@@ -325,23 +329,21 @@ impl Cluster {
     }
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> Result<Response, Step> {
-        let Some(channel) = self.inner.peers.channel_for(leader, &self.inner.raft).await else {
+        let Some(addr) = network::member_addr(&self.inner.raft, leader) else {
             return Err(Step::Retry);
         };
-        let command = postcard::to_stdvec(cmd)
-            .map_err(|e| Step::Fail(ProposeError::Refused(e.to_string())))?;
-        let mut client = self.inner.peers.raft_client(channel);
-        let reply = match client
-            .propose(ProposeRequest {
-                command: command.into(),
-            })
+        let command: bytes::Bytes = postcard::to_stdvec(cmd)
+            .map_err(|e| Step::Fail(ProposeError::Refused(e.to_string())))?
+            .into();
+        let reply = match self
+            .inner
+            .forwarder
+            .send(&self.inner.peers, leader, &addr, command.clone())
             .await
         {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                tracing::debug!(leader, %status, "forwarding a proposal failed");
-                return Err(Step::Retry);
-            }
+            forward::Sent::Reply(r) => r,
+            forward::Sent::Broken => return Err(Step::Retry),
+            forward::Sent::Unsupported => self.forward_unary(leader, &addr, command).await?,
         };
         match reply.result {
             Some(propose_reply::Result::Response(b)) => postcard::from_bytes(&b)
@@ -350,6 +352,24 @@ impl Cluster {
             Some(propose_reply::Result::ForwardTo(id)) => Err(Step::Forward(Some(id))),
             Some(propose_reply::Result::Error(e)) => {
                 tracing::debug!(leader, error = %e, "leader could not commit");
+                Err(Step::Retry)
+            }
+        }
+    }
+
+    /// One call per proposal, to a leader that does not know the stream.
+    async fn forward_unary(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        command: bytes::Bytes,
+    ) -> Result<ProposeReply, Step> {
+        let channel = self.inner.peers.channel(addr).map_err(|_| Step::Retry)?;
+        let mut client = self.inner.peers.raft_client(channel);
+        match client.propose(ProposeRequest { command, seq: 0 }).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(status) => {
+                tracing::debug!(leader, %status, "forwarding a proposal failed");
                 Err(Step::Retry)
             }
         }

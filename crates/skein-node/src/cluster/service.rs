@@ -1,6 +1,7 @@
 //! The gRPC side of the Raft transport: peers' RPCs into openraft, and
 //! proposals forwarded by followers.
 
+use futures::stream::FuturesUnordered;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::Vote;
 use serde::Serialize;
@@ -11,13 +12,47 @@ use skein_proto::v1::{
     RaftPayload, SnapshotChunk,
 };
 use skein_queue::{Command, NodeId, TypeConfig};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::metadata::MetadataMap;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::receive::{Answer, Chunk, Receiver};
 use super::{Change, Cluster, ControlError, Step};
 use crate::secrets::Secret;
+
+/// Proposals one forwarding stream runs at once; more wait in the stream
+/// (and, past its flow-control window, at the follower).
+const STREAM_IN_FLIGHT: usize = 1024;
+
+/// A command a follower forwarded, decoded. Never a batch: only the leader
+/// batches, and a batch from a peer would nest.
+fn forwarded_command(bytes: &[u8]) -> Result<Command, Status> {
+    let cmd: Command = decode(bytes)?;
+    if matches!(cmd, Command::Batch(_)) {
+        return Err(Status::invalid_argument(
+            "a forwarded command is never a batch",
+        ));
+    }
+    Ok(cmd)
+}
+
+/// Run a forwarded command on this node (the leader, or the answer says who
+/// is), within the commit timeout.
+async fn run_proposal(cluster: &Cluster, cmd: Command) -> Result<propose_reply::Result, Status> {
+    let done = tokio::time::timeout(cluster.commit_timeout(), cluster.propose_local(cmd)).await;
+    Ok(match done {
+        Ok(Ok(resp)) => {
+            let b = postcard::to_stdvec(&resp).map_err(|e| Status::internal(e.to_string()))?;
+            propose_reply::Result::Response(b.into())
+        }
+        Ok(Err(Step::Forward(leader))) => propose_reply::Result::ForwardTo(leader.unwrap_or(0)),
+        Ok(Err(Step::Retry)) => propose_reply::Result::Error("retry".into()),
+        Ok(Err(Step::Fail(e))) => propose_reply::Result::Error(e.to_string()),
+        Err(_) => propose_reply::Result::Error("not committed within the commit timeout".into()),
+    })
+}
 
 pub struct RaftService {
     cluster: Cluster,
@@ -226,25 +261,66 @@ impl RaftRpc for RaftService {
         req: Request<ProposeRequest>,
     ) -> Result<Response<ProposeReply>, Status> {
         check_certificate(&self.cluster, &req)?;
-        let cmd: Command = decode(&req.into_inner().command)?;
-        if matches!(cmd, Command::Batch(_)) {
-            // Only the leader batches; a batch from a peer would nest.
-            return Err(Status::invalid_argument(
-                "a forwarded command is never a batch",
-            ));
-        }
-        let result = match self.cluster.propose_local(cmd).await {
-            Ok(resp) => {
-                let b = postcard::to_stdvec(&resp).map_err(|e| Status::internal(e.to_string()))?;
-                propose_reply::Result::Response(b.into())
-            }
-            Err(Step::Forward(leader)) => propose_reply::Result::ForwardTo(leader.unwrap_or(0)),
-            Err(Step::Retry) => propose_reply::Result::Error("retry".into()),
-            Err(Step::Fail(e)) => propose_reply::Result::Error(e.to_string()),
-        };
+        let cmd = forwarded_command(&req.into_inner().command)?;
+        let result = run_proposal(&self.cluster, cmd).await?;
         Ok(Response::new(ProposeReply {
             result: Some(result),
+            seq: 0,
         }))
+    }
+
+    type ProposeStreamStream = ReceiverStream<Result<ProposeReply, Status>>;
+
+    /// Each request is run as it comes, at most [`STREAM_IN_FLIGHT`] at
+    /// once, and answered when done; a request that cannot be decoded is
+    /// answered with an error, as the unary call would be. The stream ends
+    /// when the follower ends its side and every request is answered, or
+    /// when the follower goes away.
+    async fn propose_stream(
+        &self,
+        req: Request<Streaming<ProposeRequest>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        check_certificate(&self.cluster, &req)?;
+        let mut requests = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_IN_FLIGHT);
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            let mut running = FuturesUnordered::new();
+            let mut open = true;
+            while open || !running.is_empty() {
+                tokio::select! {
+                    next = requests.message(), if open && running.len() < STREAM_IN_FLIGHT => {
+                        match next {
+                            Ok(Some(r)) => {
+                                let cluster = cluster.clone();
+                                running.push(async move {
+                                    let result = match forwarded_command(&r.command) {
+                                        Ok(cmd) => run_proposal(&cluster, cmd).await,
+                                        Err(e) => Err(e),
+                                    };
+                                    let result = result.unwrap_or_else(|s| {
+                                        propose_reply::Result::Error(s.message().to_string())
+                                    });
+                                    ProposeReply { result: Some(result), seq: r.seq }
+                                });
+                            }
+                            Ok(None) => open = false,
+                            Err(status) => {
+                                tracing::debug!(%status, "a forwarding stream broke");
+                                open = false;
+                            }
+                        }
+                    }
+                    Some(reply) = running.next(), if !running.is_empty() => {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            // The follower is gone; so is whoever waited.
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn change_membership(
