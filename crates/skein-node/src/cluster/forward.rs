@@ -232,3 +232,175 @@ async fn read_replies(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use skein_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
+    use skein_proto::v1::{
+        propose_reply, ChangeMembershipReply, ChangeMembershipRequest, ElectReply, ElectRequest,
+        NodeInfoReply, NodeInfoRequest, RaftPayload, SnapshotChunk,
+    };
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// A peer that serves proposals only one way: over the stream (each
+    /// answered with its command echoed, later requests sooner), or, as an
+    /// older version would, only one call at a time.
+    struct Peer {
+        streams: bool,
+        unary_calls: Arc<AtomicUsize>,
+    }
+
+    fn echo(command: &[u8], seq: u64) -> ProposeReply {
+        ProposeReply {
+            result: Some(propose_reply::Result::Response(command.to_vec().into())),
+            seq,
+        }
+    }
+
+    #[tonic::async_trait]
+    impl RaftRpc for Peer {
+        async fn append_entries(
+            &self,
+            _: Request<RaftPayload>,
+        ) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+        async fn vote(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<SnapshotChunk>,
+        ) -> Result<Response<RaftPayload>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+        async fn propose(
+            &self,
+            req: Request<ProposeRequest>,
+        ) -> Result<Response<ProposeReply>, Status> {
+            self.unary_calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(echo(&req.into_inner().command, 0)))
+        }
+        type ProposeStreamStream = ReceiverStream<Result<ProposeReply, Status>>;
+        async fn propose_stream(
+            &self,
+            req: Request<Streaming<ProposeRequest>>,
+        ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("an older version"));
+            }
+            let mut requests = req.into_inner();
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                while let Ok(Some(r)) = requests.message().await {
+                    // Later requests are answered sooner.
+                    let wait = Duration::from_millis(5 * (16 - r.seq % 16));
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = tx.send(Ok(echo(&r.command, r.seq))).await;
+                    });
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+        async fn change_membership(
+            &self,
+            _: Request<ChangeMembershipRequest>,
+        ) -> Result<Response<ChangeMembershipReply>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+        async fn node_info(
+            &self,
+            _: Request<NodeInfoRequest>,
+        ) -> Result<Response<NodeInfoReply>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+        async fn elect(&self, _: Request<ElectRequest>) -> Result<Response<ElectReply>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+    }
+
+    /// A peer on a real socket; its address and its count of unary calls.
+    async fn peer(streams: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let unary_calls = Arc::new(AtomicUsize::new(0));
+        let svc = RaftServer::new(Peer {
+            streams,
+            unary_calls: unary_calls.clone(),
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, unary_calls)
+    }
+
+    fn command_of(sent: Sent) -> Vec<u8> {
+        match sent {
+            Sent::Reply(ProposeReply {
+                result: Some(propose_reply::Result::Response(b)),
+                ..
+            }) => b.to_vec(),
+            Sent::Reply(r) => panic!("unexpected reply {r:?}"),
+            Sent::Broken => panic!("broken"),
+            Sent::Unsupported => panic!("unsupported"),
+        }
+    }
+
+    async fn within<T>(f: impl std::future::Future<Output = T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+    }
+
+    /// Proposals sent at once share one stream, and each gets its own
+    /// reply although the peer answers out of order.
+    #[tokio::test]
+    async fn each_proposal_gets_its_own_reply_in_any_order() {
+        let (addr, unary_calls) = peer(true).await;
+        let peers = PeerChannels::new("secret", 1 << 20, None, None).unwrap();
+        let f = Forwarder::default();
+        let sends = (0..10u8).map(|i| f.send(&peers, 1, &addr, Bytes::from(vec![i; 3])));
+        let got = futures::future::join_all(sends).await;
+        for (i, sent) in got.into_iter().enumerate() {
+            assert_eq!(command_of(sent), vec![i as u8; 3]);
+        }
+        assert_eq!(unary_calls.load(Ordering::SeqCst), 0);
+    }
+
+    /// A peer without the stream is answered "unsupported" (the caller
+    /// asks it one call at a time), and is not asked for a stream again
+    /// until the leader changes; a peer that is gone fails the proposal as
+    /// broken, to be asked again.
+    #[tokio::test]
+    async fn an_older_leader_is_remembered_and_a_gone_one_is_broken() {
+        let (addr, _) = peer(false).await;
+        let peers = PeerChannels::new("secret", 1 << 20, None, None).unwrap();
+        let f = Forwarder::default();
+        let sent = within(f.send(&peers, 1, &addr, Bytes::from_static(b"x")), "first").await;
+        assert!(matches!(sent, Sent::Unsupported));
+        assert_eq!(f.current().unary, Some((1, addr.clone())));
+        let sent = within(f.send(&peers, 1, &addr, Bytes::from_static(b"x")), "second").await;
+        assert!(matches!(sent, Sent::Unsupported));
+
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let sent = within(f.send(&peers, 2, &gone, Bytes::from_static(b"x")), "gone").await;
+        assert!(matches!(sent, Sent::Broken));
+        // A new leader that has the stream is asked over it.
+        let (addr3, unary_calls) = peer(true).await;
+        let sent = within(f.send(&peers, 3, &addr3, Bytes::from_static(b"y")), "new").await;
+        assert_eq!(command_of(sent), b"y");
+        assert_eq!(unary_calls.load(Ordering::SeqCst), 0);
+    }
+}
