@@ -106,12 +106,11 @@ impl Forwarder {
     ) -> Sent {
         let (requests, next, shared) = {
             let mut cur = self.current();
-            if cur
-                .unary
-                .as_ref()
-                .is_some_and(|(l, a)| *l == leader && a == addr)
-            {
-                return Sent::Unsupported;
+            match &cur.unary {
+                Some((l, a)) if *l == leader && a == addr => return Sent::Unsupported,
+                // Another leader: the old one may be upgraded when it leads again.
+                Some(_) => cur.unary = None,
+                None => {}
             }
             let open = cur.stream.as_ref().is_some_and(|s| {
                 s.leader == leader && s.addr == addr && s.shared.state().ended.is_none()
@@ -397,6 +396,7 @@ mod tests {
         };
         let sent = within(f.send(&peers, 2, &gone, Bytes::from_static(b"x")), "gone").await;
         assert!(matches!(sent, Sent::Broken));
+        assert_eq!(f.current().unary, None, "forgotten when the leader changed");
         // A new leader that has the stream is asked over it.
         let (addr3, unary_calls) = peer(true).await;
         let sent = within(f.send(&peers, 3, &addr3, Bytes::from_static(b"y")), "new").await;
