@@ -58,6 +58,16 @@ async fn every_method(addr: SocketAddr, secret: Option<&str>) -> Vec<(&'static s
     let payload = || RaftPayload {
         data: postcard::to_stdvec(&vote).unwrap().into(),
     };
+    let claim = |seq| ProposeRequest {
+        command: postcard::to_stdvec(&Command::Claim {
+            node: 9,
+            max: 1,
+            lease_ms: 1,
+        })
+        .unwrap()
+        .into(),
+        seq,
+    };
     let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
     vec![
         (
@@ -73,38 +83,13 @@ async fn every_method(addr: SocketAddr, secret: Option<&str>) -> Vec<(&'static s
                     .map(drop),
             ),
         ),
-        (
-            "Propose",
-            code(
-                c.propose(req!(ProposeRequest {
-                    command: postcard::to_stdvec(&Command::Claim {
-                        node: 9,
-                        max: 1,
-                        lease_ms: 1,
-                    })
-                    .unwrap()
-                    .into(),
-                    seq: 0,
-                }))
-                .await
-                .map(drop),
-            ),
-        ),
+        ("Propose", code(c.propose(req!(claim(0))).await.map(drop))),
         (
             "ProposeStream",
             code(
-                c.propose_stream(req!(tokio_stream::iter([ProposeRequest {
-                    command: postcard::to_stdvec(&Command::Claim {
-                        node: 9,
-                        max: 1,
-                        lease_ms: 1,
-                    })
-                    .unwrap()
-                    .into(),
-                    seq: 1,
-                }])))
-                .await
-                .map(drop),
+                c.propose_stream(req!(tokio_stream::iter([claim(1)])))
+                    .await
+                    .map(drop),
             ),
         ),
         (
