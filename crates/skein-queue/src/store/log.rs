@@ -383,16 +383,25 @@ fn check_bodies(mem: &mut LogMem, bodies: &Bodies) -> Vec<RecordAt> {
     let torn = mem
         .index
         .values()
-        .find(|l| l.bodies.iter().any(|r| bodies.read(r).is_err()))
+        .find(|l| torn(bodies, &l.bodies, l.log_id.index))
         .map(|l| l.log_id.index);
-    let Some(from) = torn else {
-        return Vec::new();
-    };
-    tracing::warn!(
-        index = from,
-        "log entries past a body that never reached the disk are dropped"
-    );
-    mem.cut(from).into_iter().map(|l| l.at).collect()
+    match torn {
+        Some(from) => mem.cut(from).into_iter().map(|l| l.at).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Whether a body of the entry at `index` never reached the disk; said in
+/// the log, as the entries from there on are dropped.
+fn torn(bodies: &Bodies, refs: &[BodyRef], index: u64) -> bool {
+    let torn = refs.iter().any(|r| bodies.read(r).is_err());
+    if torn {
+        tracing::warn!(
+            index,
+            "log entries past a body that never reached the disk are dropped"
+        );
+    }
+    torn
 }
 
 /// Move a log sled still holds (a data directory from before the log moved
@@ -420,11 +429,7 @@ fn migrate(db: &sled::Db, bodies: &Bodies, mem: &mut LogMem) -> Result<(), Store
         }
         // As at every open: an entry whose body never reached the disk
         // ends the log.
-        if refs.iter().any(|r| bodies.read(r).is_err()) {
-            tracing::warn!(
-                index = i,
-                "log entries past a body that never reached the disk are dropped"
-            );
+        if torn(bodies, &refs, i) {
             break;
         }
         let w = bodies.append_record(KIND_ENTRY, &[], true, |_| {
