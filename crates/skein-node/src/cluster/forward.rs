@@ -21,7 +21,8 @@ use skein_queue::NodeId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::network::PeerChannels;
+use super::network::{same_material, PeerChannels};
+use crate::tls::ClusterTls;
 
 /// Requests queued for one stream before a proposal waits for room.
 const QUEUED: usize = 1024;
@@ -55,6 +56,10 @@ struct Current {
 struct Stream {
     leader: NodeId,
     addr: String,
+    /// The TLS material its channel was made with: after a reload of the
+    /// certificates the next proposal opens a new stream, as every other
+    /// call takes a new channel.
+    tls: Option<Arc<ClusterTls>>,
     requests: mpsc::Sender<ProposeRequest>,
     next: Arc<AtomicU64>,
     shared: Arc<Shared>,
@@ -112,11 +117,15 @@ impl Forwarder {
                 Some(_) => cur.unary = None,
                 None => {}
             }
+            let tls = peers.tls_material();
             let open = cur.stream.as_ref().is_some_and(|s| {
-                s.leader == leader && s.addr == addr && s.shared.state().ended.is_none()
+                s.leader == leader
+                    && s.addr == addr
+                    && same_material(&s.tls, &tls)
+                    && s.shared.state().ended.is_none()
             });
             if !open {
-                match open_stream(peers, leader, addr) {
+                match open_stream(peers, leader, addr, tls) {
                     Some(s) => cur.stream = Some(s),
                     None => return Sent::Broken,
                 }
@@ -165,7 +174,12 @@ impl Forwarder {
 
 /// Open a stream to `leader` and start reading its replies; `None` if no
 /// channel could be made for `addr`.
-fn open_stream(peers: &PeerChannels, leader: NodeId, addr: &str) -> Option<Stream> {
+fn open_stream(
+    peers: &PeerChannels,
+    leader: NodeId,
+    addr: &str,
+    tls: Option<Arc<ClusterTls>>,
+) -> Option<Stream> {
     let channel = match peers.channel(addr) {
         Ok(c) => c,
         Err(e) => {
@@ -184,6 +198,7 @@ fn open_stream(peers: &PeerChannels, leader: NodeId, addr: &str) -> Option<Strea
     Some(Stream {
         leader,
         addr: addr.to_string(),
+        tls,
         requests,
         next: Arc::new(AtomicU64::new(1)),
         shared,

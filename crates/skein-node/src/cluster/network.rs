@@ -93,13 +93,9 @@ impl PeerChannels {
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let tls = self.inner.tls.as_ref().map(|t| t.current());
+        let tls = self.tls_material();
         if let Some((made_with, c)) = map.get(addr) {
-            let same = match (made_with, &tls) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (a, b) => a.is_none() && b.is_none(),
-            };
-            if same {
+            if same_material(made_with, &tls) {
                 return Ok(c.clone());
             }
         }
@@ -118,6 +114,12 @@ impl PeerChannels {
         Ok(ch)
     }
 
+    /// The TLS material new channels are made with now (`None` without
+    /// TLS); a reload makes a new one.
+    pub fn tls_material(&self) -> Option<Arc<ClusterTls>> {
+        self.inner.tls.as_ref().map(|t| t.current())
+    }
+
     /// The channel to a member of the cluster, by id, from the membership.
     pub async fn channel_for(&self, id: NodeId, raft: &Raft) -> Option<Channel> {
         self.channel(&member_addr(raft, id)?).ok()
@@ -131,6 +133,15 @@ impl PeerChannels {
         RaftClient::with_interceptor(ch, AddSecret(self.inner.secret.clone()))
             .max_decoding_message_size(self.inner.max_message)
             .max_encoding_message_size(self.inner.max_message)
+    }
+}
+
+/// Whether a channel made with `a` may go on where `b` is current: the
+/// same certificates, or TLS in neither.
+pub fn same_material(a: &Option<Arc<ClusterTls>>, b: &Option<Arc<ClusterTls>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
     }
 }
 
