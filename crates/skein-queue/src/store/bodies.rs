@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::spare::Spares;
 use super::StoreError;
 
 /// A segment takes new records until it reaches this size.
@@ -103,6 +104,8 @@ pub struct Bodies {
     /// One sync at a time: a second caller waits for the one under way, so
     /// no caller returns while segments it wrote are still being synced.
     syncing: Mutex<()>,
+    /// New segments come zero-filled from here when one is ready.
+    spares: Spares,
     /// Held for the life of this value: one owner of the directory at a time.
     _lock: File,
 }
@@ -110,6 +113,8 @@ pub struct Bodies {
 struct Inner {
     active: u32,
     active_len: u64,
+    /// A spare was asked for since the active segment began.
+    spare_asked: bool,
     files: HashMap<u32, Segment>,
     /// References per segment.
     refs: HashMap<u32, u64>,
@@ -125,6 +130,8 @@ struct Inner {
 
 struct Segment {
     file: Arc<File>,
+    /// The file's size: for a segment made from a spare, more than what
+    /// was appended (that is [`Inner::active_len`]).
     len: u64,
 }
 
@@ -184,6 +191,7 @@ impl Bodies {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
+        let spares = Spares::start(dir)?;
         let mut files = HashMap::new();
         let mut last = 0;
         for e in std::fs::read_dir(dir)? {
@@ -212,6 +220,7 @@ impl Bodies {
             inner: Mutex::new(Inner {
                 active: last,
                 active_len: 0,
+                spare_asked: false,
                 files,
                 refs: HashMap::new(),
                 released: Vec::new(),
@@ -221,6 +230,7 @@ impl Bodies {
             }),
             gc: RwLock::new(()),
             syncing: Mutex::new(()),
+            spares,
             _lock: lock,
         };
         // New bodies always go to a fresh segment: the end of the old one may
@@ -238,21 +248,29 @@ impl Bodies {
             .active
             .checked_add(1)
             .ok_or_else(|| StoreError::Corrupt("body segment numbers exhausted".into()))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(self.dir.join(seg_name(n)))?;
+        let path = self.dir.join(seg_name(n));
+        let (file, len) = match self.spares.take(&path) {
+            Some(spare) => (spare, SEGMENT_BYTES),
+            None => (
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?,
+                SEG_HEAD,
+            ),
+        };
         file.write_all_at(SEG_MAGIC, 0)?;
         inner.files.insert(
             n,
             Segment {
                 file: Arc::new(file),
-                len: SEG_HEAD,
+                len,
             },
         );
         inner.active = n;
         inner.active_len = SEG_HEAD;
+        inner.spare_asked = false;
         inner.dir_dirty = true;
         // Synced with the next sync, like the directory entry.
         inner.dirty.push(n);
@@ -342,8 +360,12 @@ impl Bodies {
             // Nothing names the bytes; the next append starts over them.
             return Err(e.into());
         }
-        s.len = start + total;
+        s.len = s.len.max(start + total);
         inner.active_len = start + total;
+        if !inner.spare_asked && inner.active_len > SEGMENT_BYTES / 2 {
+            inner.spare_asked = true;
+            self.spares.ask();
+        }
         let counts = refs.len() as u64 + u64::from(count_meta);
         if counts > 0 {
             *inner.refs.entry(seg).or_insert(0) += counts;
@@ -382,13 +404,15 @@ impl Bodies {
             let mut off = SEG_HEAD;
             while off < len {
                 match read_record(&file, seg, off, len)? {
-                    Some((next, rec)) => {
+                    Read::Record(next, rec) => {
                         if let Some(rec) = rec {
                             out.push(rec);
                         }
                         off = next;
                     }
-                    None => {
+                    // The zeros of a segment made from a spare.
+                    Read::End => break,
+                    Read::Torn => {
                         tracing::info!(
                             segment = seg,
                             offset = off,
@@ -553,7 +577,13 @@ impl Bodies {
 
     /// Bytes the segments occupy.
     pub fn disk_size(&self) -> u64 {
-        self.lock().files.values().map(|s| s.len).sum()
+        self.lock().files.values().map(|s| s.len).sum::<u64>() + self.spares.bytes()
+    }
+
+    /// Whether a spare segment is ready (for tests).
+    #[cfg(test)]
+    pub(crate) fn spare_ready(&self) -> bool {
+        self.spares.is_ready()
     }
 
     /// Segment files present (for tests and metrics).
@@ -562,23 +592,32 @@ impl Bodies {
     }
 }
 
-/// The record at `off` of segment `seg` (length `len`): the offset after it
-/// and, unless it is a bare body or dead, the record; `None` if it does not
-/// check out (a torn tail).
-fn read_record(
-    file: &File,
-    seg: u32,
-    off: u64,
-    len: u64,
-) -> Result<Option<(u64, Option<Scanned>)>, StoreError> {
-    if off + REC_HEAD > len {
-        return Ok(None);
-    }
+/// What [`read_record`] found.
+enum Read {
+    /// The offset after the record and, unless it is a bare body or dead,
+    /// the record.
+    Record(u64, Option<Scanned>),
+    /// Nothing more was written here: the segment's end, or a header of
+    /// zeros (a spare's, never written over).
+    End,
+    /// A record that does not check out: a torn tail.
+    Torn,
+}
+
+/// The record at `off` of segment `seg` (length `len`).
+fn read_record(file: &File, seg: u32, off: u64, len: u64) -> Result<Read, StoreError> {
     let mut h = [0u8; REC_HEAD as usize];
-    file.read_exact_at(&mut h, off)?;
+    let n = len.saturating_sub(off).min(REC_HEAD) as usize;
+    file.read_exact_at(&mut h[..n], off)?;
+    if h[..n].iter().all(|b| *b == 0) {
+        return Ok(Read::End);
+    }
+    if n < REC_HEAD as usize {
+        return Ok(Read::Torn);
+    }
     let kind = h[2];
     if h[0] != b'S' || h[1] != b'K' || h[3] != 0 {
-        return Ok(None);
+        return Ok(Read::Torn);
     }
     let meta_len = u64::from(u32::from_le_bytes([h[4], h[5], h[6], h[7]]));
     let bodies_len = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
@@ -588,21 +627,21 @@ fn read_record(
         .and_then(|e| e.checked_add(meta_len))
         .filter(|e| *e <= len)
     else {
-        return Ok(None);
+        return Ok(Read::Torn);
     };
     if !matches!(kind, KIND_ENTRY | KIND_BODY | KIND_TRUNCATE | KIND_DEAD) {
-        return Ok(None);
+        return Ok(Read::Torn);
     }
     let meta_off = off + REC_HEAD + bodies_len;
     let mut meta = vec![0u8; meta_len as usize];
     file.read_exact_at(&mut meta, meta_off)?;
     if crc32fast::hash(&meta) != crc {
-        return Ok(None);
+        return Ok(Read::Torn);
     }
     if matches!(kind, KIND_BODY | KIND_DEAD) {
-        return Ok(Some((end, None)));
+        return Ok(Read::Record(end, None));
     }
-    Ok(Some((
+    Ok(Read::Record(
         end,
         Some(Scanned {
             kind,
@@ -615,5 +654,5 @@ fn read_record(
             },
             meta,
         }),
-    )))
+    ))
 }
