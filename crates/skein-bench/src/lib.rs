@@ -8,8 +8,11 @@
 //!   load and prints a table; with `--failover N`, kills the leader of a
 //!   3-node cluster under load N times ([`failover`]) and prints how soon
 //!   survivors accept again; with `--placement`, runs clusters spread over
-//!   sites with simulated round trips between them ([`placement`]).
+//!   sites with simulated round trips between them ([`placement`]); with
+//!   `--sync DIR`, times the log's kind of sync on DIR's file system
+//!   ([`sync`]).
 
 pub mod failover;
 pub mod load;
 pub mod placement;
+pub mod sync;

@@ -55,11 +55,19 @@ struct Args {
     placement: bool,
     #[arg(long = "rtt-ms", default_values_t = vec![1, 10, 40])]
     rtt_ms: Vec<u64>,
+    /// Instead: time syncs of appended records in a file under this
+    /// directory, on a file that grows, over zeros, over fallocate'd space
+    /// (what the log store's spare segments are for).
+    #[arg(long)]
+    sync: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(dir) = &a.sync {
+        return syncs(dir);
+    }
     let skeind = match &a.skeind {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("skeind"),
@@ -114,6 +122,28 @@ async fn failovers(a: &Args, skeind: &std::path::Path, runs: usize) -> anyhow::R
         resumed[0].as_millis(),
         resumed[resumed.len() - 1].as_millis()
     );
+    Ok(())
+}
+
+fn syncs(dir: &std::path::Path) -> anyhow::Result<()> {
+    let (record, count) = (20_480, 1000);
+    println!(
+        "{count} appends of {record} bytes, each synced, in {}\n",
+        dir.display()
+    );
+    println!("| under the appends | wall per sync | CPU per sync |");
+    println!("|---|---:|---:|");
+    for round in 0..2 {
+        for under in skein_bench::sync::ALL {
+            let c = skein_bench::sync::measure(dir, under, record, count)?;
+            println!(
+                "| {under:?} (round {}) | {} µs | {} µs |",
+                round + 1,
+                c.wall.as_micros(),
+                c.cpu.as_micros()
+            );
+        }
+    }
     Ok(())
 }
 
