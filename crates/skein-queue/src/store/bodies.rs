@@ -362,7 +362,7 @@ impl Bodies {
         }
         s.len = s.len.max(start + total);
         inner.active_len = start + total;
-        if !inner.spare_asked && inner.active_len > SEGMENT_BYTES / 2 {
+        if !inner.spare_asked && inner.active_len > SEGMENT_BYTES / 4 {
             inner.spare_asked = true;
             self.spares.ask();
         }

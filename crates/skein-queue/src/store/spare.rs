@@ -11,16 +11,27 @@
 //! the first write to each is a metadata change again). PostgreSQL fills
 //! its WAL segments with zeros for the same reason.
 //!
-//! So the body segments start as spares: once the active segment is half
-//! full, a thread of their own writes [`SEGMENT_BYTES`] of zeros to
+//! So the body segments start as spares: once the active segment is a
+//! quarter full, a thread of their own writes [`SEGMENT_BYTES`] of zeros to
 //! `spare.tmp`, syncs it and renames it `spare.zero`; the next roll renames
 //! the spare to the new segment's name. The log's scan ends a segment at the
 //! first record header of zeros. If no spare is ready (the first segment
-//! after an open, or writing one failed), the new segment is an empty file
-//! that grows, as before. The price: each segment's bytes are written twice
-//! (zeros, then records), in large writes off the commit path, and a node
-//! holds up to one spare segment more on disk. A node that takes little
-//! mail writes no spares.
+//! after an open, writing one failed, or the segment filled first), the new
+//! segment is an empty file that grows, as before. The price: each
+//! segment's bytes are written twice (zeros, then records, off the commit
+//! path), and a node holds up to one spare segment more on disk. A node
+//! that takes little mail writes no spares.
+//!
+//! The zeros go to the disk a little at a time. Written whole and synced
+//! once, 16 MiB sat in the disk's queue ahead of the log's syncs: three
+//! nodes on one disk at 1,200 messages a second each wrote a spare every
+//! 1.3 s, and every 1.3 s acceptance stalled (p99 42 ms against 23 without
+//! spares). Now each 256 KiB is written out and waited for
+//! (`sync_file_range`, without the cache flush of a sync; one sync at the
+//! end covers the file) and followed by 2 ms of pause. Timed alone, 20 KiB
+//! appends each synced while spares are written beside them: p99 0.6–1.4 ms
+//! with no spares, 1.7–4.4 ms (worst 21 ms) with spares written whole,
+//! 1.0–1.4 ms paced.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -35,8 +46,12 @@ use super::bodies::SEGMENT_BYTES;
 const READY: &str = "spare.zero";
 /// A spare being written (removed at open: it may be half done).
 const WRITING: &str = "spare.tmp";
-/// Zeros written per call.
-const CHUNK: usize = 1 << 20;
+/// Zeros written and synced at a time...
+const CHUNK: usize = 256 << 10;
+/// ...with this pause after each: a spare takes 64 × (a sync of 256 KiB +
+/// 2 ms), about 0.2 s here, while the three quarters of a segment before
+/// it is needed take 0.3 s to fill at 40 MB/s.
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 pub(crate) struct Spares {
     dir: PathBuf,
@@ -150,6 +165,28 @@ fn lock(m: &Mutex<Option<File>>) -> MutexGuard<'_, Option<File>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Write `len` bytes at `off` to the disk and wait for them, without the
+/// cache flush of a sync (one sync at the end covers the whole file).
+#[cfg(target_os = "linux")]
+fn write_out(f: &File, off: u64, len: usize) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a system call on a descriptor `f` keeps open; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), off as i64, len as i64, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn write_out(f: &File, _off: u64, _len: usize) -> std::io::Result<()> {
+    f.sync_data()
+}
+
 fn write_spare(dir: &Path) -> std::io::Result<File> {
     let path = dir.join(WRITING);
     let f = OpenOptions::new()
@@ -163,7 +200,12 @@ fn write_spare(dir: &Path) -> std::io::Result<File> {
     while off < SEGMENT_BYTES {
         let n = (SEGMENT_BYTES - off).min(CHUNK as u64) as usize;
         f.write_all_at(&zeros[..n], off)?;
+        // A chunk at a time to the disk, with a pause: the log's syncs, on
+        // the same disk, wait behind one chunk at most instead of the
+        // whole file.
+        write_out(&f, off, n)?;
         off += n as u64;
+        std::thread::sleep(PAUSE);
     }
     f.sync_data()?;
     std::fs::rename(&path, dir.join(READY))?;

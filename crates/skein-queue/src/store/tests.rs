@@ -850,7 +850,7 @@ fn seg_path(dir: &std::path::Path, n: u32) -> std::path::PathBuf {
     dir.join(format!("{n:08}.seg"))
 }
 
-/// Once the active segment is half full a spare of zeros is written, and
+/// Once the active segment is a quarter full a spare of zeros is written, and
 /// the next segment is that spare: its size does not change as records are
 /// appended, and the log's scan reads its records back and stops at the
 /// zeros after them, through a reopen; a torn record in such a segment is
@@ -867,7 +867,10 @@ fn a_segment_made_from_a_spare_reads_back_up_to_its_zeros() {
     {
         let b = Bodies::open(dir.path()).unwrap();
         b.finish_open().unwrap();
-        assert!(!b.spare_ready(), "no spare before the segment is half full");
+        assert!(
+            !b.spare_ready(),
+            "no spare before the segment is a quarter full"
+        );
         entry(&b, b"first", b"meta 1");
         entry(&b, &big, b"meta 2");
         until_spare(&b);
