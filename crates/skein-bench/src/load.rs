@@ -35,6 +35,18 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// End of DATA to the 250, for every accepted message.
     pub latencies: Vec<Duration>,
+    /// Every accepted message in the order answered: when its DATA ended
+    /// (since the start), its latency and which target took it — to see
+    /// whether slow answers come together.
+    pub timeline: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Duration,
+    pub latency: Duration,
+    /// Index into [`LoadSpec::targets`].
+    pub target: usize,
 }
 
 impl LoadReport {
@@ -157,7 +169,8 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
     for s in 0..spec.sessions {
         let (spec, next, envelope) = (spec.clone(), next.clone(), envelope.clone());
         tasks.push(tokio::spawn(async move {
-            let addr = spec.targets[s % spec.targets.len()];
+            let target = s % spec.targets.len();
+            let addr = spec.targets[target];
             let mut report = LoadReport::default();
             let mut conn: Option<Conn> = None;
             loop {
@@ -189,6 +202,11 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
                     Ok((r, lat)) if r.code == 250 => {
                         report.accepted += 1;
                         report.latencies.push(lat);
+                        report.timeline.push(Sample {
+                            at: started.elapsed().saturating_sub(lat),
+                            latency: lat,
+                            target,
+                        });
                     }
                     Ok(_) => report.refused += 1,
                     Err(_) => {
@@ -207,8 +225,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
             total.refused += r.refused;
             total.errors += r.errors;
             total.latencies.extend(r.latencies);
+            total.timeline.extend(r.timeline);
         }
     }
+    total.timeline.sort_unstable_by_key(|s| s.at);
     total.elapsed = started.elapsed();
     Ok(total)
 }

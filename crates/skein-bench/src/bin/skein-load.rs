@@ -32,6 +32,11 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Write every accepted message to this file, one line each in the
+    /// order of time: seconds since the start at its end of DATA, latency
+    /// in ms, and the index of its target.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -47,6 +52,20 @@ async fn main() -> anyhow::Result<()> {
         rate: a.rate,
     })
     .await?;
+    if let Some(path) = &a.timeline {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for s in &r.timeline {
+            let _ = writeln!(
+                out,
+                "{:.4} {} {}",
+                s.at.as_secs_f64(),
+                ms(s.latency),
+                s.target
+            );
+        }
+        std::fs::write(path, out)?;
+    }
     if a.json {
         println!("{}", r.json());
     } else {
