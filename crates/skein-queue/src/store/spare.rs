@@ -44,7 +44,7 @@ use super::bodies::SEGMENT_BYTES;
 
 /// A spare ready for use: zeros, synced.
 const READY: &str = "spare.zero";
-/// A spare being written (removed at open: it may be half done).
+/// A spare being written.
 const WRITING: &str = "spare.tmp";
 /// Zeros written and synced at a time...
 const CHUNK: usize = 256 << 10;
@@ -61,28 +61,21 @@ pub(crate) struct Spares {
 }
 
 impl Spares {
-    /// Keep a spare a previous run finished, drop a half-written one, and
-    /// start the thread that writes them when asked.
+    /// Remove the spares an earlier run left and start the thread that
+    /// writes them when asked. A `spare.tmp` may be half written; and a
+    /// `spare.zero` may not be zeros: a roll renames the spare to its
+    /// segment, and the records written to it next can reach the disk while
+    /// a crash loses the rename (the directory is synced after the segment,
+    /// before any of those records counts as durable) — reused, its old
+    /// records would read as the new segment's.
     pub fn start(dir: &Path) -> std::io::Result<Self> {
-        match std::fs::remove_file(dir.join(WRITING)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let ready = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join(READY))
-        {
-            // Renamed only after its zeros were synced: whole if it is there.
-            Ok(f) if f.metadata()?.len() == SEGMENT_BYTES => Some(f),
-            Ok(_) => {
-                std::fs::remove_file(dir.join(READY))?;
-                None
+        for name in [WRITING, READY] {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        let ready = Arc::new(Mutex::new(ready));
+        }
+        let ready = Arc::new(Mutex::new(None));
         // One request waiting is enough: the thread makes one spare at a time.
         let (ask, asked) = sync_channel::<()>(1);
         let thread = {

@@ -920,32 +920,41 @@ fn a_segment_made_from_a_spare_reads_back_up_to_its_zeros() {
     assert_eq!(b.scan().unwrap().len(), 4);
 }
 
-/// At open, a spare left half written is removed, one of the wrong size
-/// too, and a whole one becomes the first new segment.
+/// A spare put to use just before a crash can come back under its spare
+/// name with records in it (the rename lost, the records kept). An open
+/// removes every spare an earlier run left instead of using it: the
+/// records in such a file never come back, and the new segment is a new
+/// file.
 #[test]
-fn a_spare_left_by_an_earlier_run_is_used_only_if_whole() {
+fn spares_left_by_an_earlier_run_are_removed_not_used() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spare.tmp"), b"half written").unwrap();
-    std::fs::write(dir.path().join("spare.zero"), vec![0u8; 4096]).unwrap();
     {
         let b = Bodies::open(dir.path()).unwrap();
         b.finish_open().unwrap();
-        assert!(!dir.path().join("spare.tmp").exists());
-        assert!(!dir.path().join("spare.zero").exists());
-        let size = std::fs::metadata(seg_path(dir.path(), 1)).unwrap().len();
-        assert!(size < 4096, "segment 1 is a new empty file ({size} bytes)");
+        b.append_record(bodies::KIND_ENTRY, &[b"old body"], true, |_| {
+            Ok(b"old record".to_vec())
+        })
+        .unwrap();
+        b.sync().unwrap();
     }
-    let zeros = std::fs::File::create(dir.path().join("spare.zero")).unwrap();
-    zeros.set_len(bodies::SEGMENT_BYTES).unwrap();
-    drop(zeros);
+    // Segment 1 (the one the open above rolled to) as a spare whose rename
+    // a crash undid, full size like a spare, and a half-written one.
+    let seg = seg_path(dir.path(), 1);
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(bodies::SEGMENT_BYTES).unwrap();
+    drop(f);
+    std::fs::rename(&seg, dir.path().join("spare.zero")).unwrap();
+    std::fs::write(dir.path().join("spare.tmp"), b"half written").unwrap();
     let b = Bodies::open(dir.path()).unwrap();
     b.finish_open().unwrap();
+    assert!(!dir.path().join("spare.tmp").exists());
     assert!(!dir.path().join("spare.zero").exists());
-    let size = std::fs::metadata(seg_path(dir.path(), 2)).unwrap().len();
-    assert_eq!(size, bodies::SEGMENT_BYTES, "segment 2 is the spare");
-    let r = b.append(b"a body in the spare").unwrap();
-    b.sync().unwrap();
-    assert_eq!(&b.read(&r).unwrap()[..], b"a body in the spare");
+    assert!(
+        b.scan().unwrap().is_empty(),
+        "no record of the lost segment"
+    );
+    let size = std::fs::metadata(seg_path(dir.path(), 1)).unwrap().len();
+    assert!(size < 4096, "segment 1 is a new file ({size} bytes)");
 }
 
 /// openraft reads fresh entries from the log's memory; they must be what a
