@@ -260,7 +260,12 @@ impl Bodies {
                 SEG_HEAD,
             ),
         };
-        file.write_all_at(SEG_MAGIC, 0)?;
+        if let Err(e) = file.write_all_at(SEG_MAGIC, 0) {
+            // Nothing names the file yet: remove it, so that the next roll
+            // (once the disk has room again) does not find its name taken.
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
         inner.files.insert(
             n,
             Segment {
