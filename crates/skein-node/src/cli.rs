@@ -98,16 +98,58 @@ const DRILL_BACK_AT: &str = "SKEIN_DRILL_BACK_AT";
 /// Replace this process with a fresh run of the same program, arguments
 /// and environment, told to stay down until `back_at`: every socket and
 /// file closes at once, as in a crash. Returns only on failure.
+///
+/// `execve` itself, not `Command::exec`: before its exec, std sets SIGPIPE
+/// back to its default in this process, and a thread writing to a closed
+/// connection in that window kills it with SIGPIPE instead of getting
+/// EPIPE. That happened in a whole-site drill: the leader's peers went
+/// down with it, its replication wrote to their closed connections, and it
+/// died instead of coming back. Ignored signals stay ignored across
+/// `execve`.
 fn restart_after(back_at: u64) -> std::io::Error {
-    use std::os::unix::process::CommandExt;
+    use std::ffi::{CString, OsStr};
+    use std::os::unix::ffi::OsStrExt;
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return e,
     };
-    std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(DRILL_BACK_AT, back_at.to_string())
-        .exec()
+    let c = |s: &OsStr| {
+        CString::new(s.as_bytes())
+            .map_err(|_| std::io::Error::other("a NUL byte in an argument or the environment"))
+    };
+    let prepared = (|| {
+        let path = c(exe.as_os_str())?;
+        let mut argv = vec![path.clone()];
+        for a in std::env::args_os().skip(1) {
+            argv.push(c(&a)?);
+        }
+        let mut envp = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if k != DRILL_BACK_AT {
+                let mut kv = k;
+                kv.push("=");
+                kv.push(v);
+                envp.push(c(&kv)?);
+            }
+        }
+        envp.push(c(OsStr::new(&format!("{DRILL_BACK_AT}={back_at}")))?);
+        Ok::<_, std::io::Error>((path, argv, envp))
+    })();
+    let (path, argv, envp) = match prepared {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let ptrs = |v: &[CString]| {
+        v.iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let (argv, envp) = (ptrs(&argv), ptrs(&envp));
+    // SAFETY: every pointer is to a NUL-terminated string alive until
+    // execve returns, and both arrays end in a null pointer.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    std::io::Error::last_os_error()
 }
 
 /// When a process started by [`restart_after`] may start; the variable
