@@ -33,11 +33,9 @@ pub struct LoadReport {
     pub refused: usize,
     pub errors: usize,
     pub elapsed: Duration,
-    /// End of DATA to the 250, for every accepted message.
-    pub latencies: Vec<Duration>,
-    /// Every accepted message in the order answered: when its DATA ended
-    /// (since the start), its latency and which target took it — to see
-    /// whether slow answers come together.
+    /// Every accepted message, in the order its DATA ended: when (since
+    /// the start), its latency (end of DATA to the 250) and which target
+    /// took it — to see whether slow answers come together.
     pub timeline: Vec<Sample>,
 }
 
@@ -56,10 +54,10 @@ impl LoadReport {
 
     /// The `p`th percentile (0–100) of acceptance latency.
     pub fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
+        if self.timeline.is_empty() {
             return Duration::ZERO;
         }
-        let mut v = self.latencies.clone();
+        let mut v: Vec<Duration> = self.timeline.iter().map(|s| s.latency).collect();
         v.sort_unstable();
         let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
         v[i.min(v.len() - 1)]
@@ -201,7 +199,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
                 {
                     Ok((r, lat)) if r.code == 250 => {
                         report.accepted += 1;
-                        report.latencies.push(lat);
                         report.timeline.push(Sample {
                             at: started.elapsed().saturating_sub(lat),
                             latency: lat,
@@ -224,7 +221,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
             total.accepted += r.accepted;
             total.refused += r.refused;
             total.errors += r.errors;
-            total.latencies.extend(r.latencies);
             total.timeline.extend(r.timeline);
         }
     }
