@@ -37,7 +37,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::spare::Spares;
 use super::StoreError;
 
 /// A segment takes new records until it reaches this size.
@@ -104,8 +103,6 @@ pub struct Bodies {
     /// One sync at a time: a second caller waits for the one under way, so
     /// no caller returns while segments it wrote are still being synced.
     syncing: Mutex<()>,
-    /// New segments come zero-filled from here when one is ready.
-    spares: Spares,
     /// Held for the life of this value: one owner of the directory at a time.
     _lock: File,
 }
@@ -113,8 +110,6 @@ pub struct Bodies {
 struct Inner {
     active: u32,
     active_len: u64,
-    /// A spare was asked for since the active segment began.
-    spare_asked: bool,
     files: HashMap<u32, Segment>,
     /// References per segment.
     refs: HashMap<u32, u64>,
@@ -130,8 +125,8 @@ struct Inner {
 
 struct Segment {
     file: Arc<File>,
-    /// The file's size: for a segment made from a spare, more than what
-    /// was appended (that is [`Inner::active_len`]).
+    /// The file's size: for a segment an earlier build made from a spare
+    /// of zeros, more than what was appended.
     len: u64,
 }
 
@@ -176,6 +171,22 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     }
 }
 
+/// Builds of 2026-12-01 wrote spare segments of zeros ahead of need, as
+/// `spare.tmp` and then `spare.zero` (see docs/performance.md, sessions 15
+/// and 16: on one disk shared by three nodes they cost more acceptance
+/// latency than the cheaper syncs over them saved). A data directory such
+/// a build left may hold one: removed, never used (a crash could have kept
+/// records written to a spare just put to use while losing its rename).
+fn remove_spares(dir: &Path) -> std::io::Result<()> {
+    for name in ["spare.tmp", "spare.zero"] {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -191,7 +202,7 @@ impl Bodies {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
-        let spares = Spares::start(dir)?;
+        remove_spares(dir)?;
         let mut files = HashMap::new();
         let mut last = 0;
         for e in std::fs::read_dir(dir)? {
@@ -220,7 +231,6 @@ impl Bodies {
             inner: Mutex::new(Inner {
                 active: last,
                 active_len: 0,
-                spare_asked: false,
                 files,
                 refs: HashMap::new(),
                 released: Vec::new(),
@@ -230,7 +240,6 @@ impl Bodies {
             }),
             gc: RwLock::new(()),
             syncing: Mutex::new(()),
-            spares,
             _lock: lock,
         };
         // New bodies always go to a fresh segment: the end of the old one may
@@ -249,17 +258,11 @@ impl Bodies {
             .checked_add(1)
             .ok_or_else(|| StoreError::Corrupt("body segment numbers exhausted".into()))?;
         let path = self.dir.join(seg_name(n));
-        let (file, len) = match self.spares.take(&path) {
-            Some(spare) => (spare, SEGMENT_BYTES),
-            None => (
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)?,
-                SEG_HEAD,
-            ),
-        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         if let Err(e) = file.write_all_at(SEG_MAGIC, 0) {
             // Nothing names the file yet: remove it, so that the next roll
             // (once the disk has room again) does not find its name taken.
@@ -270,12 +273,11 @@ impl Bodies {
             n,
             Segment {
                 file: Arc::new(file),
-                len,
+                len: SEG_HEAD,
             },
         );
         inner.active = n;
         inner.active_len = SEG_HEAD;
-        inner.spare_asked = false;
         inner.dir_dirty = true;
         // Synced with the next sync, like the directory entry.
         inner.dirty.push(n);
@@ -367,10 +369,6 @@ impl Bodies {
         }
         s.len = s.len.max(start + total);
         inner.active_len = start + total;
-        if !inner.spare_asked && inner.active_len > SEGMENT_BYTES / 4 {
-            inner.spare_asked = true;
-            self.spares.ask();
-        }
         let counts = refs.len() as u64 + u64::from(count_meta);
         if counts > 0 {
             *inner.refs.entry(seg).or_insert(0) += counts;
@@ -415,7 +413,8 @@ impl Bodies {
                         }
                         off = next;
                     }
-                    // The zeros of a segment made from a spare.
+                    // The zeros after the records of a segment an earlier
+                    // build made from a spare.
                     Read::End => break,
                     Read::Torn => {
                         tracing::info!(
@@ -582,13 +581,7 @@ impl Bodies {
 
     /// Bytes the segments occupy.
     pub fn disk_size(&self) -> u64 {
-        self.lock().files.values().map(|s| s.len).sum::<u64>() + self.spares.bytes()
-    }
-
-    /// Whether a spare segment is ready (for tests).
-    #[cfg(test)]
-    pub(crate) fn spare_ready(&self) -> bool {
-        self.spares.is_ready()
+        self.lock().files.values().map(|s| s.len).sum()
     }
 
     /// Segment files present (for tests and metrics).
@@ -603,7 +596,7 @@ enum Read {
     /// the record.
     Record(u64, Option<Scanned>),
     /// Nothing more was written here: the segment's end, or a header of
-    /// zeros (a spare's, never written over).
+    /// zeros (of a spare an earlier build made the segment from).
     End,
     /// A record that does not check out: a torn tail.
     Torn,

@@ -22,7 +22,6 @@ pub mod recovery;
 mod refs;
 mod sm;
 pub mod snapshot;
-mod spare;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
