@@ -1,7 +1,7 @@
 //! What a log sync costs depending on where the appended bytes land: at the
-//! end of a file that grows, over a spare segment's zeros (what the log
-//! store does, see `skein_queue`'s spare segments), or over space reserved
-//! with `fallocate`. Each way appends records of one size, each followed by
+//! end of a file that grows (what the log store does), over zeros written
+//! ahead (spare segments, tried and given up: docs/performance.md), or over
+//! space reserved with `fallocate`. Each way appends records of one size, each followed by
 //! `fdatasync`, and reports wall time and CPU time (this thread's) per sync.
 
 use std::fs::{File, OpenOptions};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 pub enum Under {
     /// Nothing: every append grows the file.
     Growing,
-    /// Zeros written and synced first (a spare segment).
+    /// Zeros written and synced first (a spare segment, as once tried).
     Zeros,
     /// `fallocate`d: reserved, but marked unwritten.
     Fallocated,

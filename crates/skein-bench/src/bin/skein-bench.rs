@@ -57,7 +57,7 @@ struct Args {
     rtt_ms: Vec<u64>,
     /// Instead: time syncs of appended records in a file under this
     /// directory, on a file that grows, over zeros, over fallocate'd space
-    /// (what the log store's spare segments are for).
+    /// (what spare segments of zeros would buy on that file system).
     #[arg(long)]
     sync: Option<PathBuf>,
 }
