@@ -14,9 +14,21 @@ pub fn free_port() -> u16 {
     free_addr([127, 0, 0, 1].into()).port()
 }
 
-/// An address on `ip` with a port that was free a moment ago.
+/// An address on `ip` with a port that was free a moment ago, and that no
+/// earlier call in this process handed out: the kernel may give a port it
+/// just gave (and that was closed again) to the next `bind` to port 0, and
+/// two nodes planned on it — in one test or two running side by side —
+/// would then fight over it ("Address already in use" at start).
 pub fn free_addr(ip: IpAddr) -> SocketAddr {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let addr = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.insert(addr.port()) {
+            return addr;
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
